@@ -1,0 +1,356 @@
+"""The HDF5 feature store: one file, many feature sets, each a group named by its cache key.
+
+Layout of one feature set (``/feature_sets/<key>``)::
+
+    features   (N, ...)  float32|float16   the cached activations, chunked by batch
+    labels     (N,)      int32             index into the class_names attribute
+    paths      (N,)      utf-8 string      image path relative to the image root
+    digests    (N,)      S64               sha256 (hex) of the image file's bytes
+    splits     (N,)      S10               "train", "validation" or "test"
+    active     (N,)      uint8             1 if the row belongs to the latest listing
+    committed  (2,)      int64             [rows, failures] written completely
+    failures   (F,)      compound          (path, reason) of images that could not be used
+
+Rows past ``committed[0]`` are a batch that was in flight when a run died; the next writer
+cuts them off. Attributes: ``key`` (canonical JSON of every key field), each key field on
+its own, ``class_names``, ``feature_shape``, ``seed``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import filelock
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..errors import FeatcacheError
+from .hdf5 import open_for_read, open_for_write
+from .key import FORMAT_VERSION, KeySpec, feature_set_key
+
+GROUP = "feature_sets"
+SPLITS = ("train", "validation", "test")
+_ROW_FIELDS = ("labels", "paths", "digests", "splits", "active")
+_STR = h5py.string_dtype("utf-8")
+FAILURE_DTYPE = np.dtype([("path", _STR), ("reason", _STR)])
+
+
+def store_path_text(relpath: str) -> str:
+    """A relative path as stored: file names that are not valid UTF-8 keep their bytes as
+    backslash escapes, so every name can be stored and maps to one stable string."""
+    return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _check_format(f: h5py.File, path: str) -> None:
+    version = int(f.attrs.get("format_version", FORMAT_VERSION))
+    if version > FORMAT_VERSION:
+        raise FeatcacheError(
+            f"{path}: store format version {version} is newer than this featcache "
+            f"(supports {FORMAT_VERSION}); upgrade featcache to read it"
+        )
+
+
+class FeatureSet:
+    """Read access to one feature set. Only committed, active rows count as the dataset."""
+
+    def __init__(self, group: h5py.Group):
+        self.group = group
+        self.name = group.name.rsplit("/", 1)[-1]
+        self.spec = KeySpec(**json.loads(group.attrs["key"]))
+        if feature_set_key(self.spec) != self.name:
+            raise FeatcacheError(f"feature set {self.name}: its key attributes do not match its name (edited by hand?)")
+        for name in ("features", "committed", *_ROW_FIELDS):
+            if name in group:
+                group[name].refresh()  # SWMR: see what the writer has flushed so far
+        self.n_committed = int(group["committed"][0])
+        self.n_failures = int(group["committed"][1])
+
+    @property
+    def class_names(self) -> list[str]:
+        return json.loads(self.group.attrs["class_names"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.group["features"].shape[1:])
+
+    @property
+    def features(self) -> h5py.Dataset:
+        return self.group["features"]
+
+    def column(self, name: str) -> np.ndarray:
+        """A whole row column (labels, paths, digests, splits, active) up to the committed rows."""
+        values = self.group[name][: self.n_committed]
+        if name == "paths":
+            return np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
+        if name in ("digests", "splits"):
+            return values.astype(str)
+        return values
+
+    def rows(self, split: str | None = None) -> np.ndarray:
+        """Sorted row indices of the current dataset, optionally of one split."""
+        mask = self.column("active").astype(bool)
+        if split is not None:
+            if split not in SPLITS:
+                raise FeatcacheError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+            mask &= self.column("splits") == split
+        return np.flatnonzero(mask)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Features of the given sorted rows, read in contiguous runs (fast with h5py)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows),) + self.feature_shape, dtype=self.features.dtype)
+        if len(rows) == 0:
+            return out
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        start = 0
+        for run in np.split(rows, breaks):
+            out[start : start + len(run)] = self.features[run[0] : run[-1] + 1]
+            start += len(run)
+        return out
+
+    def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split (or all) in memory."""
+        rows = self.rows(split)
+        return self.read(rows), self.column("labels")[rows]
+
+    def failures(self) -> list[tuple[str, str]]:
+        data = self.group["failures"][: self.n_failures]
+        return [(_text(p), _text(r)) for p, r in data]
+
+    def summary(self) -> dict:
+        """Counts per class and split, the key fields and failures: what `featcache info` shows."""
+        rows = self.rows()
+        labels = self.column("labels")[rows]
+        splits = self.column("splits")[rows]
+        names = self.class_names
+        counts = {
+            split: {names[i]: int(np.sum((splits == split) & (labels == i))) for i in range(len(names))}
+            for split in SPLITS
+        }
+        return {
+            "feature_set": self.name,
+            "key": self.spec.to_dict(),
+            "shape": [len(rows), *self.feature_shape],
+            "dtype": str(self.features.dtype),
+            "rows_stored": self.n_committed,
+            "rows_active": len(rows),
+            "class_names": names,
+            "counts": counts,
+            "failures": [{"path": p, "reason": r} for p, r in self.failures()],
+            "seed": int(self.group.attrs.get("seed", 0)),
+        }
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Store:
+    """A store opened for reading (safe beside a running writer)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.file = open_for_read(self.path)
+        _check_format(self.file, self.path)
+
+    def feature_set_names(self) -> list[str]:
+        return sorted(self.file[GROUP].keys()) if GROUP in self.file else []
+
+    def __getitem__(self, name: str) -> FeatureSet:
+        if name not in self.feature_set_names():
+            known = ", ".join(self.feature_set_names()) or "none"
+            raise FeatcacheError(f"{self.path}: no feature set {name!r} (feature sets: {known})")
+        return FeatureSet(self.file[GROUP][name])
+
+    def find(self, spec: KeySpec) -> FeatureSet | None:
+        name = feature_set_key(spec)
+        return self[name] if name in self.feature_set_names() else None
+
+    def select(self, name: str | None = None, backbone: str | None = None) -> FeatureSet:
+        """One feature set by exact name, or the only one built with ``backbone``."""
+        if name:
+            return self[name]
+        names = [n for n in self.feature_set_names() if backbone is None or self[n].spec.backbone == backbone]
+        if len(names) != 1:
+            what = f"with base {backbone!r} " if backbone else ""
+            listing = ", ".join(names) or "none"
+            raise FeatcacheError(
+                f"{self.path}: {len(names)} feature sets {what}(name one with --feature-set: {listing})"
+            )
+        return self[names[0]]
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a store for reading."""
+    return Store(path)
+
+
+def writer_lock(path: str) -> filelock.FileLock:
+    return filelock.FileLock(path + ".lock", timeout=0)
+
+
+@dataclass
+class PreparedSet:
+    """What the writer needs to know about an existing feature set before appending."""
+
+    name: str
+    rows: int
+    paths: np.ndarray
+    digests: np.ndarray
+
+
+class StoreWriter:
+    """The single writer of a store file: holds the lock, appends rows crash-safely."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            raise FeatcacheError(f"{self.path}: folder {parent} does not exist")
+        self._lock = writer_lock(self.path)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            raise FeatcacheError(
+                f"{self.path}: another featcache process is writing this store; "
+                "wait for it to finish or write to another store"
+            ) from None
+        except OSError as exc:
+            raise FeatcacheError(f"{self.path}: cannot create the lock file ({exc.strerror})") from None
+        try:
+            self.file = open_for_write(self.path)
+            _check_format(self.file, self.path)
+            self.file.attrs["format_version"] = FORMAT_VERSION
+            self.file.attrs["featcache_version"] = __version__
+            self.file.require_group(GROUP)
+        except BaseException:
+            self._lock.release()
+            raise
+        self.group: h5py.Group | None = None
+
+    # -- set-up phase (not SWMR: creates objects and attributes) --------------------------
+
+    def existing(self, spec: KeySpec) -> PreparedSet | None:
+        """Rows already committed for ``spec``, with the in-flight tail of a killed run cut off."""
+        name = feature_set_key(spec)
+        if name not in self.file[GROUP]:
+            return None
+        group = self.file[GROUP][name]
+        stored = KeySpec(**json.loads(group.attrs["key"]))
+        if stored != spec:
+            raise FeatcacheError(f"{self.path}: feature set {name} holds key {stored}, not the requested {spec}")
+        rows = int(group["committed"][0])
+        for field in ("features", *_ROW_FIELDS):
+            if group[field].shape[0] != rows:
+                group[field].resize(rows, axis=0)
+        self.group = group
+        fs = FeatureSet(group)
+        return PreparedSet(name, rows, fs.column("paths"), fs.column("digests"))
+
+    def create(self, spec: KeySpec, feature_shape: tuple[int, ...], dtype: str, chunk_rows: int) -> None:
+        name = feature_set_key(spec)
+        group = self.file[GROUP].create_group(name)
+        row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
+        # Chunks of about a batch, at most 4 MiB: fast appends and fast batch reads.
+        rows_per_chunk = max(1, min(chunk_rows, (4 << 20) // max(row_bytes, 1)))
+        group.create_dataset(
+            "features", shape=(0, *feature_shape), maxshape=(None, *feature_shape),
+            chunks=(rows_per_chunk, *feature_shape), dtype=dtype,
+        )
+        column_types = {"labels": "int32", "paths": _STR, "digests": "S64", "splits": "S10", "active": "uint8"}
+        for field, column_type in column_types.items():
+            group.create_dataset(field, shape=(0,), maxshape=(None,), chunks=(4096,), dtype=column_type)
+        group.create_dataset("committed", data=np.zeros(2, dtype="int64"))
+        group.create_dataset("failures", shape=(0,), maxshape=(None,), chunks=(256,), dtype=FAILURE_DTYPE)
+        group.attrs["key"] = json.dumps(spec.to_dict(), sort_keys=True)
+        for field, value in spec.to_dict().items():
+            group.attrs[field] = value
+        group.attrs["feature_shape"] = np.array(feature_shape, dtype="int64")
+        group.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.group = group
+
+    def set_listing_attrs(self, class_names: list[str], seed: int, extra: dict | None = None) -> None:
+        self.group.attrs["class_names"] = json.dumps(class_names)
+        self.group.attrs["seed"] = seed
+        for name, value in (extra or {}).items():
+            self.group.attrs[name] = value
+        # A run's failures are the current state: previous failures are retried.
+        self.group["failures"].resize(0, axis=0)
+        self.group["committed"][1] = 0
+
+    def start_appending(self) -> None:
+        """Switch to SWMR: from here on only appends and in-place writes, crash-safe."""
+        self.file.flush()
+        self.file.swmr_mode = True
+
+    # -- append phase (SWMR) -----------------------------------------------------------
+
+    def update_rows(self, rows: np.ndarray, labels: np.ndarray, splits: np.ndarray, active: np.ndarray) -> None:
+        """Rewrite the listing columns of existing rows (a relabelled, re-split or vanished file)."""
+        if len(rows) == 0:
+            return
+        g = self.group
+        n = int(g["committed"][0])
+        new_labels, new_splits, new_active = g["labels"][:n], g["splits"][:n], g["active"][:n]
+        new_labels[rows], new_splits[rows], new_active[rows] = labels, splits, active
+        g["labels"][:n], g["splits"][:n], g["active"][:n] = new_labels, new_splits, new_active
+
+    def append(self, features, labels, paths, digests, splits) -> None:
+        """Append rows; they count only after :meth:`commit`."""
+        g = self.group
+        n = g["features"].shape[0]
+        k = len(labels)
+        if k == 0:
+            return
+        columns = {
+            "features": features,
+            "labels": np.asarray(labels, dtype="int32"),
+            "paths": np.asarray([store_path_text(p) for p in paths], dtype=object),
+            "splits": np.asarray(splits, dtype="S10"),
+            "active": np.ones(k, dtype="uint8"),
+            "digests": np.asarray(digests, dtype="S64"),
+        }
+        for field, values in columns.items():
+            g[field].resize(n + k, axis=0)
+            g[field][n:] = values
+
+    def add_failures(self, failures: list[tuple[str, str]]) -> None:
+        if not failures:
+            return
+        ds = self.group["failures"]
+        n = ds.shape[0]
+        ds.resize(n + len(failures), axis=0)
+        ds[n:] = np.array([(store_path_text(p), r) for p, r in failures], dtype=FAILURE_DTYPE)
+
+    def commit(self) -> None:
+        """Make appended rows count: flush them, then advance the committed counter.
+
+        Two flushes so the counter can never reach disk before the rows it counts."""
+        self.file.flush()
+        self.group["committed"][:] = [self.group["features"].shape[0], self.group["failures"].shape[0]]
+        self.file.flush()
+
+    def close(self) -> None:
+        try:
+            if self.file.id.valid:
+                self.file.close()
+        finally:
+            self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

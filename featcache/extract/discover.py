@@ -1,0 +1,126 @@
+"""Image discovery: class-per-folder trees, splits, the class index map."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+from ..errors import FeatcacheError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    relpath: str  # relative to the image root, "/"-separated
+    label: int
+    split: str  # "train", "validation" or "test"
+
+
+@dataclass
+class Listing:
+    root: str
+    class_names: list[str]
+    entries: list[ImageEntry]
+    split_source: str  # "folders" (train/validation/test) or "hash" (stable split by path)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why not used)
+    warnings: list[str] = field(default_factory=list)
+
+    def path(self, entry: ImageEntry) -> str:
+        return os.path.join(self.root, *entry.relpath.split("/"))
+
+
+def hash_split(relpath: str, fractions=DEFAULT_FRACTIONS, seed: int = 0) -> str:
+    """Split from a hash of the relative path: adding images never moves existing ones."""
+    digest = hashlib.sha256(f"{seed}:{relpath}".encode("utf-8", "surrogateescape")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    train, validation, _ = fractions
+    if u < train:
+        return "train"
+    return "validation" if u < train + validation else "test"
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _walk_class_folder(root: str, class_dir: str, follow_symlinks: bool, skipped: list) -> list[str]:
+    """Image paths (relative to root) under one class folder, recursively, sorted."""
+    real_root = os.path.realpath(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=follow_symlinks):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                continue
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                skipped.append((rel, f"not an image file name ({os.path.splitext(name)[1] or 'no extension'})"))
+                continue
+            if os.path.islink(full) and not follow_symlinks:
+                target = os.path.realpath(full)
+                if os.path.commonpath([real_root, target]) != real_root:
+                    skipped.append((rel, "symlink leaves the image folder (use --follow-symlinks to allow)"))
+                    continue
+            found.append(rel)
+    return found
+
+
+def _class_dirs(folder: str) -> list[str]:
+    return sorted(
+        d for d in os.listdir(folder) if not _is_hidden(d) and os.path.isdir(os.path.join(folder, d))
+    )
+
+
+def discover(
+    root: str, fractions=DEFAULT_FRACTIONS, split_seed: int = 0, follow_symlinks: bool = False
+) -> Listing:
+    """List the images of a class-per-folder tree, sorted, with labels and splits.
+
+    If the root holds only train/ and validation/ (or val/) and/or test/ folders, those are
+    the splits; otherwise each image's split comes from a hash of its relative path.
+    """
+    if not os.path.exists(root):
+        raise FeatcacheError(f"{root}: image folder does not exist")
+    if not os.path.isdir(root):
+        raise FeatcacheError(f"{root}: not a folder (expected one subfolder of images per class)")
+    if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
+        raise FeatcacheError(f"split fractions {fractions} must be non-negative and sum to 1")
+    top = _class_dirs(root)
+    skipped: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    loose = sorted(
+        f for f in os.listdir(root) if not _is_hidden(f) and os.path.isfile(os.path.join(root, f))
+    )
+    skipped += [(f, "file directly in the image folder, not in a class folder") for f in loose]
+
+    split_mode = bool(top) and "train" in top and set(top) <= set(SPLIT_FOLDERS)
+    per_split: list[tuple[str | None, str]] = (
+        [(SPLIT_FOLDERS[d], os.path.join(root, d)) for d in top] if split_mode else [(None, root)]
+    )
+    class_names = sorted({c for _, folder in per_split for c in _class_dirs(folder)})
+    if not class_names:
+        raise FeatcacheError(f"{root}: no class folders found (expected one subfolder of images per class)")
+    index = {name: i for i, name in enumerate(class_names)}
+
+    entries = []
+    for split, folder in per_split:
+        for name in _class_dirs(folder):
+            for rel in _walk_class_folder(root, os.path.join(folder, name), follow_symlinks, skipped):
+                entries.append(ImageEntry(rel, index[name], split or hash_split(rel, fractions, split_seed)))
+    entries.sort(key=lambda e: e.relpath)
+
+    counts = {name: 0 for name in class_names}
+    for e in entries:
+        counts[class_names[e.label]] += 1
+    for name, n in counts.items():
+        if n == 0:
+            warnings.append(f"class folder {name!r} holds no images")
+    if len(class_names) == 1:
+        warnings.append(f"only one class ({class_names[0]!r}): a classifier needs at least two")
+    if not entries:
+        raise FeatcacheError(f"{root}: no images found in the class folders ({', '.join(IMAGE_EXTENSIONS)})")
+    return Listing(root, class_names, entries, "folders" if split_mode else "hash", skipped, warnings)

@@ -1,0 +1,265 @@
+"""Stage one: image folder -> features appended to the store, batch by batch, resumable."""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cache.key import KeySpec, feature_set_key
+from ..cache.store import StoreWriter, store_path_text
+from ..errors import FeatcacheError
+from .backbones import get_backbone
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, check_resize, decode_image, file_digest, read_bytes
+from .discover import DEFAULT_FRACTIONS, ImageEntry, Listing, discover
+from .model import POOLINGS, FeatureModel
+from .weights import resolve_weights
+
+STORAGE_DTYPES = ("float32", "float16")
+PREFETCH_BATCHES = 2  # decoded batches waiting for the model: enough to hide decode, memory stays flat
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that decides the features (the key) plus how the run goes."""
+
+    base: str = "vgg16"
+    size: int | None = None
+    weights: str | None = "imagenet"
+    layer: str | None = None
+    pooling: str = "none"
+    dtype: str = "float32"
+    precision: str = "fp32"
+    resize: str = "bilinear"
+    batch_size: int = 32
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    split_seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    follow_symlinks: bool = False
+    decode_workers: int | None = None
+    progress: bool = True
+
+
+def key_spec(config: ExtractConfig) -> KeySpec:
+    """The cache key fields of a run (no I/O beyond hashing a local weights file)."""
+    backbone = get_backbone(config.base)
+    if config.pooling not in POOLINGS:
+        raise FeatcacheError(f"unknown pooling {config.pooling!r}; choose from {', '.join(POOLINGS)}")
+    if config.dtype not in STORAGE_DTYPES:
+        raise FeatcacheError(f"unknown storage dtype {config.dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    check_resize(config.resize)
+    return KeySpec(
+        backbone=backbone.name,
+        weights=resolve_weights(backbone, config.weights, config.seed).identity,
+        input_size=config.size or backbone.default_size,
+        resize=config.resize,
+        preprocessing=backbone.preprocessing,
+        layer=config.layer or "output",
+        pooling=config.pooling,
+        dtype=config.dtype,
+        precision="fp32" if backbone.constructor is None else config.precision,
+    )
+
+
+def _digest_all(listing: Listing) -> tuple[list[tuple[ImageEntry, str]], list[tuple[str, str]]]:
+    hashed, failures = [], []
+    for entry in listing.entries:
+        try:
+            hashed.append((entry, file_digest(listing.path(entry))))
+        except DecodeError as exc:
+            failures.append((entry.relpath, str(exc)))
+    return hashed, failures
+
+
+def _decoded_batches(listing: Listing, todo, config: ExtractConfig, size: int):
+    """Yield (entries, digests, uint8 images, failures) per batch; decoding runs ahead in threads."""
+    workers = config.decode_workers or min(4, os.cpu_count() or 1)
+    out: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    stop = threading.Event()
+
+    def decode_one(item):
+        entry, digest = item
+        try:
+            return entry, digest, decode_image(read_bytes(listing.path(entry)), size, config.resize, config.max_pixels), None
+        except DecodeError as exc:
+            return entry, digest, None, str(exc)
+
+    def produce():
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for start in range(0, len(todo), config.batch_size):
+                    if stop.is_set():
+                        return
+                    results = list(pool.map(decode_one, todo[start : start + config.batch_size]))
+                    good = [r for r in results if r[3] is None]
+                    images = np.stack([r[2] for r in good]) if good else np.zeros((0, size, size, 3), np.uint8)
+                    failed = [(r[0].relpath, r[3]) for r in results if r[3] is not None]
+                    out.put(([r[0] for r in good], [r[1] for r in good], images, failed))
+        except BaseException as exc:  # surface decoder crashes in the main thread
+            out.put(exc)
+        finally:
+            out.put(None)
+
+    thread = threading.Thread(target=produce, name="featcache-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock the producer if it waits on a full queue
+            try:
+                out.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+def _plan(existing, hashed):
+    """Match the listing against stored rows.
+
+    Returns (row updates for stored (path, digest) pairs, rows whose features can be copied
+    for a known digest under a new path, images to extract)."""
+    stored_row, digest_row = {}, {}
+    if existing is not None:
+        for i, (p, d) in enumerate(zip(existing.paths, existing.digests)):
+            stored_row[(p, d)] = i
+            digest_row.setdefault(d, i)
+    keep, copy, todo = {}, [], []
+    for entry, digest in hashed:
+        row = stored_row.get((store_path_text(entry.relpath), digest))
+        if row is not None:
+            keep[row] = entry
+        elif digest in digest_row:
+            copy.append((entry, digest, digest_row[digest]))
+        else:
+            todo.append((entry, digest))
+    # The same bytes twice in one listing: extract once, copy for the rest.
+    first, unique_todo = {}, []
+    for entry, digest in todo:
+        if digest in first:
+            copy.append((entry, digest, None))
+        else:
+            first[digest] = entry
+            unique_todo.append((entry, digest))
+    return keep, copy, unique_todo
+
+
+def extract(image_dir: str, store: str, config: ExtractConfig | None = None, **options) -> dict:
+    """Extract features of every image under ``image_dir`` into ``store``.
+
+    Only images whose (path, content digest) pair is not yet stored under this key run
+    through the model. Returns a summary dict (feature_set, shape, extracted, reused,
+    failed, seconds, images_per_second, ...).
+    """
+    config = config or ExtractConfig(**options)
+    started = time.perf_counter()
+    spec = key_spec(config)
+    backbone = get_backbone(config.base)
+    size = spec.input_size
+    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks)
+    hashed, failures = _digest_all(listing)
+    hash_seconds = time.perf_counter() - started
+
+    with StoreWriter(store) as writer:
+        existing = writer.existing(spec)
+        keep, copy, todo = _plan(existing, hashed)
+        model = None
+        if todo or existing is None:
+            model = FeatureModel(backbone, size, resolve_weights(backbone, config.weights, config.seed),
+                                 config.layer, config.pooling, config.precision, config.seed)
+        if existing is None:
+            writer.create(spec, model.output_shape, config.dtype, config.batch_size)
+        writer.set_listing_attrs(listing.class_names, config.seed, {
+            "split_source": listing.split_source,
+            "split_fractions": list(config.split_fractions),
+            "split_seed": config.split_seed,
+            "image_root": os.path.abspath(image_dir),
+        })
+        writer.start_appending()
+
+        if existing is not None and existing.rows:
+            rows = np.arange(existing.rows)
+            entries = [keep.get(int(r)) for r in rows]
+            writer.update_rows(
+                rows,
+                labels=np.array([e.label if e else -1 for e in entries], dtype="int32"),
+                splits=np.array([e.split if e else "" for e in entries], dtype="S10"),
+                active=np.array([1 if e else 0 for e in entries], dtype="uint8"),
+            )
+        known_rows = _copy_rows(writer, [(e, d, row) for e, d, row in copy if row is not None])
+        writer.add_failures(failures)
+        writer.commit()
+
+        extracted, extract_seconds, new_rows = _run_model(writer, listing, todo, config, size, model, failures)
+        # The same bytes under several paths in this listing: extracted once, copied for the rest.
+        known_rows.update(new_rows)
+        _copy_rows(writer, [(e, d, known_rows[d]) for e, d, row in copy if row is None and d in known_rows])
+        writer.commit()
+        feature_shape = writer.group["features"].shape[1:]
+        n_rows = int(writer.group["active"][:].sum())
+
+    seconds = time.perf_counter() - started
+    return {
+        "feature_set": feature_set_key(spec),
+        "store": os.fspath(store),
+        "shape": [n_rows, *feature_shape],
+        "extracted": extracted,
+        "reused": n_rows - extracted,
+        "failed": len(failures),
+        "failures": [{"path": p, "reason": r} for p, r in failures],
+        "skipped": [{"path": p, "reason": r} for p, r in listing.skipped],
+        "warnings": listing.warnings,
+        "class_names": listing.class_names,
+        "seconds": round(seconds, 3),
+        "hash_seconds": round(hash_seconds, 3),
+        "images_per_second": round(extracted / extract_seconds, 2) if extracted and extract_seconds > 0 else 0.0,
+    }
+
+
+def _copy_rows(writer: StoreWriter, copies) -> dict[str, int]:
+    """Append rows whose features are already stored (same bytes under another path).
+
+    Returns digest -> source row for the copied digests."""
+    features = writer.group["features"]
+    for entry, digest, row in copies:
+        writer.append(features[row : row + 1], [entry.label], [entry.relpath], [digest], [entry.split])
+    return {digest: row for _, digest, row in copies}
+
+
+def _run_model(writer, listing, todo, config, size, model, failures) -> tuple[int, float, dict[str, int]]:
+    """Decode and run the model over ``todo``, appending and committing batch by batch.
+
+    Returns (images extracted, seconds, digest -> new row)."""
+    new_rows: dict[str, int] = {}
+    if not todo:
+        return 0, 0.0, new_rows
+    from tqdm import tqdm
+
+    extracted = 0
+    started = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not config.progress,
+               desc=f"extract {config.base}", dynamic_ncols=True)
+    try:
+        for entries, digests, images, failed in _decoded_batches(listing, todo, config, size):
+            if len(images):
+                feats = model(images).astype(config.dtype)
+                first_row = writer.group["features"].shape[0]
+                new_rows.update((d, first_row + i) for i, d in enumerate(digests))
+                writer.append(feats, [e.label for e in entries], [e.relpath for e in entries], digests,
+                              [e.split for e in entries])
+            writer.add_failures(failed)
+            failures.extend(failed)
+            writer.commit()
+            extracted += len(images)
+            bar.update(len(entries) + len(failed))
+    finally:
+        bar.close()
+    return extracted, time.perf_counter() - started, new_rows
