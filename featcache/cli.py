@@ -140,6 +140,10 @@ def bases(as_json):
 
 
 def main():
+    import os
+
+    # TensorFlow's C++ start-up chatter (oneDNN notices, CPU flags) is noise on a CLI.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cli(prog_name="featcache")
 
 

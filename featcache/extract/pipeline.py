@@ -14,7 +14,7 @@ import numpy as np
 from ..cache.key import KeySpec, feature_set_key
 from ..cache.store import StoreWriter, store_path_text
 from ..errors import FeatcacheError
-from .backbones import get_backbone
+from .backbones import check_size, get_backbone
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, check_resize, decode_image, file_digest, read_bytes
 from .discover import DEFAULT_FRACTIONS, ImageEntry, Listing, discover
 from .model import POOLINGS, FeatureModel
@@ -54,10 +54,12 @@ def key_spec(config: ExtractConfig) -> KeySpec:
     if config.dtype not in STORAGE_DTYPES:
         raise FeatcacheError(f"unknown storage dtype {config.dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
     check_resize(config.resize)
+    size = config.size or backbone.default_size
+    check_size(backbone, size)
     return KeySpec(
         backbone=backbone.name,
-        weights=resolve_weights(backbone, config.weights, config.seed).identity,
-        input_size=config.size or backbone.default_size,
+        weights=resolve_weights(backbone, config.weights, config.seed, size).identity,
+        input_size=size,
         resize=config.resize,
         preprocessing=backbone.preprocessing,
         layer=config.layer or "output",
@@ -173,7 +175,7 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None, **o
         keep, copy, todo = _plan(existing, hashed)
         model = None
         if todo or existing is None:
-            model = FeatureModel(backbone, size, resolve_weights(backbone, config.weights, config.seed),
+            model = FeatureModel(backbone, size, resolve_weights(backbone, config.weights, config.seed, size),
                                  config.layer, config.pooling, config.precision, config.seed)
         if existing is None:
             writer.create(spec, model.output_shape, config.dtype, config.batch_size)

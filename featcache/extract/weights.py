@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import FeatcacheError
-from .backbones import Backbone
+from .backbones import Backbone, imagenet_weights_file
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,20 @@ def keras_models_dir() -> str:
     return os.path.join(home, "models")
 
 
-def resolve_weights(backbone: Backbone, weights: str | None, seed: int = 0) -> WeightsSource:
+def resolve_weights(backbone: Backbone, weights: str | None, seed: int = 0, size: int | None = None) -> WeightsSource:
+    """Where the weights come from and what the cache key calls them (no model is built)."""
     if backbone.constructor is None:  # pixels: no network, nothing to load
         return WeightsSource(None, "none")
     if weights is None or str(weights).lower() in ("none", "random"):
         return WeightsSource(None, f"random:seed={seed}")
     if weights == "imagenet":
-        return WeightsSource("imagenet", f"imagenet:{backbone.imagenet_file}:{backbone.imagenet_hash}")
+        file, file_hash = imagenet_weights_file(backbone, size or backbone.default_size)
+        return WeightsSource("imagenet", f"imagenet:{file}:{file_hash}")
+    if weights == "bundled":  # the file shipped in the package, checksum-verified
+        from .bundled import bundled_weights_path
+
+        path, digest = bundled_weights_path(backbone.name)
+        return WeightsSource(path, f"sha256:{digest}")
     path = os.fspath(weights)
     if not os.path.isfile(path):
         raise FeatcacheError(
@@ -55,7 +62,8 @@ def resolve_weights(backbone: Backbone, weights: str | None, seed: int = 0) -> W
 def weights_load_error(backbone: Backbone, source: WeightsSource, exc: Exception) -> FeatcacheError:
     """The message for a base whose weights could not be loaded: says what to do."""
     if source.keras_arg == "imagenet":
-        target = os.path.join(keras_models_dir(), backbone.imagenet_file or "<keras weights file>")
+        file = source.identity.split(":")[1]
+        target = os.path.join(keras_models_dir(), file if file != "None" else "<keras weights file>")
         return FeatcacheError(
             f"cannot get ImageNet weights for {backbone.name} ({exc.__class__.__name__}: {str(exc)[:200]}). "
             f"Without network, copy the file to {target}, or pass --weights PATH to a local .h5 file, "
