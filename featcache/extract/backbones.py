@@ -17,13 +17,15 @@ Notes on the table (all checked against keras 3.15 ``keras/src/applications``):
 * ``boundary_layer`` is always a layer with an explicit (stable) name whose output is the
   only tensor the rest of the network needs, so ``top_block_model`` can rebuild the part
   after it as a model with that activation as its only input.  Auto-numbered layer names
-  (``add_11``, ``conv2d_85``...) are never used: they depend on what else was built in the
-  same Keras session.
-* ``top_block`` lists name prefixes of the layers after the boundary.  For most families
-  they match every layer with weights after the boundary.  Two exceptions, where Keras
-  leaves the branch convolutions unnamed (auto-numbered): inception_v3 (the mixed10
-  branches) and inception_resnet_v2 (the block8_10 branches); there the prefixes only name
-  the block's named layers and ``top_block_model`` is the reliable way to get the top block.
+  (``add_11``, ``conv2d_85``...) are never used as exact names: the number depends on what
+  else was built in the same Keras session.  (The convnext prefix "layer_normalization"
+  matches its final, auto-named LayerNormalization whatever its number.)
+* ``top_block`` lists name prefixes of the layers after the boundary; they never match a
+  layer before it.  For most families they match every layer with weights after the
+  boundary.  Two exceptions, where Keras leaves the branch convolutions unnamed
+  (auto-numbered): inception_v3 (the mixed10 branches) and inception_resnet_v2 (the
+  block8_10 branches); there the prefixes only name the block's named layers and
+  ``top_block_model`` is the reliable way to get the whole top block.
 * nasnet_mobile / nasnet_large have no single-tensor cut anywhere after the stem (every
   NASNet cell reads the outputs of the two previous cells), so they have no boundary
   (``boundary_layer=None``) and no top block (``top_block=()``): stage three does not apply.
@@ -36,6 +38,7 @@ Notes on the table (all checked against keras 3.15 ``keras/src/applications``):
 from __future__ import annotations
 
 import difflib
+import numbers
 from dataclasses import dataclass, field
 
 from featcache.errors import FeatcacheError
@@ -279,7 +282,7 @@ def _closest_name(name: str) -> str | None:
 
 def check_size(backbone: Backbone, size: int) -> None:
     """FeatcacheError unless ``size`` is an input size ``backbone`` accepts."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < backbone.min_size:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < backbone.min_size:
         raise FeatcacheError(
             f"base {backbone.name!r} needs an input size of at least {backbone.min_size} pixels; "
             f"got {size!r}")
@@ -299,7 +302,7 @@ def build_keras_base(backbone: Backbone, size: int, weights):
     import keras  # lazy: importing this module must not import TensorFlow
 
     constructor = getattr(keras.applications, backbone.constructor)
-    model = constructor(include_top=False, weights=weights, input_shape=(size, size, 3), **backbone.kwargs)
+    model = constructor(include_top=False, weights=weights, input_shape=(int(size), int(size), 3), **backbone.kwargs)
     model.trainable = False
     return model
 
@@ -345,8 +348,11 @@ def top_block_model(backbone: Backbone, base):
     """The part of ``base`` (from ``build_keras_base``) after ``boundary_layer``, as a
     keras.Model whose only input is the boundary activation and whose output is the base's.
 
-    Its layers are the base's own layer objects (shared weights, and frozen like the base:
-    set ``trainable`` on them to fine-tune).  FeatcacheError if the base has no boundary.
+    Its layers are the base's own layer objects (shared weights), frozen like the base: to
+    fine-tune, set ``layer.trainable = True`` on each of ``model.layers`` (a bare
+    ``model.trainable = True`` does nothing in Keras 3.15, since the new model's own flag
+    already reads True); the base as a whole stays frozen.  FeatcacheError if the base has
+    no boundary (nasnet).
     """
     if not backbone.boundary_layer:
         raise FeatcacheError(
