@@ -25,11 +25,18 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {_safe(str(exc))}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt as exc:  # extract's clean stop on SIGINT/SIGTERM: 130/143
+            status = getattr(exc, "exit_status", None)
+            if status is None:
+                raise
+            click.echo(_safe(str(exc)), err=True)
+            sys.exit(status)
 
 
 def _safe(text: str) -> str:
-    """Strings from files and stores, printable: control characters escaped."""
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+    """Strings from files and stores, printable on one line: control characters (newlines and
+    terminal escapes included) and undecodable bytes of file names escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _emit_json(obj) -> None:
@@ -50,12 +57,17 @@ def cli(ctx, debug):
 @click.argument("store", type=click.Path())
 @click.option("--base", default="vgg16", show_default=True, help="Backbone name (see `featcache bases`).")
 @click.option("--size", type=int, help="Square input size [default: the base's default].")
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none (random init) or a path to a .h5 file.")
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet, bundled (the MobileNet alpha 0.25 ImageNet file shipped with featcache, for --base mobilenet_0.25), none (random init) or a path to a .h5 file.")
 @click.option("--layer", help="Layer whose output is cached [default: the last conv output].")
 @click.option("--pooling", type=click.Choice(["none", "avg", "max"]), default="none", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Storage dtype.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True, help="Compute precision of the base.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Compute precision of the base (part of the cache key). auto: fp16 on a GPU of compute capability >= 7.0; "
+                   "bf16 on a CPU with AVX512_BF16/AMX for vgg16/vgg19; fp32 otherwise (depthwise bases lose fidelity in bf16).")
+@click.option("--decode-workers", type=click.IntRange(min=1), help="Image decoding threads [default: min(4, CPU cores)].")
+@click.option("--xla", is_flag=True, help="Compile the model step with XLA (helps on GPUs; slower on CPUs).")
+@click.option("--decode-processes", is_flag=True, help="Decode in worker processes instead of threads (many cores feeding a GPU).")
 @click.option("--resize", default="bilinear", show_default=True, help="Resize method (nearest, bilinear, bicubic, lanczos, box; +jpeg-draft for DCT downscale).")
 @click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True, help="train,validation,test fractions when the folder has no split folders.")
 @click.option("--split-seed", type=int, default=0, show_default=True)
@@ -65,26 +77,54 @@ def cli(ctx, debug):
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def extract(image_dir, store, split_fractions, strict, no_progress, as_json, **options):
+@click.option("--shard", metavar="I/N", help="Extract only shard I of N (0-based) into STORE and commit it; join shards with `featcache merge`.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the shards as Ray tasks (a local Ray instance without ADDRESS, e.g. 'auto' or 'ray://head:10001' for a cluster), then merge into STORE.")
+@click.option("--shards", type=click.IntRange(min=1), help="With --ray: number of shards [default: one per worker slot of the cluster].")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="With --ray: GPUs per shard task [default: 0].")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), help="With --ray: CPUs (and TF threads) per shard task [default: 1].")
+def extract(image_dir, store, split_fractions, strict, no_progress, as_json, shard, ray_address, shards,
+            gpus_per_worker, cpus_per_worker, **options):
     """Extract features of IMAGE_DIR (one subfolder per class) into STORE (HDF5)."""
     from .extract.pipeline import ExtractConfig, extract as run_extract
+    from .extract.sharding import check_scale_options
 
     try:
         fractions = tuple(float(x) for x in split_fractions.split(","))
         assert len(fractions) == 3
     except (ValueError, AssertionError):
         raise FeatcacheError(f"--split {split_fractions!r}: expected three fractions like 0.8,0.1,0.1") from None
+    check_scale_options(shard, ray_address, shards, gpus_per_worker, cpus_per_worker)
     config = ExtractConfig(split_fractions=fractions, progress=not no_progress, **options)
-    result = run_extract(image_dir, store, config)
+    if ray_address is not None:
+        from .extract.ray_runner import run_ray
+
+        result = run_ray(image_dir, store, config, shards, ray_address or None, gpus_per_worker or 0,
+                         cpus_per_worker or 1, log=lambda text: click.echo(text, err=True))
+    elif shard is not None:
+        from .extract.sharding import parse_shard, run_shard
+
+        result = run_shard(image_dir, store, config, parse_shard(shard))
+    else:
+        result = run_extract(image_dir, store, config)
     if as_json:
         _emit_json(result)
     else:
         _print_extract(result)
-    nothing = result["extracted"] + result["reused"] == 0
+    # An empty shard is fine (few images, many shards); an empty whole listing is not.
+    nothing = result["extracted"] + result["reused"] == 0 and result.get("shard_images", 1) > 0
     sys.exit(1 if nothing or (strict and result["failed"]) else 0)
 
 
 def _print_extract(result: dict) -> None:
+    if "shard" in result:
+        i, n = result["shard"]
+        what = "already committed, skipped" if result["status"] == "skipped" else "committed"
+        click.echo(f"shard {i}/{n} of {result['store']}: {what} ({result['shard_images']} images in this shard)")
+    if "merge" in result:
+        m = result["merge"]
+        click.echo(f"merged {len(m['merged_shards'])} shards from {result['shard_dir']} into {m['store']} "
+                   f"({m['bytes'] / 2**20:.2f} MiB; shards {m['shard_bytes'] / 2**20:.2f} MiB)")
     click.echo(f"feature set {result['feature_set']}: shape {tuple(result['shape'])}")
     click.echo(
         f"  extracted {result['extracted']}, reused {result['reused']}, failed {result['failed']} "
@@ -124,6 +164,29 @@ def info(store, as_json):
 
 
 @cli.command()
+@click.argument("shards", nargs=-1, required=True, type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--allow-missing", is_flag=True, help="Merge the committed shards even if some are missing or unfinished.")
+@click.option("--feature-set", "feature_sets", multiple=True, help="Merge only this feature set (repeatable) [default: all].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def merge(shards, out, allow_missing, feature_sets, as_json):
+    """Join committed shard stores (extract --shard) into OUT; features are not copied."""
+    from .cache.shards import merge as run_merge
+
+    result = run_merge(list(shards), out, allow_missing=allow_missing, feature_sets=list(feature_sets) or None)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"merged shards {', '.join(map(str, result['merged_shards']))} of {result['shard_count']} into {out} "
+               f"({result['bytes'] / 2**20:.2f} MiB; shards {result['shard_bytes'] / 2**20:.2f} MiB)")
+    for fs in result["feature_sets"]:
+        counts = ", ".join(f"{s} {n}" for s, n in fs["counts"].items())
+        click.echo(f"  {fs['feature_set']}: shape {tuple(fs['shape'])} ({counts}), failures {fs['failures']}")
+    for problem in result["missing"]:
+        click.echo(f"  warning: {_safe(problem)}", err=True)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 def bases(as_json):
     """List the backbone registry."""
@@ -139,11 +202,179 @@ def bases(as_json):
         click.echo(f"{b.name:<22} size {b.default_size:<4} preprocessing {b.preprocessing:<7} top block {','.join(b.top_block) or '-'}")
 
 
-def main():
-    import os
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="featcache-demo", show_default=True,
+              help="Folder for the images, the feature store, the runs and the exported model (reused by the next run).")
+@click.option("--per-class", type=click.IntRange(min=5), default=100, show_default=True, help="Images per class (60/20/20 train/validation/test).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image generator.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def demo(workdir, per_class, seed, as_json):
+    """Run the whole job offline on images it draws itself.
 
-    # TensorFlow's C++ start-up chatter (oneDNN notices, CPU flags) is noise on a CLI.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    Draws four texture classes (train/validation/test folders), extracts raw pixels and
+    MobileNet alpha 0.25 features (ImageNet weights bundled with featcache), trains logistic
+    regression and the dense head, prints a leaderboard and exports the best model.
+    A second run reuses the images and the cached features."""
+    from .demo import format_report, run_demo
+
+    result = run_demo(workdir, per_class, seed, log=lambda text: click.echo(f"demo: {text}", err=True))
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(format_report(result))
+
+
+# -- stage two: heads on cached features ------------------------------------------------------
+
+
+def _head_options(f):
+    """Head options shared by train and compare; unset ones keep the head's default, and an
+    option the chosen head does not take is an error (train) or skipped for it (compare)."""
+    options = [
+        click.option("--pool", type=click.Choice(["none", "avg", "max"]), help="Pool (H, W, C) features before the head: none = flatten [none]."),
+        click.option("--units", type=click.IntRange(min=1), help="dense: hidden units [256]."),
+        click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="dense: dropout rate [0.5]."),
+        click.option("--l2", type=click.FloatRange(min=0), help="dense: L2 penalty on the hidden layer's kernel [0]."),
+        click.option("--optimizer", type=click.Choice(["rmsprop", "adam", "adamw", "sgd", "nadam", "adagrad"]), help="dense: optimizer [rmsprop]."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="dense: learning rate [2e-5]."),
+        click.option("--epochs", type=click.IntRange(min=1), help="dense: epochs [30]."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="dense: batch size [20]."),
+        click.option("--steps-per-execution", type=click.IntRange(min=1), help="dense: batches per compiled call; same result, less overhead [32]."),
+        click.option("-C", "--C", "C", type=click.FloatRange(min=0, min_open=True), help="logreg: inverse L2 strength [1.0]."),
+        click.option("--max-iter", type=click.IntRange(min=1), help="logreg: lbfgs iterations [1000]."),
+        click.option("--stream-epochs", type=click.IntRange(min=1), help="logreg: passes of the streamed SGD solver [20]."),
+        click.option("--seed", type=int, help="Seed of init, dropout and shuffling [0]."),
+        click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=2048.0, show_default=True,
+                     help="MB. Train+validation features (float32) above this stream from the store in chunks; 0 = always stream."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _set(options: dict) -> dict:
+    """Only the options given on the command line (flags off and unset values are dropped)."""
+    return {k: v for k, v in options.items() if v is not None and v is not False}
+
+
+def _fmt(value, spec=".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--feature-set", help="Feature set name (see `featcache info`).")
+@click.option("--base", help="Use the only feature set of this base instead of naming one.")
+@click.option("--head", type=click.Choice(["dense", "logreg"]), default="dense", show_default=True)
+@click.option("--out", type=click.Path(), required=True, help="New run directory (model, config, metrics, plots).")
+@_head_options
+@click.option("--early-stopping", type=click.IntRange(min=1), metavar="PATIENCE", help="dense: stop when validation loss has not improved for PATIENCE epochs (best weights kept).")
+@click.option("--checkpoint", is_flag=True, help="dense: keep the best model by validation loss (RUN_DIR/best.keras) as the run's model.")
+@click.option("--reduce-lr", type=click.IntRange(min=1), metavar="PATIENCE", help="dense: learning rate / 10 after PATIENCE epochs without validation improvement.")
+@click.option("--csv-log", is_flag=True, help="dense: write history.csv epoch by epoch while training (written at the end anyway).")
+@click.option("--tensorboard", type=click.Path(file_okay=False), metavar="DIR", help="dense: TensorBoard log folder (needs the tensorboard package).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **options):
+    """Train a head on a feature set of STORE; write the run directory --out."""
+    from .classify.harness import train as run_train
+
+    result = run_train(store, feature_set, base, head, out, memory_budget_mb, **_set(options))
+    if as_json:
+        _emit_json(result)
+        return
+    u = result["untrained"]
+    click.echo(f"{result['head']} on {result['feature_set']}{' (streamed)' if result['streaming'] else ''}")
+    click.echo(f"  untrained   ({u['split']}) accuracy {_fmt(u['accuracy'])} loss {_fmt(u['loss'])} "
+               f"(chance {u['chance_accuracy']:.4f}, ln K {u['expected_loss']:.4f})")
+    for split in ("train", "validation", "test"):
+        m = result[split]
+        click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(m['accuracy'])} loss {_fmt(m['loss'])}")
+    click.echo(f"  trained in {result['seconds']:.1f} s; run directory {result['run_dir']}")
+    if u["flag"]:
+        click.echo(f"  warning: {u['reason']}", err=True)
+    if result["overfitting"]["flag"]:
+        click.echo(f"  warning: overfitting: {result['overfitting']['reason']}", err=True)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--heads", default="dense,logreg", show_default=True, help="Comma-separated heads.")
+@click.option("--feature-sets", help="Comma-separated feature set names [default: all in STORE].")
+@click.option("--cv", type=click.IntRange(min=2), metavar="K", help="K-fold stratified cross-validation on train+validation instead of the fixed split.")
+@_head_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def compare(store, heads, feature_sets, cv, memory_budget_mb, as_json, **options):
+    """Leaderboard of heads x feature sets of STORE on the same images and metrics."""
+    from .classify.harness import compare as run_compare
+
+    names = [n for n in feature_sets.split(",") if n] if feature_sets else None
+    result = run_compare(store, [h for h in heads.split(",") if h], names, cv, memory_budget_mb, **_set(options))
+    if as_json:
+        _emit_json(result)
+        return
+    rows = result["rows"]
+    click.echo(f"{store}: train {rows['train']}, validation {rows['validation']}, test {rows['test']} images"
+               + (f" ({result['rows_left_out']} rows not in every feature set left out)" if result["rows_left_out"] else ""))
+    w = max(len("feature set"), *(len(e["feature_set"]) for e in result["leaderboard"]))
+    if cv:
+        click.echo(f"{'#':<3} {'head':<7} {'feature set':<{w}} {f'cv{cv} accuracy':>17} {f'cv{cv} loss':>17} {'seconds':>8}")
+        for e in result["leaderboard"]:
+            c = e["cv"]
+            click.echo(f"{e['rank']:<3} {e['head']:<7} {e['feature_set']:<{w}} "
+                       f"{c['accuracy_mean']:>8.4f} ± {c['accuracy_std']:.4f} {c['loss_mean']:>8.4f} ± {c['loss_std']:.4f} {e['seconds']:>8.1f}")
+        return
+    click.echo(f"{'#':<3} {'head':<7} {'feature set':<{w}} {'val acc':>8} {'val loss':>8} {'test acc':>8} {'test loss':>9} {'seconds':>8}")
+    for e in result["leaderboard"]:
+        v, t = e["validation"], e["test"]
+        click.echo(f"{e['rank']:<3} {e['head']:<7} {e['feature_set']:<{w}} {_fmt(v['accuracy']):>8} {_fmt(v['loss']):>8} "
+                   f"{_fmt(t['accuracy']):>8} {_fmt(t['loss']):>9} {e['seconds']:>8.1f}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes shown per image.")
+@click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def predict(run_dir, images, top_k, weights, batch_size, as_json):
+    """Classify IMAGES (files or folders) with the base and head of RUN_DIR."""
+    from .classify.predict import predict as run_predict
+
+    result = run_predict(run_dir, images, top_k, weights, batch_size)
+    if as_json:
+        _emit_json(result)
+    else:
+        for p in result["predictions"]:
+            click.echo(f"{_safe(p['path'])}: " + "  ".join(f"{_safe(t['class'])} {t['probability']:.4f}" for t in p["top"]))
+        for item in result["failures"]:
+            click.echo(f"failed: {_safe(item['path'])}: {_safe(item['reason'])}", err=True)
+    sys.exit(0 if result["predictions"] else 1)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def export(run_dir, out, weights, as_json):
+    """Write preprocessing + base + head of RUN_DIR as one Keras model OUT (.keras)."""
+    from .classify.export import export as run_export
+
+    result = run_export(run_dir, out, weights)
+    if as_json:
+        _emit_json(result)
+        return
+    size = result["input_shape"]
+    click.echo(f"exported {run_dir} -> {out}: input {size[0]}x{size[1]}x3 ({result['input']}), "
+               f"output probabilities of {', '.join(map(_safe, result['class_names']))}")
+
+
+def main():
+    if "--debug" not in sys.argv:
+        from .quiet_tf import install
+
+        install()  # TensorFlow's start-up notices are noise on a command line
     cli(prog_name="featcache")
 
 

@@ -17,6 +17,7 @@ its own, ``class_names``, ``feature_shape``, ``seed``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -28,7 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatcacheError
-from .hdf5 import open_for_read, open_for_write
+from .hdf5 import RESERVE_MARGIN, StoreWriteError, open_for_read, open_for_write, os_reason, reserve_space, trim_reserved
 from .key import FORMAT_VERSION, KeySpec, feature_set_key
 
 GROUP = "feature_sets"
@@ -42,6 +43,18 @@ def store_path_text(relpath: str) -> str:
     """A relative path as stored: file names that are not valid UTF-8 keep their bytes as
     backslash escapes, so every name can be stored and maps to one stable string."""
     return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def read_spec(group: h5py.Group, path: str) -> KeySpec:
+    """The KeySpec in a feature set's ``key`` attribute; a clear error if it is not one."""
+    name = group.name.rsplit("/", 1)[-1]
+    try:
+        return KeySpec(**json.loads(group.attrs["key"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FeatcacheError(
+            f"{path}: feature set {name}: its key attribute is unreadable ({exc.__class__.__name__}); "
+            "edited by hand or written by another tool"
+        ) from None
 
 
 def _check_format(f: h5py.File, path: str) -> None:
@@ -59,14 +72,30 @@ class FeatureSet:
     def __init__(self, group: h5py.Group):
         self.group = group
         self.name = group.name.rsplit("/", 1)[-1]
-        self.spec = KeySpec(**json.loads(group.attrs["key"]))
+        path = group.file.filename
+        self.spec = read_spec(group, path)
         if feature_set_key(self.spec) != self.name:
-            raise FeatcacheError(f"feature set {self.name}: its key attributes do not match its name (edited by hand?)")
-        for name in ("features", "committed", *_ROW_FIELDS):
+            raise FeatcacheError(
+                f"{path}: feature set {self.name}: its key attributes do not match its name (edited by hand?); "
+                "refusing to use it"
+            )
+        # SWMR: the counter first, then the columns. The writer flushes rows before it advances
+        # the counter, so every column refreshed after reading it holds at least that many rows.
+        group["committed"].refresh()
+        self.n_committed, self.n_failures = (int(v) for v in group["committed"][:])  # one read: one commit
+        for name in ("features", *_ROW_FIELDS, "failures"):
             if name in group:
-                group[name].refresh()  # SWMR: see what the writer has flushed so far
-        self.n_committed = int(group["committed"][0])
-        self.n_failures = int(group["committed"][1])
+                group[name].refresh()
+        if any(group[name].shape[0] < self.n_committed for name in ("features", *_ROW_FIELDS)) or (
+            "failures" in group and group["failures"].shape[0] < self.n_failures
+        ):
+            raise FeatcacheError(
+                f"{path}: feature set {self.name} is being set up by a featcache run; try again in a moment"
+            )
+        if group["features"].is_virtual:  # a merged store: its shard files must be reachable
+            from .shards import check_sources
+
+            check_sources(group["features"], group.file.filename)
 
     @property
     def class_names(self) -> list[str]:
@@ -151,10 +180,14 @@ def _text(value) -> str:
 class Store:
     """A store opened for reading (safe beside a running writer)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, lock_held: bool = False):
         self.path = os.fspath(path)
-        self.file = open_for_read(self.path)
-        _check_format(self.file, self.path)
+        self.file = open_for_read(self.path, lock_held)
+        try:
+            _check_format(self.file, self.path)
+        except BaseException:
+            self.file.close()
+            raise
 
     def feature_set_names(self) -> list[str]:
         return sorted(self.file[GROUP].keys()) if GROUP in self.file else []
@@ -198,7 +231,9 @@ def open_store(path: str | os.PathLike) -> Store:
 
 
 def writer_lock(path: str) -> filelock.FileLock:
-    return filelock.FileLock(path + ".lock", timeout=0)
+    # Not 0: a reader repairing a killed writer's mark holds the lock for milliseconds
+    # (hdf5.open_for_read); a real second writer holds it for its whole run.
+    return filelock.FileLock(path + ".lock", timeout=0.5)
 
 
 @dataclass
@@ -211,10 +246,23 @@ class PreparedSet:
     digests: np.ndarray
 
 
+def _writes(method):
+    """HDF5 errors while writing become StoreWriteError: the store path and a reason."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            raise StoreWriteError(self.path, os_reason(exc)) from None
+
+    return wrapper
+
+
 class StoreWriter:
     """The single writer of a store file: holds the lock, appends rows crash-safely."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, open_file: bool = True):
         self.path = os.fspath(path)
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
@@ -228,27 +276,70 @@ class StoreWriter:
                 "wait for it to finish or write to another store"
             ) from None
         except OSError as exc:
-            raise FeatcacheError(f"{self.path}: cannot create the lock file ({exc.strerror})") from None
+            raise FeatcacheError(f"{self.path}: cannot write in folder {parent} ({os_reason(exc)})") from None
+        self.file: h5py.File | None = None
+        self.group: h5py.Group | None = None
+        self._fd: int | None = None  # for reserving disk space (see hdf5.reserve_space)
+        if os.path.exists(self.path):  # a read-only store fails now, not after the model is built
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as exc:
+                self._lock.release()
+                raise FeatcacheError(f"{self.path}: cannot write the store ({os_reason(exc)})") from None
+        if open_file:
+            self.open()
+
+    def peek(self, spec: KeySpec) -> PreparedSet | None:
+        """The committed rows of ``spec``, read without opening for write: SWMR readers are not
+        disturbed while the caller hashes images and builds its model."""
+        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+            return None
+        with Store(self.path, lock_held=True) as store:
+            fs = store.find(spec)
+            return None if fs is None else PreparedSet(fs.name, fs.n_committed, fs.column("paths"), fs.column("digests"))
+
+    def open(self) -> None:
+        """Open (or create) the file for writing; from here until start_appending readers wait."""
         try:
             self.file = open_for_write(self.path)
             _check_format(self.file, self.path)
+            self._fd = os.open(self.path, os.O_WRONLY)
+            reserve_space(self.file, self._fd, RESERVE_MARGIN)
             self.file.attrs["format_version"] = FORMAT_VERSION
             self.file.attrs["featcache_version"] = __version__
             self.file.require_group(GROUP)
+        except (OSError, RuntimeError) as exc:
+            self.close(quiet=True)
+            raise StoreWriteError(self.path, os_reason(exc)) from None
         except BaseException:
-            self._lock.release()
+            self.close(quiet=True)
             raise
-        self.group: h5py.Group | None = None
+
+    def _reserve(self, rows: int, fields, text_bytes: int = 0) -> None:
+        """Reserve disk space for appending ``rows`` rows to ``fields`` (whole chunks, generously)."""
+        need = RESERVE_MARGIN + 4 * text_bytes
+        for field in fields:
+            ds = self.group[field]
+            if ds.chunks:
+                itemsize = 16 if ds.dtype.kind == "O" else ds.dtype.itemsize  # variable-length: a heap ID per row
+                need += (rows // ds.chunks[0] + 2) * int(np.prod(ds.chunks)) * itemsize
+        reserve_space(self.file, self._fd, need)
 
     # -- set-up phase (not SWMR: creates objects and attributes) --------------------------
 
+    @_writes
     def existing(self, spec: KeySpec) -> PreparedSet | None:
         """Rows already committed for ``spec``, with the in-flight tail of a killed run cut off."""
         name = feature_set_key(spec)
         if name not in self.file[GROUP]:
             return None
         group = self.file[GROUP][name]
-        stored = KeySpec(**json.loads(group.attrs["key"]))
+        if group["features"].is_virtual:
+            raise FeatcacheError(
+                f"{self.path}: feature set {name} is merged from shard stores (featcache merge); "
+                "extract into the shard stores and merge again"
+            )
+        stored = read_spec(group, self.path)
         if stored != spec:
             raise FeatcacheError(f"{self.path}: feature set {name} holds key {stored}, not the requested {spec}")
         rows = int(group["committed"][0])
@@ -259,6 +350,7 @@ class StoreWriter:
         fs = FeatureSet(group)
         return PreparedSet(name, rows, fs.column("paths"), fs.column("digests"))
 
+    @_writes
     def create(self, spec: KeySpec, feature_shape: tuple[int, ...], dtype: str, chunk_rows: int) -> None:
         name = feature_set_key(spec)
         group = self.file[GROUP].create_group(name)
@@ -281,6 +373,7 @@ class StoreWriter:
         group.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.group = group
 
+    @_writes
     def set_listing_attrs(self, class_names: list[str], seed: int, extra: dict | None = None) -> None:
         self.group.attrs["class_names"] = json.dumps(class_names)
         self.group.attrs["seed"] = seed
@@ -290,6 +383,7 @@ class StoreWriter:
         self.group["failures"].resize(0, axis=0)
         self.group["committed"][1] = 0
 
+    @_writes
     def start_appending(self) -> None:
         """Switch to SWMR: from here on only appends and in-place writes, crash-safe."""
         self.file.flush()
@@ -297,16 +391,19 @@ class StoreWriter:
 
     # -- append phase (SWMR) -----------------------------------------------------------
 
+    @_writes
     def update_rows(self, rows: np.ndarray, labels: np.ndarray, splits: np.ndarray, active: np.ndarray) -> None:
         """Rewrite the listing columns of existing rows (a relabelled, re-split or vanished file)."""
         if len(rows) == 0:
             return
         g = self.group
+        self._reserve(0, ("labels", "splits", "active"))
         n = int(g["committed"][0])
         new_labels, new_splits, new_active = g["labels"][:n], g["splits"][:n], g["active"][:n]
         new_labels[rows], new_splits[rows], new_active[rows] = labels, splits, active
         g["labels"][:n], g["splits"][:n], g["active"][:n] = new_labels, new_splits, new_active
 
+    @_writes
     def append(self, features, labels, paths, digests, splits) -> None:
         """Append rows; they count only after :meth:`commit`."""
         g = self.group
@@ -314,6 +411,7 @@ class StoreWriter:
         k = len(labels)
         if k == 0:
             return
+        self._reserve(k, ("features", *_ROW_FIELDS), sum(len(p) for p in paths))
         columns = {
             "features": features,
             "labels": np.asarray(labels, dtype="int32"),
@@ -326,14 +424,17 @@ class StoreWriter:
             g[field].resize(n + k, axis=0)
             g[field][n:] = values
 
+    @_writes
     def add_failures(self, failures: list[tuple[str, str]]) -> None:
         if not failures:
             return
+        self._reserve(len(failures), ("failures",), sum(len(p) + len(r) for p, r in failures))
         ds = self.group["failures"]
         n = ds.shape[0]
         ds.resize(n + len(failures), axis=0)
         ds[n:] = np.array([(store_path_text(p), r) for p, r in failures], dtype=FAILURE_DTYPE)
 
+    @_writes
     def commit(self) -> None:
         """Make appended rows count: flush them, then advance the committed counter.
 
@@ -342,15 +443,29 @@ class StoreWriter:
         self.group["committed"][:] = [self.group["features"].shape[0], self.group["failures"].shape[0]]
         self.file.flush()
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """Close the file, give back unused reserved space, release the lock.
+
+        ``quiet``: an error is already on its way; do not replace it with a close error."""
+        error = None
         try:
-            if self.file.id.valid:
-                self.file.close()
+            if self.file is not None and self.file.id.valid:
+                try:
+                    self.file.close()
+                except (OSError, RuntimeError) as exc:
+                    error = StoreWriteError(self.path, os_reason(exc))
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+                if error is None:
+                    trim_reserved(self.path)
         finally:
             self._lock.release()
+        if error is not None and not quiet:
+            raise error
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self.close(quiet=exc[0] is not None)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import os
+import stat
+import threading
 import warnings
 
 import numpy as np
@@ -18,6 +21,10 @@ RESAMPLING = {
 }
 DRAFT_SUFFIX = "+jpeg-draft"  # resize names ending in this let libjpeg downscale by DCT first
 DEFAULT_MAX_PIXELS = 100_000_000
+# The formats Pillow may decode: photos (JPEG includes MPO) and common web and scan formats.
+# Others are never tried, whatever a file's name or first bytes say (EPS would start Ghostscript).
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "WEBP", "TIFF")
+_OPEN_LOCK = threading.Lock()
 
 
 class DecodeError(Exception):
@@ -44,10 +51,19 @@ def _os_reason(exc: OSError) -> str:
     return f"cannot read file ({exc.strerror or exc})"
 
 
+def _open_regular(path: str):
+    """Open a regular file for reading; a FIFO, socket or device would block or never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DecodeError("not a regular file (a pipe, socket, device or folder)")
+    return os.fdopen(fd, "rb")
+
+
 def file_digest(path: str) -> str:
     """sha256 of a file's bytes, hex. Raises DecodeError with the reason if unreadable."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as exc:
         raise DecodeError(_os_reason(exc)) from None
@@ -55,7 +71,7 @@ def file_digest(path: str) -> str:
 
 def read_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             return f.read()
     except OSError as exc:
         raise DecodeError(_os_reason(exc)) from None
@@ -63,9 +79,15 @@ def read_bytes(path: str) -> bytes:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB: 16-bit scaled (not clipped), alpha composited on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        top = float(arr.max()) if arr.size else 0.0
+        if img.mode.startswith("I;16"):
+            top = 65535.0  # the format says 16 bits: a dark image stays dark
+        elif img.mode == "F" and 0.0 <= top <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        else:
+            top = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
         arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
@@ -77,6 +99,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c >= 32 or c in b"\t\n\r\f" for c in head)
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """Image.open reads only the header. Pillow's own bomb limit is lifted for this call:
+    --max-pixels is the one limit, checked right after, still before any pixel is decoded."""
+    with _OPEN_LOCK:  # MAX_IMAGE_PIXELS is a module global; decoding threads share it
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(io.BytesIO(data), formats=FORMATS)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def decode_image(data: bytes, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes to a (size, size, 3) uint8 array, EXIF orientation applied.
 
@@ -84,10 +129,12 @@ def decode_image(data: bytes, size: int, resize: str = "bilinear", max_pixels: i
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    fmt = "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's own bomb/EXIF warnings: we report instead
-            img = Image.open(io.BytesIO(data))
+            img = _open_header(data)
+            fmt = img.format or fmt
             width, height = img.size
             if width * height > max_pixels:
                 raise DecodeError(
@@ -104,11 +151,22 @@ def decode_image(data: bytes, size: int, resize: str = "bilinear", max_pixels: i
     except DecodeError:
         raise
     except UnidentifiedImageError:
-        raise DecodeError("not an image Pillow can read (unknown format or corrupt header)") from None
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if _looks_like_text(data):
+            raise DecodeError("not an image (a text file)") from None
+        raise DecodeError("not an image (unknown format or corrupt header)") from None
+    except (OSError, SyntaxError, EOFError) as exc:
         text = str(exc)
-        if "truncated" in text.lower():
-            raise DecodeError(f"truncated image data ({text})") from None
-        raise DecodeError(f"corrupt image data ({exc.__class__.__name__}: {text})") from None
+        if isinstance(exc, EOFError) or "truncated" in text.lower():
+            raise DecodeError(f"truncated image data ({fmt} file ends early)") from None
+        raise DecodeError(f"corrupt {fmt} data ({text or exc.__class__.__name__})") from None
+    except Exception as exc:  # anything a decoder trips over in a broken file: report, never stop the run
+        raise DecodeError(f"cannot decode {fmt} ({exc.__class__.__name__}: {exc})") from None
+
+
+def decode_file(path: str, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS):
+    """``(image, None)`` or ``(None, reason)``: :func:`decode_image` of a file, in a form a
+    decoding worker process can send back (no exception crosses the process boundary)."""
+    try:
+        return decode_image(read_bytes(path), size, resize, max_pixels), None
+    except DecodeError as exc:
+        return None, str(exc)

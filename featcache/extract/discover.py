@@ -46,26 +46,58 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _inside(real_root: str, path: str) -> bool:
+    target = os.path.realpath(path)
+    return os.path.commonpath([real_root, target]) == real_root
+
+
 def _walk_class_folder(root: str, class_dir: str, follow_symlinks: bool, skipped: list) -> list[str]:
-    """Image paths (relative to root) under one class folder, recursively, sorted."""
+    """Image paths (relative to root) under one class folder, recursively, sorted.
+
+    Symlinks inside IMAGE_DIR are followed; ones that lead out of it only with
+    ``follow_symlinks``. A folder reached twice (a symlink loop) is listed once."""
     real_root = os.path.realpath(root)
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, root).replace(os.sep, "/")
+
+    def unlistable(exc: OSError) -> None:  # os.walk would drop these silently
+        skipped.append((rel(exc.filename), f"cannot list folder ({exc.strerror or exc})"))
+
+    leaves = "symlink leaves the image folder (use --follow-symlinks to allow)"
+    if not follow_symlinks and not _inside(real_root, class_dir):
+        skipped.append((rel(class_dir), leaves))
+        return []
+    visited = {os.path.realpath(class_dir)}
     found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=follow_symlinks):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True, onerror=unlistable):
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if _is_hidden(d):
+                continue
+            if not follow_symlinks and not _inside(real_root, full):
+                skipped.append((rel(full), leaves))
+                continue
+            real = os.path.realpath(full)
+            if real in visited:
+                skipped.append((rel(full), "symlink loop (this folder is already listed)"))
+                continue
+            visited.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if _is_hidden(name):
                 continue
             full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
             if not name.lower().endswith(IMAGE_EXTENSIONS):
-                skipped.append((rel, f"not an image file name ({os.path.splitext(name)[1] or 'no extension'})"))
+                skipped.append((rel(full), f"not an image file name ({os.path.splitext(name)[1] or 'no extension'})"))
                 continue
-            if os.path.islink(full) and not follow_symlinks:
-                target = os.path.realpath(full)
-                if os.path.commonpath([real_root, target]) != real_root:
-                    skipped.append((rel, "symlink leaves the image folder (use --follow-symlinks to allow)"))
-                    continue
-            found.append(rel)
+            # Every folder walked is inside (checked above), so only a symlinked file can lead out.
+            if not follow_symlinks and os.path.islink(full) and not _inside(real_root, full):
+                skipped.append((rel(full), leaves))
+                continue
+            found.append(rel(full))
     return found
 
 
