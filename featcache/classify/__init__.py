@@ -1,0 +1,25 @@
+"""Stage two: classifier heads trained on cached features, evaluated, compared and used.
+
+- :mod:`.heads`: the heads (``dense`` Keras, ``logreg`` scikit-learn), one interface
+- :mod:`.data`: rows of a feature set, in memory or streamed from HDF5 within a budget
+- :mod:`.harness`: ``train`` (one run, a run directory) and ``compare`` (a leaderboard)
+- :mod:`.reports`: metrics, sanity flags, plots;  :mod:`.rundir`: the run directory
+- :mod:`.predict` / :mod:`.export`: base + head on new images, one exported Keras model
+
+Imports are lazy: ``import featcache.classify`` loads neither Keras nor scikit-learn.
+"""
+
+# predict() and export() live in the submodules of the same names (featcache.classify.predict.predict).
+__all__ = ["train", "compare", "make_head", "HEADS"]
+
+
+def __getattr__(name):
+    if name in ("train", "compare"):
+        from . import harness
+
+        return getattr(harness, name)
+    if name in ("make_head", "HEADS"):
+        from . import heads
+
+        return getattr(heads, name)
+    raise AttributeError(f"module 'featcache.classify' has no attribute {name!r}")

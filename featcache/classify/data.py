@@ -1,0 +1,131 @@
+"""Rows of a feature set as training data: in memory when they fit the budget, streamed otherwise.
+
+Heads never decode images: everything comes from the store. A :class:`Rows` is a set of row
+indices of one feature set (a split, or a cross-validation fold) with their labels. Whether a
+head loads its rows whole or streams them in chunks is decided once, by :func:`plan`, from the
+float32 size of the rows it needs and the memory budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..cache.store import FeatureSet
+from ..errors import FeatcacheError
+
+DEFAULT_MEMORY_BUDGET_MB = 2048.0
+EVAL_CHUNK_BYTES = 64 << 20  # evaluation reads at most this much at a time, whatever the budget
+
+
+@dataclass
+class Rows:
+    """Sorted row indices of one feature set, with their labels and a name for messages."""
+
+    fs: FeatureSet
+    rows: np.ndarray
+    labels: np.ndarray
+    name: str
+
+    @classmethod
+    def of(cls, fs: FeatureSet, rows: np.ndarray, name: str) -> "Rows":
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        return cls(fs, rows, fs.column("labels")[rows].astype(np.int64), name)
+
+    @classmethod
+    def split(cls, fs: FeatureSet, split: str) -> "Rows":
+        return cls.of(fs, fs.rows(split), split)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row as float32 (what the heads compute in)."""
+        return int(np.prod(self.fs.feature_shape)) * 4
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * self.row_bytes
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """All features (float32) and labels in memory."""
+        return self.fs.read(self.rows).astype(np.float32, copy=False), self.labels
+
+    def chunks(self, chunk_rows: int, rng: np.random.Generator | None = None):
+        """Yield (features float32, labels) piece by piece; with ``rng``, the order of the
+        pieces and the rows inside each piece are shuffled (each piece is still read from
+        HDF5 as sorted, mostly contiguous rows)."""
+        starts = list(range(0, len(self.rows), max(1, chunk_rows)))
+        if rng is not None:
+            starts = [starts[i] for i in rng.permutation(len(starts))]
+        for start in starts:
+            piece = self.rows[start : start + chunk_rows]
+            x = self.fs.read(piece).astype(np.float32, copy=False)
+            y = self.labels[start : start + chunk_rows]
+            if rng is not None:
+                order = rng.permutation(len(piece))
+                x, y = x[order], y[order]
+            yield x, y
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=num_classes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a head reads its data: whole (``streaming`` False) or in chunks of ``chunk_rows``."""
+
+    streaming: bool
+    chunk_rows: int
+    needed_mb: float
+    budget_mb: float
+
+    def to_dict(self) -> dict:
+        return {"streaming": self.streaming, "chunk_rows": self.chunk_rows if self.streaming else None,
+                "needed_mb": round(self.needed_mb, 3), "memory_budget_mb": self.budget_mb}
+
+
+def plan(train: Rows, validation: Rows | None, budget_mb: float, batch_size: int = 1) -> Plan:
+    """Stream when train+validation (as float32) exceed the budget.
+
+    A streamed chunk takes at most half the budget (the other half is for the chunk being
+    prefetched and the model), rounded down to whole batches so that only the last batch of
+    an epoch can be short, as in in-memory training."""
+    if budget_mb < 0:
+        raise FeatcacheError(f"--memory-budget {budget_mb:g}: must be 0 (always stream) or more megabytes")
+    needed = train.nbytes + (validation.nbytes if validation is not None else 0)
+    budget = budget_mb * (1 << 20)
+    streaming = needed > budget
+    if streaming:
+        rows = int(budget // 2 // train.row_bytes)
+        chunk_rows = max(batch_size, rows // batch_size * batch_size)
+    else:
+        chunk_rows = max(1, EVAL_CHUNK_BYTES // train.row_bytes)
+    return Plan(streaming, chunk_rows, needed / (1 << 20), budget_mb)
+
+
+def eval_chunk_rows(rows: Rows, plan_: Plan | None = None) -> int:
+    """Rows per piece when predicting: never more than the plan's chunk or 64 MiB."""
+    limit = max(1, EVAL_CHUNK_BYTES // rows.row_bytes)
+    return min(limit, plan_.chunk_rows) if plan_ is not None and plan_.streaming else limit
+
+
+def batches_forever(rows: Rows, batch_size: int, chunk_rows: int, seed: int, shuffle: bool):
+    """An endless generator of (x, y) batches, epoch after epoch, for Keras' fit with
+    ``steps_per_epoch = steps(rows, ...)``. Each epoch reshuffles chunk order and rows
+    within chunks from (seed, epoch), so the sequence is the same whatever Keras prefetches."""
+    epoch = 0
+    while True:
+        rng = np.random.default_rng([seed, epoch]) if shuffle else None
+        for x, y in rows.chunks(chunk_rows, rng):
+            for start in range(0, len(y), batch_size):
+                yield x[start : start + batch_size], y[start : start + batch_size]
+        epoch += 1
+
+
+def steps(rows: Rows, batch_size: int, chunk_rows: int) -> int:
+    """Batches per epoch of :func:`batches_forever` (chunks are whole batches but the last)."""
+    full, rest = divmod(len(rows), chunk_rows)
+    return full * math.ceil(chunk_rows / batch_size) + math.ceil(rest / batch_size)

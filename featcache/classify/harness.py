@@ -1,0 +1,250 @@
+"""One training/evaluation harness for every head: `train` (one run, a run directory) and
+`compare` (a leaderboard over heads x feature sets on the same rows, or K-fold CV)."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from ..cache.store import FeatureSet, open_store
+from ..errors import FeatcacheError
+from . import data, reports, rundir
+from .heads import HEADS, Head, make_head
+
+SPLITS = ("train", "validation", "test")
+
+
+def check_training_rows(train: data.Rows, class_names: list[str], what: str) -> None:
+    """A head cannot learn from an empty split, one class, or a class it never sees."""
+    if len(train) == 0:
+        raise FeatcacheError(f"{what}: the training split is empty (no active rows with split 'train')")
+    counts = train.class_counts(len(class_names))
+    present = [class_names[i] for i in np.flatnonzero(counts)]
+    if len(present) < 2:
+        raise FeatcacheError(f"{what}: the training split has only one class ({', '.join(present)}); "
+                             "a classifier needs at least two")
+    missing = [class_names[i] for i in np.flatnonzero(counts == 0)]
+    if missing:
+        raise FeatcacheError(f"{what}: the training split has no rows of class(es) {', '.join(missing)}; "
+                             "the head could never predict them")
+
+
+def fit_and_evaluate(head: Head, fs: FeatureSet, splits: dict[str, data.Rows], budget_mb: float,
+                     run_dir: str | None = None, what: str = "") -> dict:
+    """Untrained check, fit, evaluation of every split: the core every command shares."""
+    names = fs.class_names
+    k = len(names)
+    train, validation = splits["train"], splits.get("validation")
+    check_training_rows(train, names, what or fs.name)
+    if validation is not None and len(validation) == 0:
+        validation = None
+    plan = data.plan(train, validation, budget_mb, int(head.config.get("batch_size", 1)))
+    head.build(k, fs.feature_shape)
+
+    probe = validation if validation is not None else train
+    untrained = reports.untrained_check(reports.score(probe.labels, head.predict_rows(probe, plan), k), k)
+    untrained["split"] = probe.name
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    history = head.fit(train, validation, plan, run_dir)
+    fit_seconds = time.perf_counter() - started
+    # CPU seconds of all threads: a check on wall-clock timings taken on a busy machine.
+    fit_cpu_seconds = time.process_time() - cpu_started
+
+    evaluated = {}
+    for split, rows in splits.items():
+        if rows is None:
+            continue
+        evaluated[split] = reports.metrics(rows.labels, head.predict_rows(rows, plan), names)
+    val_acc = evaluated.get("validation", {}).get("accuracy")
+    return {
+        "plan": plan,
+        "history": history,
+        "untrained": untrained,
+        "metrics": evaluated,
+        "overfitting": reports.overfitting(history, evaluated["train"]["accuracy"], val_acc),
+        "fit_seconds": fit_seconds,
+        "fit_cpu_seconds": fit_cpu_seconds,
+    }
+
+
+def _summary(m: dict | None) -> dict:
+    m = m or {"n": 0, "accuracy": None, "loss": None}
+    return {"n": m["n"], "accuracy": m["accuracy"], "loss": m["loss"]}
+
+
+def train(store: str, feature_set: str | None = None, base: str | None = None, head: str = "dense",
+          out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, **head_options) -> dict:
+    """Train one head on one feature set; with ``out``, write the run directory.
+
+    Returns the summary printed by ``featcache train --json``."""
+    started = time.perf_counter()
+    head_obj = make_head(head, **head_options)
+    with open_store(store) as s:
+        fs = s.select(feature_set, base)
+        run_dir = rundir.prepare(out) if out else None
+        splits = {split: data.Rows.split(fs, split) for split in SPLITS}
+        result = fit_and_evaluate(head_obj, fs, splits, memory_budget_mb, run_dir)
+        record = rundir.feature_set_record(fs, store) if run_dir else None
+    m = result["metrics"]
+    summary = {
+        "head": head_obj.name,
+        "feature_set": fs.name,
+        "untrained": {k: result["untrained"][k] for k in ("split", "n", "accuracy", "loss", "chance_accuracy",
+                                                          "expected_loss", "flag", "reason")},
+        **{split: _summary(m.get(split)) for split in SPLITS},
+        "overfitting": result["overfitting"],
+        "streaming": result["plan"].streaming,
+        "seconds": round(result["fit_seconds"], 3),
+        "cpu_seconds": round(result["fit_cpu_seconds"], 3),
+        "run_dir": run_dir,
+    }
+    if run_dir:
+        _write_run(run_dir, head_obj, record, result, summary)
+    summary["seconds_total"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _write_run(run_dir: str, head: Head, record: dict, result: dict, summary: dict) -> None:
+    model_path = head.save(run_dir)
+    rundir.write_json(os.path.join(run_dir, rundir.CONFIG),
+                      rundir.config_record(head, record, result["plan"].to_dict(), model_path))
+    rundir.write_json(os.path.join(run_dir, rundir.METRICS), {
+        "head": head.name, "feature_set": record["name"], "class_names": record["class_names"],
+        "untrained": result["untrained"], **result["metrics"], "overfitting": result["overfitting"],
+        "fit_seconds": result["fit_seconds"], "fit_cpu_seconds": result["fit_cpu_seconds"],
+        "streaming": result["plan"].streaming,
+    })
+    reports.write_history(result["history"], os.path.join(run_dir, rundir.HISTORY))
+    title = f"{head.name} on {record['name']}"
+    reports.plot_curves(result["history"], os.path.join(run_dir, rundir.CURVES), title)
+    shown = "test" if result["metrics"].get("test", {}).get("n") else "validation"
+    if result["metrics"].get(shown, {}).get("n"):
+        reports.plot_confusion(result["metrics"][shown]["confusion_matrix"], record["class_names"],
+                               os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{record['name']}")
+
+
+# -- compare ---------------------------------------------------------------------------------
+
+
+def _common_rows(sets: list[FeatureSet]) -> tuple[list[dict[str, np.ndarray]], int]:
+    """Per feature set, the rows of each split restricted to images present in every set, so
+    every leaderboard entry sees exactly the same images. Returns (rows per set, rows dropped)."""
+    names = sets[0].class_names
+    keyed = []
+    for fs in sets:
+        if fs.class_names != names:
+            raise FeatcacheError(f"feature sets {sets[0].name} and {fs.name} have different classes "
+                                 f"({names} vs {fs.class_names}); compare needs the same images")
+        rows = fs.rows()
+        keys = [f"{p}\0{d}" for p, d in zip(fs.column("paths")[rows], fs.column("digests")[rows])]
+        keyed.append((fs, dict(zip(keys, rows))))
+    common = set.intersection(*(set(k) for _, k in keyed))
+    dropped = sum(len(k) for _, k in keyed) - len(common) * len(keyed)
+    per_set = []
+    reference = None
+    for fs, by_key in keyed:
+        ordered = sorted(common)
+        rows = np.array([by_key[key] for key in ordered], dtype=np.int64)
+        splits = fs.column("splits")[rows] if len(rows) else np.array([], dtype=str)
+        labels = fs.column("labels")[rows] if len(rows) else np.array([], dtype=np.int32)
+        if reference is None:
+            reference = (splits, labels, fs.name)
+        elif not (np.array_equal(splits, reference[0]) and np.array_equal(labels, reference[1])):
+            moved = int(np.sum((splits != reference[0]) | (labels != reference[1])))
+            raise FeatcacheError(f"feature sets {reference[2]} and {fs.name} give {moved} images a different split "
+                                 "or label (extracted with different --split/--split-seed?); compare needs the same split")
+        per_set.append({split: np.sort(rows[splits == split]) for split in SPLITS})
+    return per_set, dropped
+
+
+def _head_options(head_name: str, options: dict) -> dict:
+    """The shared compare options that this head takes (e.g. --epochs only goes to dense)."""
+    return {k: v for k, v in options.items() if v is not None and HEADS[head_name].accepts(k)}
+
+
+def compare(store: str, heads: list[str], feature_sets: list[str] | None = None, cv: int | None = None,
+            memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, **options) -> dict:
+    """Leaderboard over heads x feature sets: same rows, same metrics.
+
+    Without ``cv``: fit on train, score validation and test; ranked by validation accuracy
+    (the test split is reported, never used to rank). With ``cv=K``: StratifiedKFold on
+    train+validation, mean and std of accuracy and loss over the folds; test is not touched."""
+    for name in heads:
+        if name not in HEADS:
+            raise FeatcacheError(f"--heads: unknown head {name!r}; choose from {', '.join(HEADS)}")
+    unused = [k for k, v in options.items() if v is not None and not any(HEADS[h].accepts(k) for h in heads)]
+    if unused:
+        raise FeatcacheError(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: no compared head takes it")
+    if cv is not None and cv < 2:
+        raise FeatcacheError(f"--cv {cv}: needs at least 2 folds")
+    started = time.perf_counter()
+    with open_store(store) as s:
+        names = feature_sets or s.feature_set_names()
+        if not names:
+            raise FeatcacheError(f"{store}: no feature sets to compare")
+        sets = [s[name] for name in names]
+        per_set, dropped = _common_rows(sets)
+        entries = []
+        for fs, rows in zip(sets, per_set):
+            for head_name in heads:
+                opts = _head_options(head_name, options)
+                entry = {"head": head_name, "feature_set": fs.name, "settings": make_head(head_name, **opts).config}
+                if cv:
+                    entry.update(_cross_validate(head_name, opts, fs, rows, cv, memory_budget_mb))
+                else:
+                    splits = {split: data.Rows.of(fs, rows[split], split) for split in SPLITS}
+                    result = fit_and_evaluate(make_head(head_name, **opts), fs, splits, memory_budget_mb,
+                                              what=f"{fs.name} ({head_name})")
+                    entry.update({
+                        "validation": _summary(result["metrics"].get("validation")),
+                        "test": _summary(result["metrics"].get("test")),
+                        "train": _summary(result["metrics"].get("train")),
+                        "untrained_flag": result["untrained"]["flag"],
+                        "overfitting": result["overfitting"]["flag"],
+                        "streaming": result["plan"].streaming,
+                        "seconds": round(result["fit_seconds"], 3),
+                    })
+                entries.append(entry)
+        counts = {split: int(len(per_set[0][split])) for split in SPLITS}
+    entries.sort(key=_rank_key(bool(cv)))
+    for rank, entry in enumerate(entries, 1):
+        entry["rank"] = rank
+    return {"store": store, "cv": cv, "rows": counts, "rows_left_out": dropped,
+            "leaderboard": entries, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _rank_key(cv: bool):
+    def key(entry):
+        if cv:
+            return (-entry["cv"]["accuracy_mean"], entry["cv"]["loss_mean"])
+        val = entry["validation"]
+        acc = val["accuracy"] if val["accuracy"] is not None else -1.0
+        loss = val["loss"] if val["loss"] is not None else float("inf")
+        return (-acc, loss)
+    return key
+
+
+def _cross_validate(head_name: str, opts: dict, fs: FeatureSet, rows: dict, k: int, budget_mb: float) -> dict:
+    from sklearn.model_selection import StratifiedKFold
+
+    pool = np.sort(np.concatenate([rows["train"], rows["validation"]]))
+    labels = fs.column("labels")[pool]
+    counts = np.bincount(labels, minlength=len(fs.class_names))
+    if counts.min() < k:
+        raise FeatcacheError(f"--cv {k}: class {fs.class_names[int(counts.argmin())]!r} has only {int(counts.min())} "
+                             f"train+validation rows in {fs.name}; use fewer folds")
+    folds = []
+    seed = int(opts.get("seed", 0) or 0)
+    for i, (fit_idx, val_idx) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(pool, labels)):
+        splits = {"train": data.Rows.of(fs, pool[fit_idx], "train"),
+                  "validation": data.Rows.of(fs, pool[val_idx], "validation")}
+        result = fit_and_evaluate(make_head(head_name, **opts), fs, splits, budget_mb,
+                                  what=f"{fs.name} ({head_name}, fold {i + 1})")
+        folds.append({**_summary(result["metrics"]["validation"]), "seconds": round(result["fit_seconds"], 3)})
+    acc = np.array([f["accuracy"] for f in folds])
+    loss = np.array([f["loss"] for f in folds])
+    return {"cv": {"k": k, "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()),
+                   "loss_mean": float(loss.mean()), "loss_std": float(loss.std()), "folds": folds},
+            "seconds": round(sum(f["seconds"] for f in folds), 3)}
