@@ -65,8 +65,8 @@ def cli(ctx, debug):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Compute precision of the base (part of the cache key). auto: fp16 on a GPU of compute capability >= 7.0; "
                    "bf16 on a CPU with AVX512_BF16/AMX for vgg16/vgg19; fp32 otherwise (depthwise bases lose fidelity in bf16).")
-@click.option("--decode-workers", type=click.IntRange(min=1), help="Image decoding threads [default: min(4, CPU cores)].")
-@click.option("--xla", is_flag=True, help="Compile the model step with XLA (helps on GPUs; slower on CPUs).")
+@click.option("--decode-workers", type=click.IntRange(min=1), help="Image decoding threads (or processes) [default: min(4, CPU cores)].")
+@click.option("--xla", is_flag=True, help="Compile the model step with XLA (TensorFlow; measured slower on CPUs, try it on GPUs).")
 @click.option("--decode-processes", is_flag=True, help="Decode in worker processes instead of threads (many cores feeding a GPU).")
 @click.option("--resize", default="bilinear", show_default=True, help="Resize method (nearest, bilinear, bicubic, lanczos, box; +jpeg-draft for DCT downscale).")
 @click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True, help="train,validation,test fractions when the folder has no split folders.")
@@ -75,6 +75,9 @@ def cli(ctx, debug):
 @click.option("--max-pixels", type=click.IntRange(min=1), default=100_000_000, show_default=True, help="Refuse images with more pixels than this, before decoding.")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that leave IMAGE_DIR.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
+@click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+              help="Also store K augmented views (flip, rotation, zoom, translation, contrast) per training image, as a feature set of its own.")
+@click.option("--aug-seed", type=int, default=0, show_default=True, help="Seed of the augmented views (part of the key).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--shard", metavar="I/N", help="Extract only shard I of N (0-based) into STORE and commit it; join shards with `featcache merge`.")
@@ -368,6 +371,42 @@ def export(run_dir, out, weights, as_json):
     size = result["input_shape"]
     click.echo(f"exported {run_dir} -> {out}: input {size[0]}x{size[1]}x3 ({result['input']}), "
                f"output probabilities of {', '.join(map(_safe, result['class_names']))}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="[IMAGE_DIR] RUN_DIR")
+@click.option("--out", type=click.Path(), required=True, help="New run directory of the fine-tuned model.")
+@click.option("--blocks", type=click.IntRange(min=1), default=1, show_default=True, help="Top blocks to unfreeze (the registry names one).")
+@click.option("--unfreeze-from", metavar="LAYER", help="Unfreeze every layer from LAYER on instead (BatchNormalization stays frozen).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help="Learning rate (RMSprop).")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--augment", metavar="LIST", help="Augment training images: comma list of flip, rotation, zoom, translation, contrast (NAME=STRENGTH to change one), or all.")
+@click.option("--aug-seed", type=int, default=0, show_default=True, help="Seed of the augmentation.")
+@click.option("--from-cache", type=click.Path(), metavar="STORE.h5", help="Train from the boundary activations in this store (extract --layer BOUNDARY); no images decoded.")
+@click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of shuffling and dropout.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def finetune(paths, out, as_json, **options):
+    """Fine-tune the top block of the base with the dense head of a stage-two RUN_DIR.
+
+    IMAGE_DIR defaults to the image folder recorded in the run; with --from-cache no images are read."""
+    from .classify.finetune import finetune as run_finetune
+
+    if len(paths) > 2:
+        raise FeatcacheError("finetune: expected [IMAGE_DIR] RUN_DIR")
+    image_dir, run_dir = (None, paths[0]) if len(paths) == 1 else paths
+    result = run_finetune(image_dir, run_dir, out, **options)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"fine-tuned {result['feature_set']} from {result['source']}: "
+               f"layers {', '.join(result['trainable_layers'])} + head")
+    for split in ("train", "validation", "test"):
+        m, b = result[split], result["before"].get(split, {})
+        click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(b.get('accuracy'))} -> {_fmt(m['accuracy'])} "
+                   f"loss {_fmt(b.get('loss'))} -> {_fmt(m['loss'])}")
+    click.echo(f"  {result['epochs']} epochs in {result['seconds']:.1f} s; run directory {result['run_dir']}")
 
 
 def main():

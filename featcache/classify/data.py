@@ -27,6 +27,8 @@ class Rows:
     rows: np.ndarray
     labels: np.ndarray
     name: str
+    # (N, K + 1) row indices of each row's cached augmented views (extract --augment), or None.
+    views: np.ndarray | None = None
 
     @classmethod
     def of(cls, fs: FeatureSet, rows: np.ndarray, name: str) -> "Rows":
@@ -35,7 +37,12 @@ class Rows:
 
     @classmethod
     def split(cls, fs: FeatureSet, split: str) -> "Rows":
-        return cls.of(fs, fs.rows(split), split)
+        rows = cls.of(fs, fs.rows(split), split)
+        if split == "train":  # only training images have augmented views
+            from ..extract.augment import view_rows
+
+            rows.views = view_rows(fs, rows.rows)
+        return rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -122,6 +129,25 @@ def batches_forever(rows: Rows, batch_size: int, chunk_rows: int, seed: int, shu
         for x, y in rows.chunks(chunk_rows, rng):
             for start in range(0, len(y), batch_size):
                 yield x[start : start + batch_size], y[start : start + batch_size]
+        epoch += 1
+
+
+def view_batches_forever(rows: Rows, batch_size: int, seed: int):
+    """Endless (x, y) batches for a training split with cached views: each epoch draws one of
+    the K + 1 views of every image, seeded by (seed, epoch), then shuffles. All views are held
+    in memory (float32)."""
+    table = rows.views
+    flat = np.unique(table)
+    x_all = rows.fs.read(flat).astype(np.float32, copy=False)
+    where = np.searchsorted(flat, table)  # (N, V) positions in x_all
+    epoch = 0
+    while True:
+        rng = np.random.default_rng([seed, epoch, 1])
+        pick = where[np.arange(len(table)), rng.integers(0, table.shape[1], len(table))]
+        order = rng.permutation(len(table))
+        pick, labels = pick[order], rows.labels[order]
+        for start in range(0, len(order), batch_size):
+            yield x_all[pick[start : start + batch_size]], labels[start : start + batch_size]
         epoch += 1
 
 

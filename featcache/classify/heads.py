@@ -198,7 +198,17 @@ class DenseHead(Head):
         has_validation = validation is not None and len(validation) > 0
         callbacks = self._callbacks(run_dir, has_validation)
         batch = c["batch_size"]
-        if plan.streaming:
+        if train.views is not None:
+            # Cached augmentation: one view per image per epoch (see extract/augment.py).
+            from .data import view_batches_forever
+
+            fit_args = dict(x=self._with_targets(view_batches_forever(train, batch, self.seed)),
+                            steps_per_epoch=-(-len(train) // batch), shuffle=False)
+            if has_validation:
+                vx, vy = validation.load()
+                fit_args.update(validation_data=(vx, self._targets(vy)), validation_batch_size=max(batch, 256))
+            self.info["views_per_image"] = int(train.views.shape[1])
+        elif plan.streaming:
             # Endless generators with explicit steps: Keras keeps one iterator across epochs,
             # and the generator itself reshuffles at each epoch boundary.
             fit_args = dict(x=self._with_targets(batches_forever(train, batch, plan.chunk_rows, self.seed, True)),

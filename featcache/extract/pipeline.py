@@ -149,6 +149,8 @@ class ExtractConfig:
     xla: bool = False  # jit_compile the model step (not in the key: float rounding only)
     decode_processes: bool = False  # decode in worker processes (no GIL: many cores feeding a GPU)
     progress: bool = True
+    augment: int = 0  # K augmented views per training image (0: none); see extract/augment.py
+    aug_seed: int = 0  # seed of the augmented views (in the key with the recipe and K)
 
 
 def key_spec(config: ExtractConfig) -> KeySpec:
@@ -171,7 +173,18 @@ def key_spec(config: ExtractConfig) -> KeySpec:
         pooling=config.pooling,
         dtype=config.dtype,
         precision=resolve_precision(config.precision, backbone),
+        augment=_augment_field(config),
     )
+
+
+def _augment_field(config: ExtractConfig) -> str:
+    if not config.augment:
+        return "none"
+    from .augment import DEFAULT_STRENGTHS, augment_key
+
+    if config.augment < 0:
+        raise FeatcacheError(f"--augment {config.augment}: must be 0 (none) or more views")
+    return augment_key(dict(DEFAULT_STRENGTHS), config.aug_seed, config.augment)
 
 
 def _digest_all(listing: Listing) -> tuple[list[tuple[ImageEntry, str]], list[tuple[str, str]]]:
@@ -185,7 +198,8 @@ def _digest_all(listing: Listing) -> tuple[list[tuple[ImageEntry, str]], list[tu
 
 
 def _decoded_batches(listing: Listing, todo, config: ExtractConfig, size: int):
-    """Yield (entries, digests, uint8 images, failures) per batch; decoding runs ahead in threads."""
+    """Yield (entries, digests, uint8 images, failures) per batch; decoding runs ahead in threads
+    (or processes: ``config.decode_processes``)."""
     workers = config.decode_workers or min(4, os.cpu_count() or 1)
     out: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop = threading.Event()
@@ -288,6 +302,12 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
     failed, seconds, images_per_second, ...).
     """
     config = config or ExtractConfig(**options)
+    if config.augment:  # cached augmentation: its own writer (views of training images)
+        if shard is not None:
+            raise FeatcacheError("--augment cannot be combined with --shard")
+        from .augment import extract_augmented
+
+        return extract_augmented(image_dir, store, config)
     started = time.perf_counter()
     spec = key_spec(config)
     backbone = get_backbone(config.base)

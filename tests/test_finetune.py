@@ -1,0 +1,145 @@
+"""Stage three: fine-tuning the top block with the stage-two head, from images or from cached
+boundary activations (mobilenet_0.25 with the bundled ImageNet weights, 64 px, few images)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_tree
+from featcache.classify.finetune import build_models, load_stage_two
+from featcache.classify.harness import train
+from featcache.classify.predict import predict
+from featcache.cli import cli
+from featcache.extract.backbones import get_backbone
+from featcache.extract.decode import decode_file
+from featcache.extract.pipeline import extract
+
+OPTS = dict(base="mobilenet_0.25", size=64, weights="bundled", precision="fp32", progress=False)
+BOUNDARY = get_backbone("mobilenet_0.25").boundary_layer  # conv_pw_12_relu
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    tree = write_tree(root / "images", splits={"train": 6, "validation": 3, "test": 3})
+    store = str(root / "s.h5")
+    plain = extract(str(tree), store, pooling="avg", **OPTS)
+    boundary = extract(str(tree), store, layer=BOUNDARY, **OPTS)
+    run = str(root / "run")
+    train(store, plain["feature_set"], head="dense", out=run, epochs=5, lr=1e-3, units=16)
+    train(store, plain["feature_set"], head="logreg", out=str(root / "logreg"))
+    paths = sorted(p for p in tree.rglob("*.jpg"))
+    images = np.stack([decode_file(str(p), 64)[0] for p in paths])
+    return {"root": root, "tree": tree, "store": store, "run": run, "paths": paths, "images": images,
+            "boundary_set": boundary["feature_set"]}
+
+
+def _bn(model):
+    import keras
+
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def test_starts_from_the_stage_two_model_and_cache_path_is_the_same_function(setup):
+    config, head, recipe = load_stage_two(setup["run"])
+    models = build_models(recipe, head)
+    full = np.asarray(models.full.predict(setup["images"], verbose=0)).reshape(-1)
+    # Stage two end to end (folded base, cached-feature head) on the same files.
+    stage_two = predict(setup["run"], [str(p) for p in setup["paths"]], top_k=2)["predictions"]
+    p_dog = np.array([next(t["probability"] for t in p["top"] if t["class"] == "dogs") for p in stage_two])
+    assert full.std() > 1e-3  # a head that says something, not a constant
+    np.testing.assert_allclose(full, p_dog, atol=1e-4)
+    # From the boundary: top block + head on the boundary activation == the full model.
+    boundary = np.asarray(models.boundary.predict(setup["images"], verbose=0))
+    assert boundary.shape[1:] == (2, 2, 256)
+    # ...and the cached boundary activations (folded base) are that activation.
+    from featcache.cache.store import open_store
+
+    with open_store(setup["store"]) as s:
+        fs = s[setup["boundary_set"]]
+        by_path = dict(zip(fs.column("paths"), fs.rows()))
+        rows = [by_path[str(p.relative_to(setup["tree"]))] for p in setup["paths"]]
+        cached = np.stack([fs.read(np.array([r]))[0] for r in rows])
+    np.testing.assert_allclose(cached, boundary, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(models.top.predict(boundary, verbose=0)).reshape(-1), full, atol=1e-5)
+
+
+def test_only_top_block_and_head_train_batchnorm_frozen(setup):
+    _, head, recipe = load_stage_two(setup["run"])
+    models = build_models(recipe, head)
+    assert models.trainable == ["conv_dw_13", "conv_pw_13"]  # registry top block, BN excluded
+    names = sorted(w.path for w in models.full.trainable_weights)
+    # depthwise kernel + pointwise kernel (no biases in MobileNet), head: 2 Dense x (kernel, bias)
+    assert len(names) == 2 + 4, names
+    assert all(not layer.trainable for layer in _bn(models.base))
+    assert len(models.top.trainable_weights) == 6
+    with pytest.raises(Exception, match="--blocks 2"):
+        build_models(recipe, head, blocks=2)
+    wider = build_models(recipe, head, unfreeze_from="conv_dw_12")
+    assert wider.trainable == ["conv_dw_12", "conv_pw_12", "conv_dw_13", "conv_pw_13"]
+    assert wider.top is None  # below the boundary: not trainable from the cache
+
+
+def test_finetune_from_images_and_from_cache(setup):
+    import keras
+
+    root = setup["root"]
+    runner = CliRunner()
+    r = runner.invoke(cli, ["finetune", str(setup["tree"]), setup["run"], "--out", str(root / "ft"), "--epochs", "2",
+                            "--lr", "1e-4", "--json"])
+    assert r.exit_code == 0, r.output
+    images_run = json.loads(r.stdout)
+    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(root / "ftc"), "--epochs", "2", "--lr", "1e-4",
+                            "--from-cache", setup["store"], "--json"])
+    assert r.exit_code == 0, r.output
+    cache_run = json.loads(r.stdout)
+    assert images_run["source"] == "images" and cache_run["source"] == "cache"
+    assert cache_run["boundary_feature_set"] == setup["boundary_set"]
+    stage_two = json.loads((setup["root"] / "run" / "metrics.json").read_text())
+    for run in (images_run, cache_run):
+        # Before any step: the stage-two model's numbers.
+        assert run["before"]["validation"]["accuracy"] == stage_two["validation"]["accuracy"]
+        assert run["before"]["validation"]["loss"] == pytest.approx(stage_two["validation"]["loss"], abs=1e-4)
+        assert run["trainable_layers"] == ["conv_dw_13", "conv_pw_13"] and len(run["epoch_seconds"]) == 2
+    fresh = load_stage_two(setup["run"])
+    reference = build_models(fresh[2], fresh[1]).base
+    for name in ("ft", "ftc"):
+        model = keras.saving.load_model(str(root / name / "model.keras"))  # safe mode
+        base = next(layer for layer in model.layers if layer.name == reference.name)
+        for bn in _bn(reference):  # moving statistics untouched
+            np.testing.assert_array_equal(base.get_layer(bn.name).moving_mean, bn.moving_mean)
+        assert not np.allclose(base.get_layer("conv_pw_13").kernel, reference.get_layer("conv_pw_13").kernel)
+        np.testing.assert_array_equal(base.get_layer("conv_pw_12").kernel, reference.get_layer("conv_pw_12").kernel)
+        p = model.predict(setup["images"][:4].astype(np.float32), verbose=0)
+        assert p.shape == (4, 2) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+        config = json.loads((root / name / "config.json").read_text())
+        assert config["head"] == "finetune" and (root / name / "history.csv").exists()
+
+
+def test_finetune_with_augmentation(setup):
+    r = CliRunner().invoke(cli, ["finetune", setup["run"], "--out", str(setup["root"] / "fta"), "--epochs", "1",
+                                 "--augment", "flip,rotation,zoom,translation,contrast", "--aug-seed", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((setup["root"] / "fta" / "config.json").read_text())
+    assert config["settings"]["augment"]["rotation"] == 0.05 and config["settings"]["aug_seed"] == 3
+
+
+def test_errors(setup, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["finetune", str(setup["root"] / "logreg"), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "a logreg run; fine-tuning needs a dense head run" in r.stderr
+    r = runner.invoke(cli, ["finetune", str(tmp_path / "nope"), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 1 and "no such run directory" in r.stderr
+    empty = str(tmp_path / "empty.h5")
+    extract(str(setup["tree"]), empty, base="pixels", size=32, weights="none", progress=False)
+    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "c"), "--from-cache", empty])
+    assert r.exit_code == 1
+    weights = json.loads((setup["root"] / "run" / "config.json").read_text())["feature_set"]["weights_arg"]
+    assert (f"create them with: featcache extract {setup['tree']} {empty} --base mobilenet_0.25 --size 64 "
+            f"--weights {weights} --layer {BOUNDARY} --precision fp32") in r.stderr
+    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "d"), "--from-cache", setup["store"],
+                            "--augment", "flip"])
+    assert r.exit_code == 1 and "cannot run from cached boundary activations" in r.stderr
