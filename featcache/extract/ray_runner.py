@@ -116,7 +116,9 @@ def run_ray(image_dir: str, out: str, config, shards: int | None = None, address
         raise FeatcacheError("--gpus-per-worker must be >= 0 and --cpus-per-worker >= 1")
     if not os.path.isdir(image_dir):
         raise FeatcacheError(f"{image_dir}: image folder does not exist")
-    key_spec(config)  # bad options fail here, before any cluster work
+    # Bad options fail here, before any cluster work; and "auto" precision is resolved once,
+    # on the driver, so workers on different devices still write shards of one key.
+    config = dataclasses.replace(config, precision=key_spec(config).precision)
     if config.weights and os.path.exists(config.weights):  # workers may run in another folder
         config = dataclasses.replace(config, weights=os.path.abspath(config.weights))
     ray = import_ray()
