@@ -18,7 +18,6 @@ import os
 import pathlib
 import shutil
 import sys
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

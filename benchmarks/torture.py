@@ -35,11 +35,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import h5py  # noqa: E402
+
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from featcache import open_store  # noqa: E402
+from featcache.cache.store import committed_rows  # noqa: E402
 from featcache.errors import FeatcacheError  # noqa: E402
 
 
@@ -56,14 +57,6 @@ def write_images(root: pathlib.Path, n: int, seed: int) -> None:
     (root / "dogs" / "empty.jpg").write_bytes(b"")
 
 
-def committed(store: pathlib.Path) -> int:
-    try:
-        with h5py.File(store, "r", libver="latest", swmr=True, locking=False) as f:
-            group = next(iter(f["feature_sets"].values()))
-            group["committed"].refresh()
-            return int(group["committed"][0])
-    except (OSError, KeyError, StopIteration):
-        return 0
 
 
 def command(tree, store, args) -> list[str]:
@@ -104,7 +97,7 @@ def main() -> int:
     landed = mid_extraction = unreadable = 0
 
     for k in range(1, args.kills + 1):
-        before = committed(store)
+        before = committed_rows(store)
         proc = subprocess.Popen(command(tree, store, args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         t0 = time.time()
         if rng.random() < args.time_kills:
@@ -113,7 +106,7 @@ def main() -> int:
             how = f"at {delay:.2f} s"
         else:
             target = before + rng.randint(1, 6 * args.batch_size)
-            while committed(store) < target and proc.poll() is None:
+            while committed_rows(store) < target and proc.poll() is None:
                 time.sleep(0.01)
             extra = rng.uniform(0.0, 0.05)
             time.sleep(extra)
@@ -125,7 +118,7 @@ def main() -> int:
         else:
             status = f"finished first (exit {proc.returncode})"
         proc.communicate()
-        after = committed(store)
+        after = committed_rows(store)
         mid_extraction += status == "killed" and before < after < args.images
         try:
             with open_store(store) as s:  # a reader must be able to open it after any kill
@@ -139,7 +132,7 @@ def main() -> int:
         if after >= args.images and before < args.images:
             print("all rows committed before the kills ran out (more --images keeps the kills mid-run)")
 
-    rows_before_final = committed(store)
+    rows_before_final = committed_rows(store)
     final = subprocess.run(command(tree, store, args), env=env, capture_output=True, text=True)
     reference = subprocess.run(command(tree, clean, args), env=env, capture_output=True, text=True)
     if final.returncode or reference.returncode:

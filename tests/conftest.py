@@ -51,6 +51,37 @@ def write_tree(root: pathlib.Path, per_class: int = 6, classes=("cats", "dogs"),
     return root
 
 
+def features_by_digest(store, name=None) -> dict:
+    """Active rows of a feature set as image digest -> features: independent of row order."""
+    from featcache import open_store
+
+    with open_store(store) as s:
+        fs = s.select(name)
+        rows = fs.rows()
+        return dict(zip(fs.column("digests")[rows], fs.read(rows)))
+
+
+def rows_by_digest(store) -> dict:
+    """Active rows as digest -> (features, label, path, split)."""
+    from featcache import open_store
+
+    with open_store(store) as s:
+        fs = s.select()
+        rows = fs.rows()
+        cols = [fs.column(c)[rows] for c in ("digests", "labels", "paths", "splits")]
+        return {d: (f, int(y), p, sp) for f, d, y, p, sp in zip(fs.read(rows), *cols)}
+
+
+def assert_same_rows(a, b, exact=True):
+    assert a.keys() == b.keys() and len(a) > 0
+    for d in a:
+        assert a[d][1:] == b[d][1:], d
+        if exact:
+            np.testing.assert_array_equal(a[d][0], b[d][0])
+        else:
+            np.testing.assert_allclose(a[d][0], b[d][0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def image_tree(tmp_path):
     return write_tree(tmp_path / "images")

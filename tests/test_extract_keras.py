@@ -6,11 +6,11 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 
-from conftest import CATS_DOGS, MOBILENET_025, REPO, shared_file, write_tree
+from conftest import CATS_DOGS, MOBILENET_025, REPO, features_by_digest, shared_file, write_tree
+from featcache.cache.store import committed_rows
 from featcache import open_store
 from featcache.errors import FeatcacheError
 from featcache.extract.pipeline import ExtractConfig, extract
@@ -18,11 +18,6 @@ from featcache.extract.pipeline import ExtractConfig, extract
 FAST = dict(base="mobilenet_0.25", weights="none", size=64, progress=False, batch_size=4)
 
 
-def by_digest(store, name):
-    with open_store(store) as s:
-        fs = s[name]
-        rows = fs.rows()
-        return dict(zip(fs.column("digests")[rows], fs.read(rows)))
 
 
 def test_vgg16_at_150_gives_4x4x512(tmp_path):
@@ -47,7 +42,7 @@ def test_random_init_is_seeded_and_reproducible(tmp_path):
     tree = write_tree(tmp_path / "i", per_class=2)
     a = extract(str(tree), str(tmp_path / "a.h5"), ExtractConfig(**FAST))
     b = extract(str(tree), str(tmp_path / "b.h5"), ExtractConfig(**FAST))
-    fa, fb = by_digest(tmp_path / "a.h5", a["feature_set"]), by_digest(tmp_path / "b.h5", b["feature_set"])
+    fa, fb = features_by_digest(tmp_path / "a.h5", a["feature_set"]), features_by_digest(tmp_path / "b.h5", b["feature_set"])
     assert a["feature_set"] == b["feature_set"]
     for d in fa:
         np.testing.assert_allclose(fa[d], fb[d], rtol=1e-5, atol=1e-6)
@@ -82,7 +77,7 @@ def test_features_equal_plain_keras_on_real_photos(tmp_path):
             shutil.copy(source / cls / name, tree / cls / name)
     store = tmp_path / "s.h5"
     result = extract(str(tree), str(store), ExtractConfig(base="mobilenet_0.25", weights=str(weights), size=160, progress=False))
-    ours = by_digest(store, result["feature_set"])
+    ours = features_by_digest(store, result["feature_set"])
 
     base = keras.applications.MobileNet(include_top=False, weights=str(weights), input_shape=(160, 160, 3), alpha=0.25)
     from featcache.extract.decode import file_digest
@@ -100,13 +95,6 @@ def test_features_equal_plain_keras_on_real_photos(tmp_path):
     assert not np.allclose(cats[0], cats[1])
 
 
-def _committed(store) -> int:
-    try:
-        with h5py.File(store, "r", libver="latest", swmr=True, locking=False) as f:
-            group = next(iter(f["feature_sets"].values()))
-            return int(group["committed"][0])
-    except (OSError, KeyError, StopIteration):
-        return 0
 
 
 def test_kill_minus_9_then_resume_equals_clean_run(tmp_path):
@@ -117,17 +105,17 @@ def test_kill_minus_9_then_resume_equals_clean_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while _committed(store) < 8 and time.time() < deadline and proc.poll() is None:
+    while committed_rows(store) < 8 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = _committed(store)
+    partial = committed_rows(store)
     assert 8 <= partial < 80, partial
 
     resumed = extract(str(tree), str(store), ExtractConfig(**FAST))
     assert resumed["reused"] == partial and resumed["extracted"] == 80 - partial
     clean = extract(str(tree), str(tmp_path / "clean.h5"), ExtractConfig(**FAST))
-    a, b = by_digest(store, resumed["feature_set"]), by_digest(tmp_path / "clean.h5", clean["feature_set"])
+    a, b = features_by_digest(store, resumed["feature_set"]), features_by_digest(tmp_path / "clean.h5", clean["feature_set"])
     assert sorted(a) == sorted(b) and len(a) == 80
     for d in a:
         np.testing.assert_allclose(a[d], b[d], rtol=1e-4, atol=1e-5)

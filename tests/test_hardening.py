@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, write_tree
+from conftest import REPO, features_by_digest, write_tree
+from featcache.cache.store import committed_rows
 from featcache import open_store
 from featcache.cli import cli
 from featcache.extract.pipeline import ExtractConfig, extract
@@ -36,20 +37,11 @@ def start(tree, store, *extra) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def committed(store) -> int:
-    """Rows committed so far, read as any SWMR reader would (0 while there is nothing to read)."""
-    try:
-        with h5py.File(store, "r", libver="latest", swmr=True, locking=False) as f:
-            group = next(iter(f["feature_sets"].values()))
-            group["committed"].refresh()
-            return int(group["committed"][0])
-    except (OSError, KeyError, StopIteration):
-        return 0
 
 
 def wait_for_rows(proc, store, rows, timeout=120.0) -> None:
     deadline = time.time() + timeout
-    while committed(store) < rows and proc.poll() is None and time.time() < deadline:
+    while committed_rows(store) < rows and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
 
 
@@ -60,11 +52,6 @@ def tree_with_bad_files(root, per_class):
     return root
 
 
-def by_digest(store, name):
-    with open_store(store) as s:
-        fs = s[name]
-        rows = fs.rows()
-        return dict(zip(fs.column("digests")[rows], fs.read(rows)))
 
 
 def check_complete(store, name, n_images):
@@ -84,7 +71,7 @@ def test_torture_sigkill_at_random_moments_then_resume_equals_clean_run(tmp_path
     kills = []  # (rows committed when the run started, rows committed when it was killed)
     for k in range(4):
         proc = start(tree, store)
-        rows_before = committed(store)
+        rows_before = committed_rows(store)
         if k == 0:  # any moment: interpreter and TF start-up, model build, store set-up
             time.sleep(rng.uniform(0.5, 6.0))
         else:  # mid-extraction: a few batches past what the last run left
@@ -92,18 +79,18 @@ def test_torture_sigkill_at_random_moments_then_resume_equals_clean_run(tmp_path
             time.sleep(rng.uniform(0.0, 0.1))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            kills.append((rows_before, committed(store)))
+            kills.append((rows_before, committed_rows(store)))
         proc.communicate()
     assert len(kills) >= 3, kills  # the kills landed in running processes
     assert sum(before < after < 160 for before, after in kills) >= 2, kills  # and in the middle of extracting
 
-    before = committed(store)
+    before = committed_rows(store)
     final = extract(str(tree), str(store), ExtractConfig(**FAST))
     assert final["reused"] == before and final["extracted"] == 160 - before and final["failed"] == 2
     check_complete(store, final["feature_set"], 160)
 
     clean = extract(str(tree), str(tmp_path / "clean.h5"), ExtractConfig(**FAST))
-    ours, reference = by_digest(store, final["feature_set"]), by_digest(tmp_path / "clean.h5", clean["feature_set"])
+    ours, reference = features_by_digest(store, final["feature_set"]), features_by_digest(tmp_path / "clean.h5", clean["feature_set"])
     assert sorted(ours) == sorted(reference)
     for digest, feature in ours.items():
         np.testing.assert_allclose(feature, reference[digest], rtol=1e-4, atol=1e-5)
@@ -149,7 +136,7 @@ def test_second_writer_is_refused_at_once_and_readers_see_consistent_snapshots(t
     try:
         second = subprocess.run([sys.executable, "-m", "featcache", "extract", str(tree), str(store), *FAST_ARGS,
                                  "--batch-size", "2"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
-        paused_at = committed(store)
+        paused_at = committed_rows(store)
     finally:
         first.send_signal(signal.SIGCONT)
     assert paused_at < 400 and second.returncode == 1

@@ -2,12 +2,10 @@
 import json
 import os
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, write_tree
-from featcache import open_store
+from conftest import REPO, assert_same_rows, rows_by_digest, write_tree
 from featcache.cli import cli
 from featcache.extract.pipeline import ExtractConfig, extract
 from featcache.extract.sharding import shard_store_name
@@ -37,22 +35,8 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def by_digest(store):
-    with open_store(store) as s:
-        fs = s.select()
-        rows = fs.rows()
-        cols = [fs.column(c)[rows] for c in ("digests", "labels", "paths", "splits")]
-        return {d: (f, int(y), p, sp) for f, d, y, p, sp in zip(fs.read(rows), *cols)}
 
 
-def assert_same_rows(a, b, exact=True):
-    assert a.keys() == b.keys() and len(a) > 0
-    for d in a:
-        assert a[d][1:] == b[d][1:], d
-        if exact:
-            np.testing.assert_array_equal(a[d][0], b[d][0])
-        else:
-            np.testing.assert_allclose(a[d][0], b[d][0], rtol=1e-5, atol=1e-5)
 
 
 def test_ray_run_equals_single_run_and_reruns_skip(ray_session, tmp_path):
@@ -70,14 +54,14 @@ def test_ray_run_equals_single_run_and_reruns_skip(ray_session, tmp_path):
         name for i in range(3) for name in (shard_store_name(i, 3), shard_store_name(i, 3) + ".lock",
                                             shard_store_name(i, 3) + ".shard.json"))
     extract(str(tree), str(tmp_path / "single.h5"), ExtractConfig(base="pixels", size=16, progress=False))
-    assert_same_rows(by_digest(tmp_path / "single.h5"), by_digest(out))
+    assert_same_rows(rows_by_digest(tmp_path / "single.h5"), rows_by_digest(out))
 
     again = invoke("extract", tree, out, *options, "--ray", "--shards", "3", "--json")
     assert again.exit_code == 0, again.output
     rerun = json.loads(again.stdout)
     assert [s["status"] for s in rerun["shards"]] == ["skipped"] * 3
     assert rerun["extracted"] == 0 and rerun["reused"] == 24
-    assert_same_rows(by_digest(tmp_path / "single.h5"), by_digest(out))
+    assert_same_rows(rows_by_digest(tmp_path / "single.h5"), rows_by_digest(out))
 
 
 def test_ray_runs_a_keras_base_per_worker(ray_session, tmp_path):
@@ -89,7 +73,7 @@ def test_ray_runs_a_keras_base_per_worker(ray_session, tmp_path):
     assert json.loads(result.stdout)["extracted"] == 8
     config = ExtractConfig(base="mobilenet_0.25", weights="none", size=32, batch_size=4, progress=False)
     extract(str(tree), str(tmp_path / "single.h5"), config)
-    assert_same_rows(by_digest(tmp_path / "single.h5"), by_digest(out), exact=False)
+    assert_same_rows(rows_by_digest(tmp_path / "single.h5"), rows_by_digest(out), exact=False)
 
 
 def test_ray_reports_failed_shards(ray_session, tmp_path):

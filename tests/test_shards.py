@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, class_image, write_tree
+from conftest import REPO, assert_same_rows, class_image, rows_by_digest, write_tree
 from featcache import open_store
 from featcache.cache.shards import marker_path, merge, read_marker
 from featcache.cli import cli
@@ -42,24 +42,8 @@ def run_shards(tree, folder, count, *options, only=None):
     return results
 
 
-def by_digest(store):
-    """Active rows as digest -> (features, label, path, split): independent of row order."""
-    with open_store(store) as s:
-        fs = s.select()
-        rows = fs.rows()
-        feats = fs.read(rows)
-        cols = [fs.column(c)[rows] for c in ("digests", "labels", "paths", "splits")]
-        return {d: (f, int(y), p, sp) for f, d, y, p, sp in zip(feats, *cols)}
 
 
-def assert_same_rows(a, b, exact=True):
-    assert a.keys() == b.keys() and len(a) > 0
-    for d in a:
-        assert a[d][1:] == b[d][1:], d
-        if exact:
-            np.testing.assert_array_equal(a[d][0], b[d][0])
-        else:
-            np.testing.assert_allclose(a[d][0], b[d][0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
@@ -100,7 +84,7 @@ def test_sharded_and_merged_equals_single_run(tree, tmp_path):
     merged = invoke("merge", *shard_files(folder / "shards", 3), out)
     assert merged.exit_code == 0, merged.output
     assert "merged shards 0, 1, 2 of 3" in merged.stdout
-    assert_same_rows(by_digest(tmp_path / "single.h5"), by_digest(out))
+    assert_same_rows(rows_by_digest(tmp_path / "single.h5"), rows_by_digest(out))
 
     with h5py.File(out, "r") as f:
         ds = f["feature_sets"][json.loads(single.stdout)["feature_set"]]["features"]
@@ -136,18 +120,18 @@ def test_mobilenet_shards_equal_single_run(tmp_path):
     assert result["feature_sets"][0]["feature_set"] == single["feature_set"]
     assert result["feature_sets"][0]["shape"] == single["shape"]
     # Batches differ between the runs, so compare with a float tolerance.
-    assert_same_rows(by_digest(tmp_path / "single.h5"), by_digest(tmp_path / "merged.h5"), exact=False)
+    assert_same_rows(rows_by_digest(tmp_path / "single.h5"), rows_by_digest(tmp_path / "merged.h5"), exact=False)
 
 
 def test_merged_folder_can_be_moved_and_missing_shard_is_an_error(tree, tmp_path, monkeypatch):
     folder = tmp_path / "run"
     run_shards(tree, folder / "shards", 2)
     assert invoke("merge", *shard_files(folder / "shards", 2), folder / "m.h5").exit_code == 0
-    before = by_digest(folder / "m.h5")
+    before = rows_by_digest(folder / "m.h5")
     moved = tmp_path / "elsewhere" / "run2"
     shutil.move(folder, moved)
     monkeypatch.chdir(tmp_path / "elsewhere")  # HDF5 resolves the sources from the merged file's folder
-    assert_same_rows(before, by_digest(moved / "m.h5"))
+    assert_same_rows(before, rows_by_digest(moved / "m.h5"))
     shard0 = moved / "shards" / shard_store_name(0, 2)
     shutil.copy(shard0, tmp_path / "keep.h5")
     h5py.File(shard0, "w").close()  # replaced by another file
@@ -212,7 +196,7 @@ def test_killed_shard_is_redone_and_committed_ones_are_skipped(tree, tmp_path):
     assert rerun[killed]["extracted"] == rerun[killed]["shard_images"] - 4  # resumed, not restarted
     assert invoke("merge", *files, tmp_path / "m.h5").exit_code == 0
     extract(str(tree), str(tmp_path / "single.h5"), ExtractConfig(base="pixels", size=16, progress=False))
-    assert_same_rows(by_digest(tmp_path / "single.h5"), by_digest(tmp_path / "m.h5"))
+    assert_same_rows(rows_by_digest(tmp_path / "single.h5"), rows_by_digest(tmp_path / "m.h5"))
 
 
 def test_changed_listing_reruns_only_its_shard(tree, tmp_path):
@@ -224,7 +208,7 @@ def test_changed_listing_reruns_only_its_shard(tree, tmp_path):
     assert [rerun[i]["status"] for i in range(3)] == ["skipped", "skipped", "extracted"]
     assert rerun[2]["extracted"] == 1
     assert invoke("merge", *shard_files(folder, 3), tmp_path / "m.h5").exit_code == 0
-    assert name in {v[2] for v in by_digest(tmp_path / "m.h5").values()}
+    assert name in {v[2] for v in rows_by_digest(tmp_path / "m.h5").values()}
 
 
 def test_merge_refuses_mismatched_keys_and_class_names(tree, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import class_image, write_tree
+from conftest import class_image
 from featcache import open_store
 from featcache.cache.key import KeySpec, feature_set_key
 from featcache.errors import FeatcacheError

@@ -225,6 +225,18 @@ class Store:
         self.close()
 
 
+def committed_rows(path: str | os.PathLike) -> int:
+    """Rows committed so far in the store's first feature set, as any SWMR reader sees them;
+    0 while there is nothing to read yet. For watching a run from another process."""
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as f:
+            group = next(iter(f[GROUP].values()))
+            group["committed"].refresh()
+            return int(group["committed"][0])
+    except (OSError, KeyError, StopIteration):
+        return 0
+
+
 def open_store(path: str | os.PathLike) -> Store:
     """Open a store for reading."""
     return Store(path)
