@@ -48,6 +48,17 @@ def subset(data: pathlib.Path, out: pathlib.Path, train_n: int, eval_n: int) -> 
     return out
 
 
+def workspace(args):
+    """(work folder, image folder (a subset if asked), store path, extract options) of both modes."""
+    work = pathlib.Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    images = pathlib.Path(args.data)
+    if args.per_class_train or args.per_class_eval:
+        images = subset(images, work / "images", args.per_class_train, args.per_class_eval)
+    common = dict(base="mobilenet_v2", size=160, weights=args.weights, precision="fp32", progress=False)
+    return work, images, str(work / "store.h5"), common
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(SHARED / "data" / "cats_vs_dogs_small_max256"))
@@ -73,13 +84,7 @@ def main():
     from featcache.extract.backbones import get_backbone
     from featcache.extract.pipeline import extract
 
-    work = pathlib.Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    images = pathlib.Path(args.data)
-    if args.per_class_train or args.per_class_eval:
-        images = subset(images, work / "images", args.per_class_train, args.per_class_eval)
-    store = str(work / "store.h5")
-    common = dict(base="mobilenet_v2", size=160, weights=args.weights, precision="fp32", progress=False)
+    work, images, store, common = workspace(args)
     head_opts = dict(head="dense", epochs=args.head_epochs, lr=1e-4, units=256)
     rows, timings = [], {}
 
@@ -121,7 +126,7 @@ def main():
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"| run | validation acc | test acc | train seconds | notes |\n|---|---|---|---|---|")
+    print("| run | validation acc | test acc | train seconds | notes |\n|---|---|---|---|---|")
     for label, va, te, sec, note in rows:
         print(f"| {label} | {va:.4f} | {te:.4f} | {sec:.1f} | {note} |")
     print(f"\nfine-tune epoch from cache is {speedup:.1f}x faster than from images; load average {load:.2f}")
@@ -220,13 +225,7 @@ def compare_augment(args):
     from featcache.classify.harness import train
     from featcache.extract.pipeline import extract
 
-    work = pathlib.Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    images = pathlib.Path(args.data)
-    if args.per_class_train or args.per_class_eval:
-        images = subset(images, work / "images", args.per_class_train, args.per_class_eval)
-    store = str(work / "store.h5")
-    common = dict(base="mobilenet_v2", size=160, weights=args.weights, precision="fp32", progress=False)
+    work, images, store, common = workspace(args)
     epochs = args.aug_epochs
     head_opts = dict(head="dense", epochs=epochs, lr=1e-4, units=256)
     rows, timings = [], {}
