@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -141,12 +140,11 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
     """Extract the plain row of every image and ``config.augment`` augmented views per training
     image into the augmented feature set (see the module doc). Resumable: rows and views
     already stored are kept; only what is missing runs through the model."""
-    from ..cache.key import feature_set_key
     from ..cache.store import StoreWriter, store_path_text
     from .backbones import get_backbone
     from .discover import discover
     from .model import FeatureModel
-    from .pipeline import _decoded_batches, _digest_all, key_spec
+    from .pipeline import _decoded_batches, _digest_all, key_spec, listing_attrs, run_summary
     from .weights import resolve_weights
 
     started = time.perf_counter()
@@ -159,6 +157,7 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
     listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks)
     with StoreWriter(store, open_file=False) as writer:
         hashed, failures = _digest_all(listing)
+        hash_seconds = time.perf_counter() - started
         writer.open()
         existing = writer.existing(spec)
         weights = resolve_weights(backbone, config.weights, config.seed, size)
@@ -170,11 +169,7 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
         group = writer.group
         n_rows = int(group["committed"][0])
         group[VIEW_COLUMN].resize(n_rows, axis=0)  # cut the in-flight tail of a killed run
-        writer.set_listing_attrs(listing.class_names, config.seed, {
-            "split_source": listing.split_source, "split_fractions": list(config.split_fractions),
-            "split_seed": config.split_seed, "image_root": os.path.abspath(image_dir),
-            "weights_arg": resolve_weights(backbone, config.weights, config.seed).keras_arg or "none",
-        })
+        writer.set_listing_attrs(listing.class_names, config.seed, listing_attrs(listing, config, image_dir))
         views = group[VIEW_COLUMN][:n_rows].astype(np.int64)
         paths = [str(p) for p in existing.paths] if existing is not None else []
         digests = [str(d) for d in existing.digests] if existing is not None else []
@@ -199,6 +194,7 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
                 seen.add(digest)
         layers = make_layers(recipe)
         extracted = views_made = 0
+        model_started = time.perf_counter()
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not config.progress,
@@ -241,15 +237,11 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
         n_active = int(group["active"][:].sum())
         feature_shape = group["features"].shape[1:]
         n_views = int(np.sum(group[VIEW_COLUMN][:] > 0))
-    return {
-        "feature_set": feature_set_key(spec), "store": os.fspath(store), "shape": [n_active, *feature_shape],
-        "extracted": extracted, "reused": n_active - extracted, "failed": len(failures),
-        "failures": [{"path": p, "reason": r} for p, r in failures],
-        "skipped": [{"path": p, "reason": r} for p, r in listing.skipped], "warnings": listing.warnings,
-        "class_names": listing.class_names, "augment": {"views": k, "seed": seed, "recipe": recipe},
-        "views_extracted": views_made, "views_stored": n_views,
-        "seconds": round(time.perf_counter() - started, 3), "hash_seconds": 0.0, "images_per_second": 0.0,
-    }
+    extract_seconds = time.perf_counter() - model_started
+    result = run_summary(spec, store, listing, failures, n_active, feature_shape, extracted,
+                         time.perf_counter() - started, hash_seconds, extract_seconds)
+    result.update(augment={"views": k, "seed": seed, "recipe": recipe}, views_extracted=views_made, views_stored=n_views)
+    return result
 
 
 def with_augment(spec, views: int, seed: int, recipe: dict | None = None):

@@ -331,14 +331,7 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
             existing = writer.existing(spec)  # the rows peeked at (the lock is held), in-flight tail cut
             if existing is None:
                 writer.create(spec, model.output_shape, config.dtype, config.batch_size)
-            writer.set_listing_attrs(listing.class_names, config.seed, {
-                "split_source": listing.split_source,
-                "split_fractions": list(config.split_fractions),
-                "split_seed": config.split_seed,
-                "image_root": os.path.abspath(image_dir),
-                # The key holds only the weights' hash; stage two needs the argument to rebuild the base.
-                "weights_arg": resolve_weights(backbone, config.weights, config.seed).keras_arg or "none",
-            })
+            writer.set_listing_attrs(listing.class_names, config.seed, listing_attrs(listing, config, image_dir))
             writer.start_appending()
 
             if existing is not None and existing.rows:
@@ -363,7 +356,26 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
         feature_shape = writer.group["features"].shape[1:]
         n_rows = int(writer.group["active"][:].sum())
 
-    seconds = time.perf_counter() - started
+    return run_summary(spec, store, listing, failures, n_rows, feature_shape, extracted,
+                       time.perf_counter() - started, hash_seconds, extract_seconds)
+
+
+def listing_attrs(listing: Listing, config: ExtractConfig, image_dir: str) -> dict:
+    """Feature-set attributes that describe the listing a run saw (not part of the key)."""
+    backbone = get_backbone(config.base)
+    return {
+        "split_source": listing.split_source,
+        "split_fractions": list(config.split_fractions),
+        "split_seed": config.split_seed,
+        "image_root": os.path.abspath(image_dir),
+        # The key holds only the weights' hash; stage two needs the argument to rebuild the base.
+        "weights_arg": resolve_weights(backbone, config.weights, config.seed).keras_arg or "none",
+    }
+
+
+def run_summary(spec: KeySpec, store: str, listing: Listing, failures, n_rows: int, feature_shape, extracted: int,
+                seconds: float, hash_seconds: float, extract_seconds: float) -> dict:
+    """The result of an extraction run (what --json prints)."""
     return {
         "feature_set": feature_set_key(spec),
         "store": os.fspath(store),
