@@ -21,6 +21,7 @@ on whatever else the machine is doing (the load average is printed).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -59,6 +60,23 @@ def workspace(args):
     return work, images, str(work / "store.h5"), common
 
 
+def fresh_dir(work: pathlib.Path, name: str) -> str:
+    """An empty run folder under ``work`` (a previous run of the same name is removed)."""
+    path = work / name
+    shutil.rmtree(path, ignore_errors=True)
+    return str(path)
+
+
+def extract_plain(images, store: str, common: dict, timings: dict) -> dict:
+    """The avg-pooled plain feature set both modes start from, timed into ``timings``."""
+    from featcache.extract.pipeline import extract
+
+    t = time.perf_counter()
+    plain = extract(str(images), store, pooling="avg", **common)
+    timings["extract_plain"] = time.perf_counter() - t
+    return plain
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(SHARED / "data" / "cats_vs_dogs_small_max256"))
@@ -88,14 +106,8 @@ def main():
     head_opts = dict(head="dense", epochs=args.head_epochs, lr=1e-4, units=256)
     rows, timings = [], {}
 
-    def fresh(name):
-        path = work / name
-        shutil.rmtree(path, ignore_errors=True)
-        return str(path)
-
-    t = time.perf_counter()
-    plain = extract(str(images), store, pooling="avg", **common)
-    timings["extract_plain"] = time.perf_counter() - t
+    fresh = functools.partial(fresh_dir, work)
+    plain = extract_plain(images, store, common, timings)
     r = train(store, plain["feature_set"], out=fresh("head"), **head_opts)
     rows.append(("head only (dense, avg pooled)", r["validation"]["accuracy"], r["test"]["accuracy"], r["seconds"],
                  f"{args.head_epochs} epochs; extraction {timings['extract_plain']:.0f} s"))
@@ -230,14 +242,8 @@ def compare_augment(args):
     head_opts = dict(head="dense", epochs=epochs, lr=1e-4, units=256)
     rows, timings = [], {}
 
-    def fresh(name):  # own names: the other mode's run directories are left alone
-        path = work / name
-        shutil.rmtree(path, ignore_errors=True)
-        return str(path)
-
-    t = time.perf_counter()
-    plain = extract(str(images), store, pooling="avg", **common)
-    timings["extract_plain"] = time.perf_counter() - t
+    fresh = functools.partial(fresh_dir, work)  # own names: the other mode's run directories are left alone
+    plain = extract_plain(images, store, common, timings)
     t = time.perf_counter()
     aug = extract(str(images), store, pooling="avg", augment=args.views, aug_seed=0, **common)
     timings["extract_aug"] = time.perf_counter() - t
