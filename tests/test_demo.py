@@ -61,7 +61,8 @@ def test_demo_reduced_json_and_rerun_reuses_cache(tmp_path):
     for path in [*out["plots"].values(), out["model"], out["store"], out["samples"]]:
         assert os.path.isfile(path) and os.path.getsize(path) > 0, path
     best = rows[out["best"]]
-    assert os.path.isfile(os.path.join(best["run_dir"], "config.json"))
+    with open(os.path.join(best["run_dir"], "config.json")) as f:  # reusable after featcache is reinstalled
+        assert json.load(f)["feature_set"]["weights_arg"] == "bundled"
 
     # The exported model works on its own: decode the test images as extraction does.
     import keras
@@ -176,6 +177,7 @@ def test_bundled_identity_is_the_file_hash_like_a_local_path():
     source = resolve_weights(backbone, "bundled")
     assert source.identity == f"sha256:{bundled.BUNDLED_SHA256}"
     assert source.keras_arg == bundled.bundled_weights_file()
+    assert source.arg == "bundled"  # recorded as weights_arg: valid wherever featcache is installed
     local = resolve_weights(backbone, bundled.bundled_weights_file())
     assert local.identity == source.identity
     # Same bytes, same cache key: features from --weights bundled and --weights PATH are shared.

@@ -369,7 +369,7 @@ def listing_attrs(listing: Listing, config: ExtractConfig, image_dir: str) -> di
         "split_seed": config.split_seed,
         "image_root": os.path.abspath(image_dir),
         # The key holds only the weights' hash; stage two needs the argument to rebuild the base.
-        "weights_arg": resolve_weights(backbone, config.weights, config.seed).keras_arg or "none",
+        "weights_arg": resolve_weights(backbone, config.weights, config.seed).arg,
     }
 
 

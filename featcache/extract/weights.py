@@ -20,6 +20,11 @@ from .backbones import Backbone, imagenet_weights_file
 class WeightsSource:
     keras_arg: str | None  # what the keras.applications constructor gets
     identity: str  # what the cache key records
+    arg: str = ""  # what a later stage passes back to resolve_weights (recorded as weights_arg)
+
+    def __post_init__(self):
+        if not self.arg:
+            object.__setattr__(self, "arg", self.keras_arg or "none")
 
 
 def sha256_file(path: str) -> str:
@@ -46,7 +51,8 @@ def resolve_weights(backbone: Backbone, weights: str | None, seed: int = 0, size
         from .bundled import bundled_weights_path
 
         path, digest = bundled_weights_path(backbone.name)
-        return WeightsSource(path, f"sha256:{digest}")
+        # "bundled", not the path: the package may be installed elsewhere when the run is reused
+        return WeightsSource(path, f"sha256:{digest}", "bundled")
     path = os.fspath(weights)
     if not os.path.isfile(path):
         raise FeatcacheError(
