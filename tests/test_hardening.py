@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, features_by_digest, write_tree
+from conftest import REPO, class_image, features_by_digest, write_tree
 from featcache.cache.store import committed_rows
 from featcache import open_store
 from featcache.cli import cli
+from featcache.errors import FeatcacheError
 from featcache.extract.pipeline import ExtractConfig, extract
 
 FAST = dict(base="mobilenet_0.25", weights="none", size=32, batch_size=4, progress=False)
@@ -196,3 +197,63 @@ def test_store_left_mid_set_up_by_a_killed_writer_is_readable_and_resumes(image_
     assert json.loads(info.stdout)["feature_sets"][0]["rows_active"] == 12
     again = extract(str(image_tree), str(store), ExtractConfig(base="pixels", size=8, progress=False))
     assert again["feature_set"] == first["feature_set"] and again["reused"] == 12 and again["extracted"] == 0
+
+
+def test_reader_opened_before_a_run_reads_the_paths_and_failures_it_appended(tmp_path):
+    """Text written after a reader opened the file (paths, failure reasons) must be readable by
+    it: HDF5 variable-length strings were not (their heap lay past the reader's end of file)."""
+    tree = write_tree(tmp_path / "i", per_class=2)
+    store = tmp_path / "s.h5"
+    args = ["--base", "pixels", "--size", "8", "--batch-size", "4", "--no-progress", "--json"]
+    name = extract(str(tree), str(store), ExtractConfig(base="pixels", size=8, progress=False))["feature_set"]
+    with open_store(store) as reader:
+        assert len(reader[name].column("paths")) == 4
+        long_name = "a-rather-long-image-name-" * 6
+        for i in range(300):  # many batches of long paths: new file space after the reader opened
+            class_image(i % 2, 1000 + i).save(tree / ("cats", "dogs")[i % 2] / f"{long_name}{i:03d}.jpg")
+        tree_with_bad_files(tree, per_class=2)
+        run = subprocess.run([sys.executable, "-m", "featcache", "extract", str(tree), str(store), *args],
+                             env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and json.loads(run.stdout)["extracted"] == 300, run.stderr
+        fs = reader[name]  # the same open file, the counter read afresh
+        paths = fs.column("paths")
+        assert fs.n_committed == len(paths) == 304 and len(set(paths)) == 304
+        assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*.jpg") if p.name not in
+                      ("broken.jpg", "empty.jpg")) == sorted(paths)
+        assert dict(fs.failures()) == BAD
+
+
+def test_reader_open_across_a_run_that_relists_is_told_to_open_again(image_tree, tmp_path):
+    """A reader keeps the attributes it first saw (HDF5 SWMR); a run that adds a class rewrites
+    class_names, so the old reader must not pair new labels with old names."""
+    store = tmp_path / "s.h5"
+    config = ExtractConfig(base="pixels", size=8, progress=False)
+    name = extract(str(image_tree), str(store), config)["feature_set"]
+    with open_store(store) as reader:
+        assert reader[name].class_names == ["cats", "dogs"]
+        write_tree(image_tree, per_class=2, classes=("birds",))
+        run = subprocess.run([sys.executable, "-m", "featcache", "extract", str(image_tree), str(store),
+                              "--base", "pixels", "--size", "8", "--no-progress"],
+                             env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        with pytest.raises(FeatcacheError, match=f"^{re.escape(str(store))}: feature set {name} was re-listed "
+                           "by a featcache run after this store was opened; open the store again"):
+            reader[name]
+    with open_store(store) as again:
+        fs = again[name]
+        assert fs.class_names == ["birds", "cats", "dogs"] and fs.n_committed == 14
+        assert fs.summary()["rows_active"] == 14
+
+
+def test_listing_left_half_written_by_a_killed_set_up_is_repaired_by_the_next_run(image_tree, tmp_path):
+    store = tmp_path / "s.h5"
+    config = ExtractConfig(base="pixels", size=8, progress=False)
+    name = extract(str(image_tree), str(store), config)["feature_set"]
+    with h5py.File(store, "r+", libver="latest") as f:  # the attribute reached disk, the counter did not
+        f["feature_sets"][name].attrs["listing_generation"] = 2
+    info = CliRunner().invoke(cli, ["info", str(store)])
+    assert info.exit_code == 1 and "if that run was killed setting up, run it again to repair" in info.stderr
+    again = extract(str(image_tree), str(store), config)
+    assert again["reused"] == 12 and again["extracted"] == 0
+    info = CliRunner().invoke(cli, ["info", str(store), "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["feature_sets"][0]["rows_active"] == 12

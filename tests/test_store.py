@@ -27,11 +27,12 @@ def test_layout_is_plain_hdf5_with_self_describing_attributes(image_tree, tmp_pa
     with h5py.File(store, "r") as f:
         group = f["feature_sets"][result["feature_set"]]
         assert group["features"].shape == (12, 16, 16, 3) and group["features"].dtype == np.float32
-        assert list(group["committed"][:]) == [12, 0]
+        assert list(group["committed"][:]) == [12, 0, 1]  # rows, failures, listing
         key = json.loads(group.attrs["key"])
         assert key["backbone"] == "pixels" and key["input_size"] == 16 and key["dtype"] == "float32"
         assert json.loads(group.attrs["class_names"]) == ["cats", "dogs"]
-        paths = [p.decode() for p in group["paths"][:]]
+        blob, ends = group["paths_utf8"][:].tobytes(), group["paths_end"][:]  # as the README says
+        paths = [blob[s:e].decode() for s, e in zip([0, *ends[:-1]], ends)]
         assert paths == sorted(paths) and paths[0] == "cats/cats.000.jpg"
         # the features are the resized image scaled to [0, 1]
         img = Image.open(image_tree / "cats" / "cats.000.jpg").convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)

@@ -31,13 +31,13 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatcacheError
+from . import text
 from .hdf5 import check_is_hdf5, open_for_read
 from .key import FORMAT_VERSION
-from .store import FAILURE_DTYPE, GROUP, SPLITS, Store, writer_lock
+from .store import GROUP, PATHS, ROW_COLUMNS, SPLITS, Store, append_failures, append_rows, create_row_columns, writer_lock
 
 MARKER_SUFFIX = ".shard.json"
 MARKER_FORMAT = 1
-_COLUMNS = ("labels", "paths", "digests", "splits", "active")
 # Attributes that must agree between shards: they decide labels and splits.
 _LISTING_ATTRS = ("class_names", "split_source", "split_fractions", "split_seed")
 
@@ -305,8 +305,9 @@ def _read_shard_set(path: str, store: Store, name: str, record: dict):
     rows = fs.n_committed
     return {
         "rows": rows,
-        "columns": {c: g[c][:rows] for c in _COLUMNS},
-        "failures": g["failures"][: fs.n_failures],
+        "columns": {c: g[c][:rows] for c in ROW_COLUMNS},
+        "paths": fs.column(PATHS),
+        "failures": fs.failures(),
         "attrs": {k: _attr_value(v) for k, v in g.attrs.items()},  # for comparing
         "raw_attrs": dict(g.attrs.items()),  # for copying, dtypes as stored
         "shape": g["features"].shape[1:],
@@ -328,10 +329,9 @@ def _check_consistent(name: str, parts: list[tuple[str, dict]]) -> None:
     owner: dict[str, str] = {}
     for path, part in parts:
         cols = part["columns"]
-        for p, active in zip(cols["paths"], cols["active"]):
+        for p, active in zip(part["paths"], cols["active"]):
             if not active:
                 continue
-            p = p.decode() if isinstance(p, bytes) else p
             if p in owner:
                 raise FeatcacheError(f"merge: image {p} is in two shards ({owner[p]} and {path}) of {name}")
             owner[p] = path
@@ -411,13 +411,14 @@ def _write_merged_set(root: h5py.Group, name: str, parts: list[tuple[str, dict]]
         offset += rows
     g = root.create_group(name)
     g.create_virtual_dataset("features", layout)
-    for column in _COLUMNS:
-        values = np.concatenate([p["columns"][column] for _, p in parts])
-        g.create_dataset(column, data=values, dtype=parts[0][1]["columns"][column].dtype
-                         if column != "paths" else h5py.string_dtype("utf-8"))
-    failures = np.concatenate([np.asarray(p["failures"], dtype=FAILURE_DTYPE) for _, p in parts])
-    g.create_dataset("failures", data=failures, dtype=FAILURE_DTYPE)
-    g.create_dataset("committed", data=np.array([total, len(failures)], dtype="int64"))
+    paths = np.concatenate([p["paths"] for _, p in parts]).tolist()
+    failures = [f for _, p in parts for f in p["failures"]]
+    # one chunk per column: nothing is appended to a merged store
+    create_row_columns(g, rows=max(total, 1), text_bytes=max(len("".join(paths).encode()), 1),
+                       failures=max(len(failures), 1))
+    append_rows(g, {c: np.concatenate([p["columns"][c] for _, p in parts]) for c in ROW_COLUMNS}, paths)
+    append_failures(g, failures)
+    g["committed"][:] = [total, len(failures), int(first["raw_attrs"].get("listing_generation", 0))]
     for key, value in first["raw_attrs"].items():
         g.attrs[key] = value
     g.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

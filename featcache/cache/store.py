@@ -29,14 +29,18 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatcacheError
+from . import text
 from .hdf5 import RESERVE_MARGIN, StoreWriteError, open_for_read, open_for_write, os_reason, reserve_space, trim_reserved
 from .key import FORMAT_VERSION, KeySpec, feature_set_key
 
 GROUP = "feature_sets"
 SPLITS = ("train", "validation", "test")
-_ROW_FIELDS = ("labels", "paths", "digests", "splits", "active")
-_STR = h5py.string_dtype("utf-8")
-FAILURE_DTYPE = np.dtype([("path", _STR), ("reason", _STR)])
+# Per-row columns of fixed type; ``paths`` is a text column (see text.py), as are the failures.
+ROW_COLUMNS = {"labels": "int32", "digests": "S64", "splits": "S10", "active": "uint8"}
+PATHS = "paths"
+FAILURE_COLUMNS = ("failure_paths", "failure_reasons")
+# the datasets that hold one entry per row
+_ROW_DATASETS = ("features", *ROW_COLUMNS, text.names(PATHS)[1])
 
 
 def store_path_text(relpath: str) -> str:
@@ -67,9 +71,11 @@ def _check_format(f: h5py.File, path: str) -> None:
 
 
 class FeatureSet:
-    """Read access to one feature set. Only committed, active rows count as the dataset."""
+    """Read access to one feature set. Only committed, active rows count as the dataset.
 
-    def __init__(self, group: h5py.Group):
+    ``by_writer``: read by the store's writer, whose view of the attributes is current."""
+
+    def __init__(self, group: h5py.Group, by_writer: bool = False):
         self.group = group
         self.name = group.name.rsplit("/", 1)[-1]
         path = group.file.filename
@@ -82,12 +88,18 @@ class FeatureSet:
         # SWMR: the counter first, then the columns. The writer flushes rows before it advances
         # the counter, so every column refreshed after reading it holds at least that many rows.
         group["committed"].refresh()
-        self.n_committed, self.n_failures = (int(v) for v in group["committed"][:])  # one read: one commit
-        for name in ("features", *_ROW_FIELDS, "failures"):
-            if name in group:
-                group[name].refresh()
-        if any(group[name].shape[0] < self.n_committed for name in ("features", *_ROW_FIELDS)) or (
-            "failures" in group and group["failures"].shape[0] < self.n_failures
+        self.n_committed, self.n_failures, listing = (int(v) for v in group["committed"][:])  # one read: one commit
+        if listing != int(group.attrs.get("listing_generation", 0)) and not by_writer:
+            # A reader keeps the attributes it first saw; a run since then rewrote them.
+            raise FeatcacheError(
+                f"{path}: feature set {self.name} was re-listed by a featcache run after this store was "
+                "opened; open the store again (if that run was killed setting up, run it again to repair)"
+            )
+        for ds in group.values():
+            ds.refresh()
+        failure_ends = text.names(FAILURE_COLUMNS[0])[1]
+        if any(group[name].shape[0] < self.n_committed for name in _ROW_DATASETS) or (
+            group[failure_ends].shape[0] < self.n_failures
         ):
             raise FeatcacheError(
                 f"{path}: feature set {self.name} is being set up by a featcache run; try again in a moment"
@@ -111,9 +123,9 @@ class FeatureSet:
 
     def column(self, name: str) -> np.ndarray:
         """A whole row column (labels, paths, digests, splits, active) up to the committed rows."""
+        if name == PATHS:
+            return text.read(self.group, PATHS, self.n_committed)
         values = self.group[name][: self.n_committed]
-        if name == "paths":
-            return np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
         if name in ("digests", "splits"):
             return values.astype(str)
         return values
@@ -146,8 +158,8 @@ class FeatureSet:
         return self.read(rows), self.column("labels")[rows]
 
     def failures(self) -> list[tuple[str, str]]:
-        data = self.group["failures"][: self.n_failures]
-        return [(_text(p), _text(r)) for p, r in data]
+        paths, reasons = (text.read(self.group, c, self.n_failures) for c in FAILURE_COLUMNS)
+        return list(zip(paths.tolist(), reasons.tolist()))
 
     def summary(self) -> dict:
         """Counts per class and split, the key fields and failures: what `featcache info` shows."""
@@ -173,15 +185,12 @@ class FeatureSet:
         }
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class Store:
     """A store opened for reading (safe beside a running writer)."""
 
     def __init__(self, path: str | os.PathLike, lock_held: bool = False):
         self.path = os.fspath(path)
+        self.lock_held = lock_held
         self.file = open_for_read(self.path, lock_held)
         try:
             _check_format(self.file, self.path)
@@ -196,7 +205,7 @@ class Store:
         if name not in self.feature_set_names():
             known = ", ".join(self.feature_set_names()) or "none"
             raise FeatcacheError(f"{self.path}: no feature set {name!r} (feature sets: {known})")
-        return FeatureSet(self.file[GROUP][name])
+        return FeatureSet(self.file[GROUP][name], by_writer=self.lock_held)
 
     def find(self, spec: KeySpec) -> FeatureSet | None:
         name = feature_set_key(spec)
@@ -235,6 +244,37 @@ def committed_rows(path: str | os.PathLike) -> int:
             return int(group["committed"][0])
     except (OSError, KeyError, StopIteration):
         return 0
+
+
+def create_row_columns(group: h5py.Group, rows: int = 4096, text_bytes: int = text.BYTES_CHUNK,
+                       failures: int = 256) -> None:
+    """The empty per-row columns, failure columns and committed counter of a new feature set,
+    chunked for ``rows`` rows, ``text_bytes`` of paths and ``failures`` failures at a time."""
+    for name, dtype in ROW_COLUMNS.items():
+        group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(rows,), dtype=dtype)
+    text.create(group, PATHS, rows, text_bytes)
+    for column in FAILURE_COLUMNS:
+        text.create(group, column, failures, text_bytes)
+    # rows, failures, and which listing (set_listing_attrs) they belong to
+    group.create_dataset("committed", data=np.zeros(3, dtype="int64"))
+
+
+def append_rows(group: h5py.Group, columns: dict, paths) -> None:
+    """Append rows: ``columns`` by dataset name (features and/or ROW_COLUMNS), and their paths."""
+    n = group[text.names(PATHS)[1]].shape[0]
+    for name, values in columns.items():
+        ds = group[name]
+        ds.resize(n + len(values), axis=0)
+        ds[n:] = np.asarray(values, dtype=ROW_COLUMNS[name]) if name in ROW_COLUMNS else values
+    text.append(group, PATHS, [store_path_text(p) for p in paths])
+
+
+def append_failures(group: h5py.Group, failures) -> None:
+    """Append (path, reason) pairs."""
+    if failures:
+        paths, reasons = zip(*failures)
+        text.append(group, FAILURE_COLUMNS[0], [store_path_text(p) for p in paths])
+        text.append(group, FAILURE_COLUMNS[1], list(reasons))
 
 
 def open_store(path: str | os.PathLike) -> Store:
@@ -328,13 +368,13 @@ class StoreWriter:
             raise
 
     def _reserve(self, rows: int, fields, text_bytes: int = 0) -> None:
-        """Reserve disk space for appending ``rows`` rows to ``fields`` (whole chunks, generously)."""
-        need = RESERVE_MARGIN + 4 * text_bytes
+        """Reserve disk space for appending ``rows`` rows to ``fields`` and ``text_bytes`` to
+        text columns (whole chunks, generously)."""
+        need = RESERVE_MARGIN + text_bytes + 4 * text.BYTES_CHUNK  # up to 2 text columns, 2 chunks each
         for field in fields:
             ds = self.group[field]
             if ds.chunks:
-                itemsize = 16 if ds.dtype.kind == "O" else ds.dtype.itemsize  # variable-length: a heap ID per row
-                need += (rows // ds.chunks[0] + 2) * int(np.prod(ds.chunks)) * itemsize
+                need += (rows // ds.chunks[0] + 2) * int(np.prod(ds.chunks)) * ds.dtype.itemsize
         reserve_space(self.file, self._fd, need)
 
     # -- set-up phase (not SWMR: creates objects and attributes) --------------------------
@@ -355,11 +395,14 @@ class StoreWriter:
         if stored != spec:
             raise FeatcacheError(f"{self.path}: feature set {name} holds key {stored}, not the requested {spec}")
         rows = int(group["committed"][0])
-        for field in ("features", *_ROW_FIELDS):
+        for field in ("features", *ROW_COLUMNS):
             if group[field].shape[0] != rows:
                 group[field].resize(rows, axis=0)
+        text.truncate(group, PATHS, rows)
+        # a run killed in set_listing_attrs may have left the attribute and the counter apart
+        group["committed"][2] = int(group.attrs.get("listing_generation", 0))
         self.group = group
-        fs = FeatureSet(group)
+        fs = FeatureSet(group, by_writer=True)
         return PreparedSet(name, rows, fs.column("paths"), fs.column("digests"))
 
     @_writes
@@ -373,11 +416,7 @@ class StoreWriter:
             "features", shape=(0, *feature_shape), maxshape=(None, *feature_shape),
             chunks=(rows_per_chunk, *feature_shape), dtype=dtype,
         )
-        column_types = {"labels": "int32", "paths": _STR, "digests": "S64", "splits": "S10", "active": "uint8"}
-        for field, column_type in column_types.items():
-            group.create_dataset(field, shape=(0,), maxshape=(None,), chunks=(4096,), dtype=column_type)
-        group.create_dataset("committed", data=np.zeros(2, dtype="int64"))
-        group.create_dataset("failures", shape=(0,), maxshape=(None,), chunks=(256,), dtype=FAILURE_DTYPE)
+        create_row_columns(group)
         group.attrs["key"] = json.dumps(spec.to_dict(), sort_keys=True)
         for field, value in spec.to_dict().items():
             group.attrs[field] = value
@@ -387,12 +426,18 @@ class StoreWriter:
 
     @_writes
     def set_listing_attrs(self, class_names: list[str], seed: int, extra: dict | None = None) -> None:
-        self.group.attrs["class_names"] = json.dumps(class_names)
-        self.group.attrs["seed"] = seed
-        for name, value in (extra or {}).items():
-            self.group.attrs[name] = value
+        attrs = {"class_names": json.dumps(class_names), "seed": seed, **(extra or {})}
+        changed = {name: value for name, value in attrs.items()
+                   if name not in self.group.attrs or not np.array_equal(self.group.attrs[name], value)}
+        if changed:  # readers still holding the old attributes will be told to open again
+            listing = int(self.group.attrs.get("listing_generation", 0)) + 1
+            for name, value in changed.items():
+                self.group.attrs[name] = value
+            self.group.attrs["listing_generation"] = listing
+            self.group["committed"][2] = listing
         # A run's failures are the current state: previous failures are retried.
-        self.group["failures"].resize(0, axis=0)
+        for column in FAILURE_COLUMNS:
+            text.truncate(self.group, column, 0)
         self.group["committed"][1] = 0
 
     @_writes
@@ -419,32 +464,20 @@ class StoreWriter:
     def append(self, features, labels, paths, digests, splits) -> None:
         """Append rows; they count only after :meth:`commit`."""
         g = self.group
-        n = g["features"].shape[0]
         k = len(labels)
         if k == 0:
             return
-        self._reserve(k, ("features", *_ROW_FIELDS), sum(len(p) for p in paths))
-        columns = {
-            "features": features,
-            "labels": np.asarray(labels, dtype="int32"),
-            "paths": np.asarray([store_path_text(p) for p in paths], dtype=object),
-            "splits": np.asarray(splits, dtype="S10"),
-            "active": np.ones(k, dtype="uint8"),
-            "digests": np.asarray(digests, dtype="S64"),
-        }
-        for field, values in columns.items():
-            g[field].resize(n + k, axis=0)
-            g[field][n:] = values
+        self._reserve(k, _ROW_DATASETS, text.max_nbytes(paths))
+        append_rows(g, {"features": features, "labels": labels, "splits": splits,
+                        "active": np.ones(k, dtype="uint8"), "digests": digests}, paths)
 
     @_writes
     def add_failures(self, failures: list[tuple[str, str]]) -> None:
         if not failures:
             return
-        self._reserve(len(failures), ("failures",), sum(len(p) + len(r) for p, r in failures))
-        ds = self.group["failures"]
-        n = ds.shape[0]
-        ds.resize(n + len(failures), axis=0)
-        ds[n:] = np.array([(store_path_text(p), r) for p, r in failures], dtype=FAILURE_DTYPE)
+        ends = [text.names(c)[1] for c in FAILURE_COLUMNS]
+        self._reserve(len(failures), ends, sum(text.max_nbytes(f) for f in failures))
+        append_failures(self.group, failures)
 
     @_writes
     def commit(self) -> None:
@@ -452,7 +485,8 @@ class StoreWriter:
 
         Two flushes so the counter can never reach disk before the rows it counts."""
         self.file.flush()
-        self.group["committed"][:] = [self.group["features"].shape[0], self.group["failures"].shape[0]]
+        failures = self.group[text.names(FAILURE_COLUMNS[0])[1]].shape[0]
+        self.group["committed"][:2] = [self.group["features"].shape[0], failures]
         self.file.flush()
 
     def close(self, quiet: bool = False) -> None:

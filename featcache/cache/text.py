@@ -1,0 +1,73 @@
+"""Appendable text columns that SWMR readers can follow.
+
+A text column ``NAME`` is two fixed-type datasets: ``NAME_utf8`` (uint8, the entries' UTF-8
+bytes back to back) and ``NAME_end`` (int64, where each entry ends in ``NAME_utf8``). HDF5's
+variable-length strings cannot be used: their bytes live in a global heap that a writer in
+SWMR mode allocates after a reader opened the file, and the reader then fails with "address of
+object past end of allocation" (HDF5 supports only fixed-size types under SWMR).
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from ..errors import FeatcacheError
+
+BYTES_CHUNK = 1 << 16
+
+
+def names(column: str) -> tuple[str, str]:
+    """The two datasets of a text column: (bytes, end offsets)."""
+    return f"{column}_utf8", f"{column}_end"
+
+
+def create(group: h5py.Group, column: str, chunk_rows: int, chunk_bytes: int = BYTES_CHUNK) -> None:
+    data, ends = names(column)
+    group.create_dataset(data, shape=(0,), maxshape=(None,), chunks=(chunk_bytes,), dtype="uint8")
+    group.create_dataset(ends, shape=(0,), maxshape=(None,), chunks=(chunk_rows,), dtype="int64")
+
+
+def _end_at(group: h5py.Group, column: str, n: int) -> int:
+    """Bytes used by the first ``n`` entries."""
+    return int(group[names(column)[1]][n - 1]) if n else 0
+
+
+def append(group: h5py.Group, column: str, texts) -> None:
+    data, ends = (group[name] for name in names(column))
+    encoded = [t.encode("utf-8") for t in texts]
+    n, start = ends.shape[0], _end_at(group, column, ends.shape[0])
+    offsets = start + np.cumsum([len(b) for b in encoded], dtype=np.int64)
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    # bytes first: an entry's end offset never points past bytes already written
+    data.resize(start + len(blob), axis=0)
+    data[start:] = blob
+    ends.resize(n + len(encoded), axis=0)
+    ends[n:] = offsets
+
+
+def truncate(group: h5py.Group, column: str, n: int) -> None:
+    """Keep the first ``n`` entries (cut the in-flight tail of a killed run)."""
+    data, ends = (group[name] for name in names(column))
+    ends.resize(n, axis=0)
+    data.resize(_end_at(group, column, n), axis=0)
+
+
+def read(group: h5py.Group, column: str, n: int) -> np.ndarray:
+    """The first ``n`` entries as an object array of str."""
+    data, ends = (group[name] for name in names(column))
+    offsets = ends[:n]
+    used = int(offsets[-1]) if n else 0
+    blob = data[:used].tobytes()
+    if len(blob) < used:
+        raise FeatcacheError(
+            f"{group.file.filename}: text column {column} of {group.name} is shorter than its offsets say; "
+            "being written by a featcache run? try again in a moment"
+        )
+    starts = np.concatenate([[0], offsets[:-1]]) if n else offsets
+    return np.array([blob[s:e].decode("utf-8") for s, e in zip(starts.tolist(), offsets.tolist())], dtype=object)
+
+
+def max_nbytes(texts) -> int:
+    """At most this many bytes once encoded (for reserving space before writing)."""
+    return 4 * sum(len(t) for t in texts)
