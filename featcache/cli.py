@@ -27,8 +27,11 @@ class _Group(click.Group):
             sys.exit(1)
         except KeyboardInterrupt as exc:  # extract's clean stop on SIGINT/SIGTERM: 130/143
             status = getattr(exc, "exit_status", None)
-            if status is None:
-                raise
+            if status is None:  # Ctrl-C outside extraction's handlers (start-up, training)
+                if ctx.obj and ctx.obj.get("debug"):
+                    raise
+                click.echo("interrupted", err=True)
+                sys.exit(130)  # the shell's convention, not click's "Aborted!" and 1
             click.echo(_safe(str(exc)), err=True)
             sys.exit(status)
 

@@ -85,3 +85,15 @@ def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "featcache", "--version"], cwd=REPO, capture_output=True, text=True,
                          env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_ctrl_c_before_extraction_starts_exits_130_in_one_line(image_tree, tmp_path, monkeypatch):
+    """Ctrl-C while TensorFlow loads or the model builds (before extraction's own handlers)."""
+    from featcache.extract import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "extract", interrupted)
+    result = invoke("extract", image_tree, tmp_path / "s.h5", "--base", "pixels", "--no-progress")
+    assert result.exit_code == 130 and result.stderr == "interrupted\n"
