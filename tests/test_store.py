@@ -146,3 +146,35 @@ def test_second_writer_is_refused(image_tree, tmp_path):
     with StoreWriter(str(store)):
         with pytest.raises(FeatcacheError, match="another featcache process is writing"):
             run(image_tree, store)
+
+
+def test_text_columns_round_trip_multibyte_empty_and_truncated(tmp_path):
+    from featcache.cache import text
+
+    entries = ["chats/é.jpg", "", "猫/一.jpg", "dogs/\\xff.jpg", "a" * 5000]
+    with h5py.File(tmp_path / "t.h5", "w", libver="latest") as f:
+        g = f.create_group("g")
+        text.create(g, "paths", chunk_rows=2, chunk_bytes=8)  # entries span chunks
+        assert list(text.read(g, "paths", 0)) == []
+        text.append(g, "paths", entries[:2])
+        text.append(g, "paths", entries[2:])
+        assert list(text.read(g, "paths", 5)) == entries and list(text.read(g, "paths", 3)) == entries[:3]
+        assert g["paths_end"][-1] == g["paths_utf8"].shape[0] == sum(len(e.encode()) for e in entries)
+        text.truncate(g, "paths", 2)  # as a resumed run cuts a killed run's tail
+        text.append(g, "paths", ["x/ü.png"])
+        assert list(text.read(g, "paths", 3)) == [*entries[:2], "x/ü.png"]
+        assert g["paths_utf8"].shape[0] == len("chats/é.jpg".encode()) + len("x/ü.png".encode())
+
+
+def test_unicode_file_names_are_stored_and_reused(tmp_path):
+    tree = tmp_path / "i"
+    for i, name in enumerate(("chats/été.jpg", "chats/猫.jpg", "chiens/ñandú.jpg", "chiens/plain.jpg")):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        class_image(i % 2, i).save(tree / name)
+    store = tmp_path / "s.h5"
+    first = run(tree, store)
+    with open_store(store) as s:
+        fs = s[first["feature_set"]]
+        assert sorted(fs.column("paths")) == ["chats/été.jpg", "chats/猫.jpg", "chiens/plain.jpg", "chiens/ñandú.jpg"]
+    again = run(tree, store)
+    assert again["reused"] == 4 and again["extracted"] == 0
