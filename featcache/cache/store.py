@@ -2,18 +2,19 @@
 
 Layout of one feature set (``/feature_sets/<key>``)::
 
-    features   (N, ...)  float32|float16   the cached activations, chunked by batch
-    labels     (N,)      int32             index into the class_names attribute
-    paths      (N,)      utf-8 string      image path relative to the image root
-    digests    (N,)      S64               sha256 (hex) of the image file's bytes
-    splits     (N,)      S10               "train", "validation" or "test"
-    active     (N,)      uint8             1 if the row belongs to the latest listing
-    committed  (2,)      int64             [rows, failures] written completely
-    failures   (F,)      compound          (path, reason) of images that could not be used
+    features         (N, ...)  float32|float16   the cached activations, chunked by batch
+    labels           (N,)      int32             index into the class_names attribute
+    paths_utf8/_end  text column (see text.py)   image path relative to the image root
+    digests          (N,)      S64               sha256 (hex) of the image file's bytes
+    splits           (N,)      S10               "train", "validation" or "test"
+    active           (N,)      uint8             1 if the row belongs to the latest listing
+    committed        (3,)      int64             [rows, failures] written completely, listing_generation
+    failure_paths_*, failure_reasons_*           text columns: images that could not be used, and why
 
 Rows past ``committed[0]`` are a batch that was in flight when a run died; the next writer
 cuts them off. Attributes: ``key`` (canonical JSON of every key field), each key field on
-its own, ``class_names``, ``feature_shape``, ``seed``.
+its own, ``feature_shape``, and the listing: ``class_names``, ``seed``, ``split_*``,
+``image_root``, ``weights_arg``, ``listing_generation`` (runs that changed the listing).
 """
 from __future__ import annotations
 
