@@ -98,9 +98,8 @@ class FeatureSet:
             )
         for ds in group.values():
             ds.refresh()
-        failure_ends = text.names(FAILURE_COLUMNS[0])[1]
         if any(group[name].shape[0] < self.n_committed for name in _ROW_DATASETS) or (
-            group[failure_ends].shape[0] < self.n_failures
+            text.count(group, FAILURE_COLUMNS[0]) < self.n_failures
         ):
             raise FeatcacheError(
                 f"{path}: feature set {self.name} is being set up by a featcache run; try again in a moment"
@@ -262,7 +261,7 @@ def create_row_columns(group: h5py.Group, rows: int = 4096, text_bytes: int = te
 
 def append_rows(group: h5py.Group, columns: dict, paths) -> None:
     """Append rows: ``columns`` by dataset name (features and/or ROW_COLUMNS), and their paths."""
-    n = group[text.names(PATHS)[1]].shape[0]
+    n = text.count(group, PATHS)
     for name, values in columns.items():
         ds = group[name]
         ds.resize(n + len(values), axis=0)
@@ -486,8 +485,7 @@ class StoreWriter:
 
         Two flushes so the counter can never reach disk before the rows it counts."""
         self.file.flush()
-        failures = self.group[text.names(FAILURE_COLUMNS[0])[1]].shape[0]
-        self.group["committed"][:2] = [self.group["features"].shape[0], failures]
+        self.group["committed"][:2] = [self.group["features"].shape[0], text.count(self.group, FAILURE_COLUMNS[0])]
         self.file.flush()
 
     def close(self, quiet: bool = False) -> None:

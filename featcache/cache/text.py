@@ -28,6 +28,11 @@ def create(group: h5py.Group, column: str, chunk_rows: int, chunk_bytes: int = B
     group.create_dataset(ends, shape=(0,), maxshape=(None,), chunks=(chunk_rows,), dtype="int64")
 
 
+def count(group: h5py.Group, column: str) -> int:
+    """Entries written (committed or not)."""
+    return group[names(column)[1]].shape[0]
+
+
 def _end_at(group: h5py.Group, column: str, n: int) -> int:
     """Bytes used by the first ``n`` entries."""
     return int(group[names(column)[1]][n - 1]) if n else 0
@@ -36,7 +41,8 @@ def _end_at(group: h5py.Group, column: str, n: int) -> int:
 def append(group: h5py.Group, column: str, texts) -> None:
     data, ends = (group[name] for name in names(column))
     encoded = [t.encode("utf-8") for t in texts]
-    n, start = ends.shape[0], _end_at(group, column, ends.shape[0])
+    n = ends.shape[0]
+    start = _end_at(group, column, n)
     offsets = start + np.cumsum([len(b) for b in encoded], dtype=np.int64)
     blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     # bytes first: an entry's end offset never points past bytes already written

@@ -20,11 +20,13 @@ from .backbones import Backbone, imagenet_weights_file
 class WeightsSource:
     keras_arg: str | None  # what the keras.applications constructor gets
     identity: str  # what the cache key records
-    arg: str = ""  # what a later stage passes back to resolve_weights (recorded as weights_arg)
+    bundled: bool = False  # the file shipped in the package
 
-    def __post_init__(self):
-        if not self.arg:
-            object.__setattr__(self, "arg", self.keras_arg or "none")
+    @property
+    def arg(self) -> str:
+        """What a later stage passes back to resolve_weights (recorded as weights_arg): "bundled",
+        not the path, since the package may be installed elsewhere when the run is reused."""
+        return "bundled" if self.bundled else (self.keras_arg or "none")
 
 
 def sha256_file(path: str) -> str:
@@ -51,8 +53,7 @@ def resolve_weights(backbone: Backbone, weights: str | None, seed: int = 0, size
         from .bundled import bundled_weights_path
 
         path, digest = bundled_weights_path(backbone.name)
-        # "bundled", not the path: the package may be installed elsewhere when the run is reused
-        return WeightsSource(path, f"sha256:{digest}", "bundled")
+        return WeightsSource(path, f"sha256:{digest}", bundled=True)
     path = os.fspath(weights)
     if not os.path.isfile(path):
         raise FeatcacheError(
