@@ -73,8 +73,11 @@ def test_torture_sigkill_at_random_moments_then_resume_equals_clean_run(tmp_path
     for k in range(4):
         proc = start(tree, store)
         rows_before = committed_rows(store)
-        if k == 0:  # any moment: interpreter and TF start-up, model build, store set-up
-            time.sleep(rng.uniform(0.5, 6.0))
+        if k == 0:  # any moment up to the first commit: interpreter and TF start-up, model build, store set-up
+            # (not later: on a fast machine a late kill leaves too few rows for the mid-extraction kills)
+            deadline = time.time() + rng.uniform(0.5, 6.0)
+            while time.time() < deadline and committed_rows(store) == 0 and proc.poll() is None:
+                time.sleep(0.01)
         else:  # mid-extraction: a few batches past what the last run left
             wait_for_rows(proc, store, rows_before + rng.randint(4, 20))
             time.sleep(rng.uniform(0.0, 0.1))
