@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from . import __version__
+from . import __version__, api
 from .errors import FeatcacheError
 
 
@@ -72,7 +72,7 @@ def cli(ctx, debug):
 @click.option("--xla", is_flag=True, help="Compile the model step with XLA (TensorFlow; measured slower on CPUs, try it on GPUs).")
 @click.option("--decode-processes", is_flag=True, help="Decode in worker processes instead of threads (many cores feeding a GPU).")
 @click.option("--resize", default="bilinear", show_default=True, help="Resize method (nearest, bilinear, bicubic, lanczos, box; +jpeg-draft for DCT downscale).")
-@click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True, help="train,validation,test fractions when the folder has no split folders.")
+@click.option("--split", default=api.DEFAULT_SPLIT, show_default=True, help="train,validation,test fractions when the folder has no split folders.")
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random init (--weights none).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=100_000_000, show_default=True, help="Refuse images with more pixels than this, before decoding.")
@@ -89,30 +89,10 @@ def cli(ctx, debug):
 @click.option("--shards", type=click.IntRange(min=1), help="With --ray: number of shards [default: one per worker slot of the cluster].")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="With --ray: GPUs per shard task [default: 0].")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), help="With --ray: CPUs (and TF threads) per shard task [default: 1].")
-def extract(image_dir, store, split_fractions, strict, no_progress, as_json, shard, ray_address, shards,
-            gpus_per_worker, cpus_per_worker, **options):
+def extract(image_dir, store, strict, no_progress, as_json, ray_address, **options):
     """Extract features of IMAGE_DIR (one subfolder per class) into STORE (HDF5)."""
-    from .extract.pipeline import ExtractConfig, extract as run_extract
-    from .extract.sharding import check_scale_options
-
-    try:
-        fractions = tuple(float(x) for x in split_fractions.split(","))
-        assert len(fractions) == 3
-    except (ValueError, AssertionError):
-        raise FeatcacheError(f"--split {split_fractions!r}: expected three fractions like 0.8,0.1,0.1") from None
-    check_scale_options(shard, ray_address, shards, gpus_per_worker, cpus_per_worker)
-    config = ExtractConfig(split_fractions=fractions, progress=not no_progress, **options)
-    if ray_address is not None:
-        from .extract.ray_runner import run_ray
-
-        result = run_ray(image_dir, store, config, shards, ray_address or None, gpus_per_worker or 0,
-                         cpus_per_worker or 1, log=lambda text: click.echo(text, err=True))
-    elif shard is not None:
-        from .extract.sharding import parse_shard, run_shard
-
-        result = run_shard(image_dir, store, config, parse_shard(shard))
-    else:
-        result = run_extract(image_dir, store, config)
+    result = api.extract_features(image_dir, store, progress=not no_progress, ray=ray_address,
+                                  log=lambda text: click.echo(text, err=True), **options)
     if as_json:
         _emit_json(result)
     else:
@@ -149,13 +129,11 @@ def _print_extract(result: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def info(store, as_json):
     """Show the feature sets of STORE: key, counts per class and split, failures."""
-    from .cache.store import open_store
-
-    with open_store(store) as s:
-        summaries = [s[name].summary() for name in s.feature_set_names()]
+    result = api.info(store)
     if as_json:
-        _emit_json({"store": store, "feature_sets": summaries})
+        _emit_json(result)
         return
+    summaries = result["feature_sets"]
     if not summaries:
         click.echo(f"{store}: no feature sets")
     for fs in summaries:
@@ -177,9 +155,7 @@ def info(store, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def merge(shards, out, allow_missing, feature_sets, as_json):
     """Join committed shard stores (extract --shard) into OUT; features are not copied."""
-    from .cache.shards import merge as run_merge
-
-    result = run_merge(list(shards), out, allow_missing=allow_missing, feature_sets=list(feature_sets) or None)
+    result = api.merge(list(shards), out, allow_missing=allow_missing, feature_sets=list(feature_sets))
     if as_json:
         _emit_json(result)
         return
@@ -196,16 +172,13 @@ def merge(shards, out, allow_missing, feature_sets, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 def bases(as_json):
     """List the backbone registry."""
-    from dataclasses import asdict
-
-    from .extract.backbones import REGISTRY
-
-    rows = [asdict(b) for b in REGISTRY.values()]
+    rows = api.bases()
     if as_json:
         _emit_json(rows)
         return
-    for b in REGISTRY.values():
-        click.echo(f"{b.name:<22} size {b.default_size:<4} preprocessing {b.preprocessing:<7} top block {','.join(b.top_block) or '-'}")
+    for b in rows:
+        click.echo(f"{b['name']:<22} size {b['default_size']:<4} preprocessing {b['preprocessing']:<7} "
+                   f"top block {','.join(b['top_block']) or '-'}")
 
 
 @cli.command()
@@ -221,9 +194,9 @@ def demo(workdir, per_class, seed, as_json):
     MobileNet alpha 0.25 features (ImageNet weights bundled with featcache), trains logistic
     regression and the dense head, prints a leaderboard and exports the best model.
     A second run reuses the images and the cached features."""
-    from .demo import format_report, run_demo
+    from .demo import format_report
 
-    result = run_demo(workdir, per_class, seed, log=lambda text: click.echo(f"demo: {text}", err=True))
+    result = api.demo(workdir=workdir, per_class=per_class, seed=seed, log=lambda text: click.echo(f"demo: {text}", err=True))
     if as_json:
         _emit_json(result)
     else:
@@ -250,17 +223,12 @@ def _head_options(f):
         click.option("--max-iter", type=click.IntRange(min=1), help="logreg: lbfgs iterations [1000]."),
         click.option("--stream-epochs", type=click.IntRange(min=1), help="logreg: passes of the streamed SGD solver [20]."),
         click.option("--seed", type=int, help="Seed of init, dropout and shuffling [0]."),
-        click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=2048.0, show_default=True,
+        click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=api.DEFAULT_MEMORY_BUDGET_MB, show_default=True,
                      help="MB. Train+validation features (float32) above this stream from the store in chunks; 0 = always stream."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def _set(options: dict) -> dict:
-    """Only the options given on the command line (flags off and unset values are dropped)."""
-    return {k: v for k, v in options.items() if v is not None and v is not False}
 
 
 def _fmt(value, spec=".4f") -> str:
@@ -282,9 +250,8 @@ def _fmt(value, spec=".4f") -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **options):
     """Train a head on a feature set of STORE; write the run directory --out."""
-    from .classify.harness import train as run_train
-
-    result = run_train(store, feature_set, base, head, out, memory_budget_mb, **_set(options))
+    result = api.train(store, out=out, feature_set=feature_set, base=base, head=head,
+                       memory_budget_mb=memory_budget_mb, **options)
     if as_json:
         _emit_json(result)
         return
@@ -311,10 +278,8 @@ def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **opti
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def compare(store, heads, feature_sets, cv, memory_budget_mb, as_json, **options):
     """Leaderboard of heads x feature sets of STORE on the same images and metrics."""
-    from .classify.harness import compare as run_compare
-
-    names = [n for n in feature_sets.split(",") if n] if feature_sets else None
-    result = run_compare(store, [h for h in heads.split(",") if h], names, cv, memory_budget_mb, **_set(options))
+    result = api.compare(store, heads=heads, feature_sets=feature_sets, cv=cv, memory_budget_mb=memory_budget_mb,
+                         **options)
     if as_json:
         _emit_json(result)
         return
@@ -345,9 +310,7 @@ def compare(store, heads, feature_sets, cv, memory_budget_mb, as_json, **options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def predict(run_dir, images, top_k, weights, batch_size, as_json):
     """Classify IMAGES (files or folders) with the base and head of RUN_DIR."""
-    from .classify.predict import predict as run_predict
-
-    result = run_predict(run_dir, images, top_k, weights, batch_size)
+    result = api.predict(run_dir, list(images), top_k=top_k, weights=weights, batch_size=batch_size)
     if as_json:
         _emit_json(result)
     else:
@@ -365,9 +328,7 @@ def predict(run_dir, images, top_k, weights, batch_size, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def export(run_dir, out, weights, as_json):
     """Write preprocessing + base + head of RUN_DIR as one Keras model OUT (.keras)."""
-    from .classify.export import export as run_export
-
-    result = run_export(run_dir, out, weights)
+    result = api.export(run_dir, out, weights=weights)
     if as_json:
         _emit_json(result)
         return
@@ -394,12 +355,10 @@ def finetune(paths, out, as_json, **options):
     """Fine-tune the top block of the base with the dense head of a stage-two RUN_DIR.
 
     IMAGE_DIR defaults to the image folder recorded in the run; with --from-cache no images are read."""
-    from .classify.finetune import finetune as run_finetune
-
     if len(paths) > 2:
         raise FeatcacheError("finetune: expected [IMAGE_DIR] RUN_DIR")
     image_dir, run_dir = (None, paths[0]) if len(paths) == 1 else paths
-    result = run_finetune(image_dir, run_dir, out, **options)
+    result = api.finetune(run_dir, out=out, image_dir=image_dir, **options)
     if as_json:
         _emit_json(result)
         return

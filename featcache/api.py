@@ -1,0 +1,248 @@
+"""featcache's Python API: one function per command.
+
+Each function takes the command's options as keyword arguments, with the same names (dashes
+become underscores) and the same defaults as the command line, and returns the dict that the
+command's ``--json`` prints. Errors raise :class:`featcache.FeatcacheError`, whose message is the
+one line the command prints after ``error:``. Options that only shape the command's own output
+(``--json``, ``--no-progress`` as ``progress``, ``--strict``'s exit status) are the CLI's.
+
+Usage::
+
+    import featcache
+    result = featcache.extract_features("images/", "features.h5", base="mobilenet_0.25", weights="bundled")
+    run = featcache.train("features.h5", out="runs/dense", head="dense", pool="avg")
+
+The heavy stages (TensorFlow, scikit-learn) are imported inside the functions, so importing
+this module is instant.
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import FeatcacheError
+
+__all__ = ["extract_features", "info", "merge", "bases", "train", "compare", "predict", "export", "finetune",
+           "demo", "FeatcacheError"]
+
+DEFAULT_SPLIT = "0.8,0.1,0.1"
+DEFAULT_MEMORY_BUDGET_MB = 2048.0
+
+
+def _split_fractions(split) -> tuple[float, float, float]:
+    """"0.8,0.1,0.1" (the command line's form) or a sequence of three numbers."""
+    try:
+        fractions = tuple(float(x) for x in (split.split(",") if isinstance(split, str) else split))
+        if len(fractions) != 3:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise FeatcacheError(f"--split {split!r}: expected three fractions like 0.8,0.1,0.1") from None
+    return fractions
+
+
+# -- stage one: extraction and the store ---------------------------------------------------------
+
+
+def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, base: str = "vgg16",
+                     size: int | None = None, weights: str | None = "imagenet", layer: str | None = None,
+                     pooling: str = "none", batch_size: int = 32, dtype: str = "float32", precision: str = "auto",
+                     decode_workers: int | None = None, xla: bool = False, decode_processes: bool = False,
+                     resize: str = "bilinear", split: str | tuple = DEFAULT_SPLIT, split_seed: int = 0, seed: int = 0,
+                     max_pixels: int = 100_000_000, follow_symlinks: bool = False, augment: int = 0,
+                     aug_seed: int = 0, progress: bool = True, shard: str | tuple[int, int] | None = None,
+                     ray: str | None = None, shards: int | None = None, gpus_per_worker: float | None = None,
+                     cpus_per_worker: int | None = None, log=None) -> dict:
+    """Extract features of every image under ``image_dir`` into the HDF5 ``store``
+    (``featcache extract``). Only images whose (path, content digest) is not yet stored under
+    this cache key run through the model; a re-run is cheap.
+
+    ``shard="I/N"`` (or ``(I, N)``) extracts one shard; ``ray=""`` (a local Ray) or an address
+    runs ``shards`` Ray tasks and merges them into ``store``. ``log``: a callable taking one
+    line (Ray progress); default stderr.
+
+    Returns a dict: ``feature_set`` (its name in the store), ``store``, ``shape`` (rows and
+    feature shape), ``extracted``, ``reused``, ``failed``, ``failures`` and ``skipped`` (lists of
+    ``{path, reason}``), ``warnings``, ``class_names``, ``seconds``, ``hash_seconds``,
+    ``images_per_second``; sharded runs add ``shard``, ``shard_images``, ``status``; Ray runs add
+    ``merge``, ``shard_dir`` and ``shards``. Images that could not be used are listed, not
+    raised: check ``failed``.
+    """
+    from .extract.pipeline import ExtractConfig, extract as run_extract
+    from .extract.sharding import check_scale_options, parse_shard
+
+    shard_text = f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard
+    ray = "" if ray is True else ray  # ray=True: a local Ray instance, like a bare --ray
+    check_scale_options(shard_text, ray, shards, gpus_per_worker, cpus_per_worker)
+    config = ExtractConfig(
+        base=base, size=size, weights=weights, layer=layer, pooling=pooling, batch_size=batch_size, dtype=dtype,
+        precision=precision, decode_workers=decode_workers, xla=xla, decode_processes=decode_processes,
+        resize=resize, split_fractions=_split_fractions(split), split_seed=split_seed, seed=seed,
+        max_pixels=max_pixels, follow_symlinks=follow_symlinks, augment=augment, aug_seed=aug_seed,
+        progress=progress,
+    )
+    image_dir, store = os.fspath(image_dir), os.fspath(store)
+    if ray is not None:
+        from .extract.ray_runner import run_ray
+
+        return run_ray(image_dir, store, config, shards, ray or None, gpus_per_worker or 0, cpus_per_worker or 1,
+                       log=log)
+    if shard_text is not None:
+        from .extract.sharding import run_shard
+
+        return run_shard(image_dir, store, config, parse_shard(shard_text))
+    return run_extract(image_dir, store, config)
+
+
+def info(store: str | os.PathLike) -> dict:
+    """What a store holds (``featcache info``).
+
+    Returns ``{"store": path, "feature_sets": [summary, ...]}``; each summary has
+    ``feature_set``, ``key`` (every cache-key field), ``shape``, ``dtype``, ``rows_stored``,
+    ``rows_active``, ``class_names``, ``counts`` (split -> class -> images), ``failures`` and
+    ``seed``."""
+    from .cache.store import open_store
+
+    with open_store(store) as s:
+        summaries = [s[name].summary() for name in s.feature_set_names()]
+    return {"store": os.fspath(store), "feature_sets": summaries}
+
+
+def merge(shards, out: str | os.PathLike, *, allow_missing: bool = False, feature_sets=None) -> dict:
+    """Join committed shard stores into ``out`` without copying features (``featcache merge``).
+
+    ``feature_sets``: names to merge (default all). Returns ``store``, ``merged_shards``,
+    ``shard_count``, ``missing`` (problems), ``bytes``, ``shard_bytes`` and per feature set
+    ``feature_sets: [{feature_set, shape, counts, failures}]``."""
+    from .cache.shards import merge as run_merge
+
+    if isinstance(shards, (str, os.PathLike)):
+        shards = [shards]
+    return run_merge([os.fspath(s) for s in shards], os.fspath(out), allow_missing=allow_missing,
+                     feature_sets=_names(feature_sets) or None)
+
+
+def bases() -> list[dict]:
+    """The backbone registry (``featcache bases``).
+
+    Returns one dict per base: ``name``, ``default_size``, ``preprocessing``, ``top_block``,
+    the freeze boundary and how Keras builds it."""
+    from dataclasses import asdict
+
+    from .extract.backbones import REGISTRY
+
+    return [{**asdict(b), "top_block": list(b.top_block)} for b in REGISTRY.values()]
+
+
+# -- stage two: heads on cached features ---------------------------------------------------------
+
+
+def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str | None = None,
+          base: str | None = None, head: str = "dense", pool: str | None = None, units: int | None = None,
+          dropout: float | None = None, l2: float | None = None, optimizer: str | None = None,
+          lr: float | None = None, epochs: int | None = None, batch_size: int | None = None,
+          steps_per_execution: int | None = None, C: float | None = None, max_iter: int | None = None,
+          stream_epochs: int | None = None, seed: int | None = None,
+          memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, early_stopping: int | None = None,
+          checkpoint: bool = False, reduce_lr: int | None = None, csv_log: bool = False,
+          tensorboard: str | None = None) -> dict:
+    """Train one head on one feature set of ``store`` and write the run directory ``out``
+    (``featcache train``). Options left at None take the head's default (see the README's
+    head table); an option the chosen head does not take raises.
+
+    Returns ``head``, ``feature_set``, ``untrained`` (the check before training), ``train`` /
+    ``validation`` / ``test`` (each ``{n, accuracy, loss}``), ``overfitting``, ``streaming``,
+    ``seconds``, ``cpu_seconds``, ``seconds_total`` and ``run_dir``."""
+    from .classify.harness import train as run_train
+
+    options = _given(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
+                     batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
+                     stream_epochs=stream_epochs, seed=seed, early_stopping=early_stopping, checkpoint=checkpoint,
+                     reduce_lr=reduce_lr, csv_log=csv_log, tensorboard=tensorboard)
+    return run_train(os.fspath(store), feature_set, base, head, os.fspath(out), memory_budget_mb, **options)
+
+
+def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg", feature_sets=None,
+            cv: int | None = None, pool: str | None = None, units: int | None = None, dropout: float | None = None,
+            l2: float | None = None, optimizer: str | None = None, lr: float | None = None,
+            epochs: int | None = None, batch_size: int | None = None, steps_per_execution: int | None = None,
+            C: float | None = None, max_iter: int | None = None, stream_epochs: int | None = None,
+            seed: int | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> dict:
+    """A leaderboard of heads x feature sets on the same images and metrics (``featcache compare``).
+
+    ``heads`` and ``feature_sets``: comma-separated text or lists (feature sets default to all in
+    the store). Ranked by validation accuracy; the test split is reported, never used to rank.
+    With ``cv=K``: K-fold cross-validation on train+validation.
+
+    Returns ``store``, ``cv``, ``rows`` (images per split), ``rows_left_out`` and ``leaderboard``:
+    entries with ``rank``, ``head``, ``feature_set``, ``settings``, ``validation``/``test``/``train``
+    (``{n, accuracy, loss}``) or ``cv`` (means, stds, folds), ``seconds``."""
+    from .classify.harness import compare as run_compare
+
+    options = _given(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
+                     batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
+                     stream_epochs=stream_epochs, seed=seed)
+    return run_compare(os.fspath(store), _names(heads), _names(feature_sets) or None, cv, memory_budget_mb, **options)
+
+
+def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str | None = None,
+            batch_size: int = 32) -> dict:
+    """Classify image files or folders with the base and head of ``run_dir`` (``featcache predict``).
+
+    Returns ``run_dir``, ``head``, ``feature_set``, ``class_names``, ``predictions`` (per image:
+    ``path``, ``predicted``, ``probability``, ``top``: [{class, probability}]) and ``failures``."""
+    from .classify.predict import predict as run_predict
+
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    return run_predict(os.fspath(run_dir), [os.fspath(i) for i in images], top_k, weights, batch_size)
+
+
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str | None = None) -> dict:
+    """Write preprocessing + base + head of ``run_dir`` as one Keras model file ``out``
+    (``featcache export``).
+
+    Returns ``run_dir``, ``out``, ``input_shape``, ``input``,
+    ``class_names``, ``parameters`` and ``sha256``."""
+    from .classify.export import export as run_export
+
+    return run_export(os.fspath(run_dir), os.fspath(out), weights)
+
+
+def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: str | os.PathLike | None = None,
+             blocks: int = 1, unfreeze_from: str | None = None, lr: float = 1e-5, epochs: int = 5,
+             batch_size: int = 20, augment: str | None = None, aug_seed: int = 0, from_cache: str | None = None,
+             weights: str | None = None, seed: int = 0) -> dict:
+    """Fine-tune the top block of the base with the dense head of a stage-two run
+    (``featcache finetune``); ``image_dir`` defaults to the folder recorded in the run, and
+    ``from_cache`` trains from cached boundary activations instead of images.
+
+    Returns ``feature_set``, ``source``, ``trainable_layers``, ``before`` and ``train`` /
+    ``validation`` / ``test`` metrics, ``epochs``, ``seconds`` and ``run_dir``."""
+    from .classify.finetune import finetune as run_finetune
+
+    return run_finetune(None if image_dir is None else os.fspath(image_dir), os.fspath(run_dir), os.fspath(out),
+                        blocks=blocks, unfreeze_from=unfreeze_from, lr=lr, epochs=epochs, batch_size=batch_size,
+                        augment=augment, aug_seed=aug_seed, from_cache=from_cache, weights=weights, seed=seed)
+
+
+def demo(*, workdir: str | os.PathLike = "featcache-demo", per_class: int = 100, seed: int = 0, log=None) -> dict:
+    """The whole job offline on images it draws itself (``featcache demo``); ``log`` hears each
+    step.
+
+    Returns ``workdir``, ``images``, ``store``, ``extract``, ``leaderboard``, ``best``,
+    ``model``, ``plots`` and ``seconds``."""
+    from .demo import run_demo
+
+    return run_demo(os.fspath(workdir), per_class, seed, log=log)
+
+
+def _names(value) -> list[str]:
+    """Comma-separated text or a list of names."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [item.strip() for item in items if item and item.strip()]
+
+
+def _given(**options) -> dict:
+    """The options that were set: None (the head's default) and False (a flag off) are dropped."""
+    return {k: v for k, v in options.items() if v is not None and v is not False}
