@@ -46,3 +46,33 @@ def test_readme_command_parses(command):
         sub.make_context(name, rest)
     except click.UsageError as exc:
         pytest.fail(f"README command does not parse: {command}\n{exc.format_message()}")
+
+
+def readme_python_blocks() -> list[str]:
+    """The Python section's blocks (one session, in order), then every other Python block, which
+    reads what that session made (e.g. the plain-h5py recipe on its features.h5)."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Python API")
+    end = text.index("\n## ", start + 1)
+    blocks = lambda part: re.findall(r"```python\n(.*?)```", part, flags=re.S)  # noqa: E731
+    return blocks(text[start:end]) + blocks(text[:start]) + blocks(text[end:])
+
+
+def test_every_python_block_of_the_readme_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python section is one notebook session: its blocks run in order, in one
+    namespace, in a folder holding the `images/` tree they name (small generated images and
+    the MobileNet weights bundled with featcache)."""
+    from conftest import write_tree
+
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 4 and any("featcache.extract_features" in b for b in blocks)
+    write_tree(tmp_path / "images", per_class=10)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "readme"}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+        except Exception as exc:  # noqa: BLE001  (name the block that failed)
+            pytest.fail(f"README python block {i + 1} failed: {exc.__class__.__name__}: {exc}\n{block}")
+    assert (tmp_path / "runs" / "dense" / "config.json").exists()
+    assert (tmp_path / "runs" / "logreg" / "model.joblib").exists()
