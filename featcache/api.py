@@ -230,7 +230,7 @@ def demo(*, workdir: str | os.PathLike = "featcache-demo", per_class: int = 100,
 
     Returns ``workdir``, ``images``, ``store``, ``extract``, ``leaderboard``, ``best``,
     ``model``, ``plots`` and ``seconds``."""
-    from .demo import run_demo
+    from .demo_job import run_demo
 
     return run_demo(os.fspath(workdir), per_class, seed, log=log)
 

@@ -194,7 +194,7 @@ def demo(workdir, per_class, seed, as_json):
     MobileNet alpha 0.25 features (ImageNet weights bundled with featcache), trains logistic
     regression and the dense head, prints a leaderboard and exports the best model.
     A second run reuses the images and the cached features."""
-    from .demo import format_report
+    from .demo_job import format_report
 
     result = api.demo(workdir=workdir, per_class=per_class, seed=seed, log=lambda text: click.echo(f"demo: {text}", err=True))
     if as_json:

@@ -1,6 +1,7 @@
 """The Python API (featcache.api, re-exported as featcache.<name>): the same options, defaults,
 results and errors as the command line."""
 import inspect
+import pkgutil
 import json
 
 import click
@@ -33,6 +34,9 @@ def test_the_stage_packages_keep_their_names():
     import featcache.extract.pipeline  # noqa: F401  (the package, not a function, once imported)
 
     assert inspect.ismodule(featcache.extract) and inspect.ismodule(featcache.cache)
+    # A function named like a module of the package would be shadowed once that module is imported.
+    modules = {m.name for m in pkgutil.iter_modules(featcache.__path__)}
+    assert not modules & set(api.__all__), modules & set(api.__all__)
     assert callable(featcache.extract_features) and featcache.FeatcacheError is api.FeatcacheError
 
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import MOBILENET_025, REPO, shared_file, write_tree
-from featcache import demo
+from featcache import demo_job as demo
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
 from featcache.extract import bundled
