@@ -47,13 +47,18 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
                      pooling: str = "none", batch_size: int = 32, dtype: str = "float32", precision: str = "auto",
                      decode_workers: int | None = None, xla: bool = False, decode_processes: bool = False,
                      resize: str = "bilinear", split: str | tuple = DEFAULT_SPLIT, split_seed: int = 0, seed: int = 0,
-                     max_pixels: int = 100_000_000, follow_symlinks: bool = False, augment: int = 0,
+                     max_pixels: int = 100_000_000, follow_symlinks: bool = False, unlabeled: bool = False,
+                     augment: int = 0,
                      aug_seed: int = 0, progress: bool = True, shard: str | tuple[int, int] | None = None,
                      ray: str | None = None, shards: int | None = None, gpus_per_worker: float | None = None,
                      cpus_per_worker: int | None = None, log=None) -> dict:
     """Extract features of every image under ``image_dir`` into the HDF5 ``store``
     (``featcache extract``). Only images whose (path, content digest) is not yet stored under
     this cache key run through the model; a re-run is cheap.
+
+    A folder without class subfolders, or any tree with ``unlabeled=True``, is stored without
+    labels (features and paths; ``class_names`` is empty): heads cannot train on it, but
+    ``open_store(store).load()`` reads it and ``predict`` classifies its images.
 
     ``shard="I/N"`` (or ``(I, N)``) extracts one shard; ``ray=""`` (a local Ray) or an address
     runs ``shards`` Ray tasks and merges them into ``store``. ``log``: a callable taking one
@@ -76,7 +81,7 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
         base=base, size=size, weights=weights, layer=layer, pooling=pooling, batch_size=batch_size, dtype=dtype,
         precision=precision, decode_workers=decode_workers, xla=xla, decode_processes=decode_processes,
         resize=resize, split_fractions=_split_fractions(split), split_seed=split_seed, seed=seed,
-        max_pixels=max_pixels, follow_symlinks=follow_symlinks, augment=augment, aug_seed=aug_seed,
+        max_pixels=max_pixels, follow_symlinks=follow_symlinks, unlabeled=unlabeled, augment=augment, aug_seed=aug_seed,
         progress=progress,
     )
     image_dir, store = os.fspath(image_dir), os.fspath(store)
@@ -97,7 +102,7 @@ def info(store: str | os.PathLike) -> dict:
 
     Returns ``{"store": path, "feature_sets": [summary, ...]}``; each summary has
     ``feature_set``, ``key`` (every cache-key field), ``shape``, ``dtype``, ``rows_stored``,
-    ``rows_active``, ``class_names``, ``counts`` (split -> class -> images), ``failures`` and
+    ``rows_active``, ``labelled``, ``class_names``, ``counts`` (split -> class -> images), ``failures`` and
     ``seed``."""
     from .cache.store import open_store
 

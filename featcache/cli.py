@@ -77,6 +77,8 @@ def cli(ctx, debug):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random init (--weights none).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=100_000_000, show_default=True, help="Refuse images with more pixels than this, before decoding.")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that leave IMAGE_DIR.")
+@click.option("--unlabeled", is_flag=True, help="Every image anywhere below IMAGE_DIR, without classes: features and "
+              "paths only (a folder whose images sit directly in it is always extracted so).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
 @click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
               help="Also store K augmented views (flip, rotation, zoom, translation, contrast) per training image, as a feature set of its own.")
@@ -90,7 +92,7 @@ def cli(ctx, debug):
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="With --ray: GPUs per shard task [default: 0].")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), help="With --ray: CPUs (and TF threads) per shard task [default: 1].")
 def extract(image_dir, store, strict, no_progress, as_json, ray_address, **options):
-    """Extract features of IMAGE_DIR (one subfolder per class) into STORE (HDF5)."""
+    """Extract features of IMAGE_DIR (one subfolder per class, or unlabeled images) into STORE (HDF5)."""
     result = api.extract_features(image_dir, store, progress=not no_progress, ray=ray_address,
                                   log=lambda text: click.echo(text, err=True), **options)
     if as_json:
@@ -111,7 +113,8 @@ def _print_extract(result: dict) -> None:
         m = result["merge"]
         click.echo(f"merged {len(m['merged_shards'])} shards from {result['shard_dir']} into {m['store']} "
                    f"({m['bytes'] / 2**20:.2f} MiB; shards {m['shard_bytes'] / 2**20:.2f} MiB)")
-    click.echo(f"feature set {result['feature_set']}: shape {tuple(result['shape'])}")
+    click.echo(f"feature set {result['feature_set']}: shape {tuple(result['shape'])}"
+               + ("" if result["class_names"] else " (unlabeled: features and paths)"))
     click.echo(
         f"  extracted {result['extracted']}, reused {result['reused']}, failed {result['failed']} "
         f"in {result['seconds']:.1f} s ({result['images_per_second']:.1f} images/s)"
@@ -139,6 +142,8 @@ def info(store, as_json):
     for fs in summaries:
         click.echo(f"{fs['feature_set']}  shape {tuple(fs['shape'])} {fs['dtype']}")
         click.echo("  key: " + ", ".join(f"{k}={_safe(str(v))}" for k, v in fs["key"].items()))
+        if not fs["labelled"]:
+            click.echo(f"  unlabeled  {fs['rows_active']} images (no class folders: features and paths only)")
         for split, counts in fs["counts"].items():
             click.echo(f"  {split:<10} " + "  ".join(f"{_safe(c)}={n}" for c, n in counts.items()))
         if fs["rows_stored"] != fs["rows_active"]:

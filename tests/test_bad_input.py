@@ -268,7 +268,8 @@ def test_missing_and_empty_root_exit_1(tmp_path):
     (tmp_path / "empty").mkdir()
     empty = invoke("extract", tmp_path / "empty", tmp_path / "s.h5", *PIXELS)
     assert empty.exit_code == 1
-    assert empty.stderr == f"error: {tmp_path / 'empty'}: no class folders found (expected one subfolder of images per class)\n"
+    assert empty.stderr == (f"error: {tmp_path / 'empty'}: no class folders and no images found (expected one "
+                            "subfolder of images per class, or images to extract unlabeled)\n")
     assert not (tmp_path / "s.h5").exists()
 
 

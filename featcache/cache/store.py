@@ -114,6 +114,11 @@ class FeatureSet:
         return json.loads(self.group.attrs["class_names"])
 
     @property
+    def labelled(self) -> bool:
+        """False for images extracted from a folder without classes: features and paths only."""
+        return bool(self.class_names)
+
+    @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.group["features"].shape[1:])
 
@@ -170,7 +175,7 @@ class FeatureSet:
         counts = {
             split: {names[i]: int(np.sum((splits == split) & (labels == i))) for i in range(len(names))}
             for split in SPLITS
-        }
+        } if names else {}
         return {
             "feature_set": self.name,
             "key": self.spec.to_dict(),
@@ -178,11 +183,24 @@ class FeatureSet:
             "dtype": str(self.features.dtype),
             "rows_stored": self.n_committed,
             "rows_active": len(rows),
+            "labelled": bool(names),
             "class_names": names,
             "counts": counts,
             "failures": [{"path": p, "reason": r} for p, r in self.failures()],
             "seed": int(self.group.attrs.get("seed", 0)),
         }
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Rows of a feature set in memory (:meth:`Store.load`)."""
+
+    feature_set: str
+    features: np.ndarray  # (N, ...) as stored (float32 unless extracted with --dtype float16)
+    labels: np.ndarray | None  # (N,) indices into class_names; None for an unlabeled feature set
+    paths: np.ndarray  # (N,) image paths relative to the image folder, str
+    splits: np.ndarray  # (N,) "train" / "validation" / "test"; "" when unlabeled
+    class_names: list[str]  # [] when unlabeled
 
 
 class Store:
@@ -210,6 +228,16 @@ class Store:
     def find(self, spec: KeySpec) -> FeatureSet | None:
         name = feature_set_key(spec)
         return self[name] if name in self.feature_set_names() else None
+
+    def load(self, feature_set: str | None = None, split: str | None = None, backbone: str | None = None) -> "Loaded":
+        """One feature set's active rows in memory (of one split, or all): features, labels
+        (None when unlabeled), relative image paths, splits and class names.
+
+        ``feature_set`` names it; without a name the store must hold exactly one (of ``backbone``)."""
+        fs = self.select(feature_set, backbone)
+        rows = fs.rows(split)
+        return Loaded(fs.name, fs.read(rows), fs.column("labels")[rows] if fs.labelled else None,
+                      fs.column("paths")[rows], fs.column("splits")[rows], fs.class_names)
 
     def select(self, name: str | None = None, backbone: str | None = None) -> FeatureSet:
         """One feature set by exact name, or the only one built with ``backbone``."""

@@ -15,6 +15,14 @@ from .heads import HEADS, Head, make_head
 SPLITS = ("train", "validation", "test")
 
 
+def require_labelled(fs: FeatureSet, store: str) -> FeatureSet:
+    """Heads learn from labels: an unlabeled feature set (a folder without classes) is refused."""
+    if not fs.labelled:
+        raise FeatcacheError(f"{store}: feature set {fs.name} is unlabeled (its images had no class folders); "
+                             "training needs a labelled folder: one subfolder of images per class")
+    return fs
+
+
 def check_training_rows(train: data.Rows, class_names: list[str], what: str) -> None:
     """A head cannot learn from an empty split, one class, or a class it never sees."""
     if len(train) == 0:
@@ -82,7 +90,7 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
     started = time.perf_counter()
     head_obj = make_head(head, **head_options)
     with open_store(store) as s:
-        fs = s.select(feature_set, base)
+        fs = require_labelled(s.select(feature_set, base), store)
         run_dir = rundir.prepare(out) if out else None
         splits = {split: data.Rows.split(fs, split) for split in SPLITS}
         result = fit_and_evaluate(head_obj, fs, splits, memory_budget_mb, run_dir)
@@ -181,10 +189,15 @@ def compare(store: str, heads: list[str], feature_sets: list[str] | None = None,
         raise FeatcacheError(f"--cv {cv}: needs at least 2 folds")
     started = time.perf_counter()
     with open_store(store) as s:
-        names = feature_sets or s.feature_set_names()
-        if not names:
+        if feature_sets:
+            sets = [require_labelled(s[name], store) for name in feature_sets]
+        else:  # every labelled set; unlabeled ones (features for reuse, not training) are left out
+            every = [s[name] for name in s.feature_set_names()]
+            sets = [fs for fs in every if fs.labelled]
+            if every and not sets:
+                require_labelled(every[0], store)
+        if not sets:
             raise FeatcacheError(f"{store}: no feature sets to compare")
-        sets = [s[name] for name in names]
         per_set, dropped = _common_rows(sets)
         entries = []
         for fs, rows in zip(sets, per_set):

@@ -154,7 +154,10 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
     recipe = {name: recipe[name] for name in TRANSFORMS if name in recipe}  # the JSON sorted the keys
     backbone = get_backbone(config.base)
     size = spec.input_size
-    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks)
+    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks, config.unlabeled)
+    if not listing.class_names:
+        raise FeatcacheError(f"{image_dir}: --augment makes views of training images, which needs a labelled "
+                             "folder (one subfolder of images per class)")
     with StoreWriter(store, open_file=False) as writer:
         hashed, failures = _digest_all(listing)
         hash_seconds = time.perf_counter() - started

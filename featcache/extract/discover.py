@@ -12,11 +12,15 @@ SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validatio
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
+UNLABELED = -1  # the label of an image from a folder without classes (and of a row no longer listed)
+NO_SPLIT = ""  # the split of an unlabeled image: splits are for training, which needs labels
+
+
 @dataclass(frozen=True)
 class ImageEntry:
     relpath: str  # relative to the image root, "/"-separated
-    label: int
-    split: str  # "train", "validation" or "test"
+    label: int  # index into the listing's class_names, or UNLABELED
+    split: str  # "train", "validation" or "test"; NO_SPLIT when unlabeled
 
 
 @dataclass
@@ -24,7 +28,7 @@ class Listing:
     root: str
     class_names: list[str]
     entries: list[ImageEntry]
-    split_source: str  # "folders" (train/validation/test) or "hash" (stable split by path)
+    split_source: str  # "folders" (train/validation/test), "hash" (stable split by path) or "unlabeled"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why not used)
     warnings: list[str] = field(default_factory=list)
 
@@ -108,26 +112,34 @@ def _class_dirs(folder: str) -> list[str]:
 
 
 def discover(
-    root: str, fractions=DEFAULT_FRACTIONS, split_seed: int = 0, follow_symlinks: bool = False
+    root: str, fractions=DEFAULT_FRACTIONS, split_seed: int = 0, follow_symlinks: bool = False,
+    unlabeled: bool = False,
 ) -> Listing:
     """List the images of a class-per-folder tree, sorted, with labels and splits.
 
     If the root holds only train/ and validation/ (or val/) and/or test/ folders, those are
     the splits; otherwise each image's split comes from a hash of its relative path.
+
+    A folder whose images sit directly in it (no subfolders), or any tree with ``unlabeled``,
+    is listed without labels: every image below the root, label UNLABELED, split NO_SPLIT.
     """
     if not os.path.exists(root):
         raise FeatcacheError(f"{root}: image folder does not exist")
     if not os.path.isdir(root):
-        raise FeatcacheError(f"{root}: not a folder (expected one subfolder of images per class)")
+        raise FeatcacheError(f"{root}: not a folder (expected one subfolder of images per class, "
+                             "or images for --unlabeled)")
     if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
         raise FeatcacheError(f"split fractions {fractions} must be non-negative and sum to 1")
     top = _class_dirs(root)
+    if unlabeled or not top:
+        return _discover_unlabeled(root, follow_symlinks, asked=unlabeled)
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
     loose = sorted(
         f for f in os.listdir(root) if not _is_hidden(f) and os.path.isfile(os.path.join(root, f))
     )
-    skipped += [(f, "file directly in the image folder, not in a class folder") for f in loose]
+    skipped += [(f, "file directly in the image folder, not in a class folder (--unlabeled lists every image)")
+                for f in loose]
 
     split_mode = bool(top) and "train" in top and set(top) <= set(SPLIT_FOLDERS)
     per_split: list[tuple[str | None, str]] = (
@@ -156,3 +168,16 @@ def discover(
     if not entries:
         raise FeatcacheError(f"{root}: no images found in the class folders ({', '.join(IMAGE_EXTENSIONS)})")
     return Listing(root, class_names, entries, "folders" if split_mode else "hash", skipped, warnings)
+
+
+def _discover_unlabeled(root: str, follow_symlinks: bool, asked: bool) -> Listing:
+    """Every image below ``root``, sorted, without labels or splits (features and paths only)."""
+    skipped: list[tuple[str, str]] = []
+    relpaths = _walk_class_folder(root, root, follow_symlinks, skipped)
+    if not relpaths:
+        raise FeatcacheError(
+            f"{root}: no images found ({', '.join(IMAGE_EXTENSIONS)})" if asked else
+            f"{root}: no class folders and no images found (expected one subfolder of images per class, "
+            "or images to extract unlabeled)")
+    entries = [ImageEntry(rel, UNLABELED, NO_SPLIT) for rel in sorted(relpaths)]
+    return Listing(root, [], entries, "unlabeled", skipped, [])

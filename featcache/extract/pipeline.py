@@ -151,6 +151,7 @@ class ExtractConfig:
     progress: bool = True
     augment: int = 0  # K augmented views per training image (0: none); see extract/augment.py
     aug_seed: int = 0  # seed of the augmented views (in the key with the recipe and K)
+    unlabeled: bool = False  # list every image below the folder, without classes (a flat folder is always so)
 
 
 def key_spec(config: ExtractConfig) -> KeySpec:
@@ -312,7 +313,7 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
     spec = key_spec(config)
     backbone = get_backbone(config.base)
     size = spec.input_size
-    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks)
+    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks, config.unlabeled)
     if shard is not None:  # class names stay those of the full listing, so labels agree across shards
         from .sharding import check_shard, select_shard
 

@@ -87,7 +87,7 @@ def run_shard(image_dir: str, store: str, config, shard: tuple[int, int]) -> dic
     spec = key_spec(config)
     name = feature_set_key(spec)
     check_shard_identity(store, (index, count))
-    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks)
+    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks, config.unlabeled)
     entries = select_shard(listing.entries, index, count)
     fingerprint = listing_fingerprint(listing, entries)
     info = {"shard": [index, count], "shard_images": len(entries), "marker": marker_path(store)}
