@@ -157,11 +157,19 @@ class DenseHead(Head):
             "sgd": keras.optimizers.SGD, "nadam": keras.optimizers.Nadam, "adagrad": keras.optimizers.Adagrad,
         }[c["optimizer"]](learning_rate=c["lr"])
         loss = "binary_crossentropy" if self.binary else "sparse_categorical_crossentropy"
-        self.model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
+        metrics = ["accuracy"]
+        if c["l2"]:
+            # With a penalty, Keras' loss is log loss + L2: record the log loss alone as well
+            # (what the heads are scored on, and what search prunes on).
+            metrics.append((keras.metrics.BinaryCrossentropy if self.binary
+                            else keras.metrics.SparseCategoricalCrossentropy)(name="log_loss"))
+        self.model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                            steps_per_execution=c["steps_per_execution"])
 
     def _targets(self, y: np.ndarray) -> np.ndarray:
-        return y.astype(np.float32) if self.binary else y.astype(np.int32)
+        # Binary targets as (N, 1) like the sigmoid output: the loss would align the ranks
+        # itself, the log_loss metric does not.
+        return y.astype(np.float32).reshape(-1, 1) if self.binary else y.astype(np.int32)
 
     def _callbacks(self, run_dir: str | None, has_validation: bool) -> list:
         import keras

@@ -69,7 +69,7 @@ def counts(trials) -> dict:
             "finished": states.count("COMPLETE") + states.count("PRUNED")}
 
 
-def trial_line(trial, wanted: int) -> str:
+def trial_line(trial, finished: int, wanted: int) -> str:
     """One progress line per finished trial."""
     attrs = trial.user_attrs
     params = ", ".join(f"{k}={_short(v)}" for k, v in attrs.get("options", {}).items() if k not in ("seed", "early_stopping"))
@@ -79,8 +79,8 @@ def trial_line(trial, wanted: int) -> str:
     else:
         outcome = f"{trial.state.name.lower()}: {_note(trial)}"
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    return (f"trial {trial.number} ({trial.number + 1}/{wanted}) {attrs.get('head')} on {attrs.get('feature_set')} "
-            f"[{params}] -> {outcome} ({seconds:.1f} s)")
+    return (f"trial {trial.number} [{finished}/{wanted} finished] {attrs.get('head')} on {attrs.get('feature_set')} "
+            f"({params}) -> {outcome} ({seconds:.1f} s)")
 
 
 def _short(value) -> str:
@@ -204,8 +204,8 @@ def _plots(study, out: str, cv: int | None) -> tuple[dict, list[str]]:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
                 ax = draw()
-            except (ValueError, RuntimeError) as exc:
-                notes.append(f"{FILES[key]}: not plotted ({exc})")
+            except Exception as exc:  # a plot is a by-product: say why it is missing, keep the search
+                notes.append(f"{FILES[key]}: not plotted ({type(exc).__name__}: {exc})")
                 continue
             fig = ax.figure
             fig.set_size_inches(9, 5)

@@ -63,8 +63,9 @@ def search(store: str, out: str, trials: int = 30, timeout: float | None = None,
     ``pruner``: "median", "none", or an Optuna pruner; ``log``: called with progress lines."""
     started = time.perf_counter()
     log = log or (lambda text: None)
-    heads = _names(heads, "--heads")
-    names = _names(feature_sets, "--feature-sets") if feature_sets else None
+    # Sorted: the study's categorical choices must not depend on the order options were typed in.
+    heads = sorted(_names(heads, "--heads"))
+    names = sorted(_names(feature_sets, "--feature-sets")) if feature_sets else None
     _check_options(trials, timeout, heads, cv, sampler, pruner)
     with open_store(store) as s:
         space = _space(s, store, names, heads, cv, seed)
@@ -189,8 +190,8 @@ def suggest(trial, space: dict) -> tuple[str, str, dict]:
 
 
 def _pruning(trial):
-    """callbacks(fold) for the harness: report each epoch's validation loss, stop when the
-    pruner says so. Folds report at their own steps (fold x most epochs + epoch), so every
+    """callbacks(fold) for the harness: report each epoch's validation log loss (the objective's
+    measure: without the L2 penalty), stop when the pruner says so. Folds report at their own steps (fold x most epochs + epoch), so every
     trial's fold k, epoch e is compared with the same fold and epoch of other trials."""
     import keras
     import optuna
@@ -203,7 +204,8 @@ def _pruning(trial):
             self.fold = fold
 
         def on_epoch_end(self, epoch, logs=None):
-            loss = (logs or {}).get("val_loss")
+            logs = logs or {}
+            loss = logs.get("val_log_loss", logs.get("val_loss"))  # without the L2 penalty (heads.py)
             if loss is None:
                 return
             trial.report(float(loss), (self.fold or 0) * stride + epoch)
@@ -276,5 +278,5 @@ def _optimize(st, space, trials, timeout, cv, sampler, seed, budget_mb, out, log
                 trial.set_user_attr("error", f"validation loss is {value} (diverged)")
                 st.tell(trial, state=TrialState.FAIL)
         ran.append(trial.number)
-        log(leaderboard.trial_line(st.get_trials(deepcopy=False)[trial.number], trials))
+        log(leaderboard.trial_line(st.get_trials(deepcopy=False)[trial.number], studies.count(st)[0], trials))
     return {"ran": ran, "stopped": stopped, "marked_failed": marked_failed}
