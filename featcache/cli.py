@@ -319,17 +319,15 @@ def compare(store, heads, feature_sets, cv, memory_budget_mb, as_json, **options
 @click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True, help="Optuna sampler (TPE: Bayesian optimisation).")
 @click.option("--pruner", type=click.Choice(["median", "none"]), default="median", show_default=True, help="Stop dense trials whose validation loss is worse than the median at the same epoch.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler and of every trial's head.")
-@click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=2048.0, show_default=True,
-              help="MB. Train+validation features (float32) above this stream from the store in chunks.")
+@click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=api.DEFAULT_MEMORY_BUDGET_MB,
+              show_default=True, help="MB. Train+validation features (float32) above this stream from the store in chunks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def search(store, as_json, **options):
     """Search heads, feature sets and head settings of STORE with Optuna (resumable).
 
     Trials are ranked on validation loss (or --cv); only the top trials are tested, and the
     best is retrained as an ordinary run directory DIR/best."""
-    from .classify.search import search as run_search
-
-    result = run_search(store, log=lambda text: click.echo(_safe(text), err=True), **options)
+    result = api.search(store, log=lambda text: click.echo(_safe(text), err=True), **options)
     if as_json:
         _emit_json(result)
         return

@@ -56,7 +56,10 @@ def test_search_writes_every_artifact_and_best_is_an_ordinary_run(pixels, tmp_pa
     for name in ("study.db", "leaderboard.csv", "leaderboard.json", "search.json", "optimization_history.png",
                  "best/config.json", "best/metrics.json", "best/history.csv"):
         assert (out / name).is_file(), name
-    assert (out / "param_importances.png").is_file() == ("importance_plot" in summary["files"])
+    for key, name in (("history_plot", "optimization_history.png"), ("intermediate_plot", "intermediate_values.png"),
+                      ("importance_plot", "param_importances.png")):
+        assert summary["files"][key] == str(out / name) and (out / name).stat().st_size > 10_000, name
+    assert summary["notes"] == []
     # The progress lines: one per trial.
     assert sum(line.startswith("trial ") for line in result.stderr.splitlines()) == 4
 
@@ -384,3 +387,26 @@ def test_search_options_are_checked_in_python_too(pixels, tmp_path):
         search(pixels["store"], str(tmp_path / "x"), sampler="grid")
     with pytest.raises(FeatcacheError, match=r"--cv 13: class 'cats' has only 12 train\+validation rows"):
         search(pixels["store"], str(tmp_path / "x"), cv=13)
+
+
+def test_unlabeled_sets_are_refused_when_named_and_left_out_otherwise(pixels, tmp_path):
+    import featcache
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):
+        class_image(i % 2, i).save(folder / f"photo_{i}.jpg")
+    flat = tmp_path / "flat.h5"
+    name = featcache.extract_features(folder, flat, base="pixels", size=6, progress=False)["feature_set"]
+    expected = (f"error: {flat}: feature set {name} is unlabeled (its images had no class folders); "
+                "training needs a labelled folder: one subfolder of images per class\n")
+    for extra in ((), ("--feature-sets", name)):
+        result = run("search", flat, "--out", tmp_path / "s", "--heads", "logreg", *extra)
+        assert result.exit_code == 1 and result.stderr == expected
+    assert not (tmp_path / "s").exists()
+    # A store with both: the labelled set is searched, the unlabeled one left out.
+    mixed = tmp_path / "mixed.h5"
+    labelled = featcache.extract_features(pixels["tree"], mixed, base="pixels", size=6, progress=False)["feature_set"]
+    featcache.extract_features(folder, mixed, base="pixels", size=8, progress=False)
+    result = featcache.search(mixed, out=tmp_path / "m", trials=1, heads="logreg")
+    assert [r["feature_set"] for r in result["leaderboard"]] == [labelled]
