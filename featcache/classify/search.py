@@ -82,7 +82,8 @@ def search(store: str, out: str, trials: int = 30, timeout: float | None = None,
         results = leaderboard.finish(st, out, store, cv, memory_budget_mb, log)
     return {
         "store": store, "out": out, "study": st.study_name, "storage": studies.storage_url(out), "resumed": resumed,
-        "objective": _objective_name(cv), "sampler": {"kind": sampler, "seed": seed, "per_trial_seed": "SeedSequence([seed, trial number])"},
+        "objective": _objective_name(cv),
+        "sampler": {"kind": sampler, "seed": seed, "per_trial_seed": "SeedSequence([seed, trial number])"},
         "pruner": settings["pruner"], "rows": space["counts"], "rows_left_out": space["dropped"],
         "trials": {**results["counts"], "requested": trials, "ran_here": len(run["ran"]),
                    "marked_failed": run["marked_failed"]},
