@@ -280,7 +280,7 @@ def test_cross_validation_objective(pixels, tmp_path):
 
 def test_the_sampler_is_seeded(pixels, tmp_path):
     def proposals(name, seed, sampler="tpe"):
-        search(pixels["store"], str(tmp_path / name), trials=3, heads="logreg", sampler=sampler, seed=seed)
+        search(pixels["store"], str(tmp_path / name), trials=2, heads="logreg", sampler=sampler, seed=seed)
         return [t.params for t in states(tmp_path / name)[1].trials]
 
     first = proposals("a", 0)
