@@ -45,8 +45,8 @@ def _split_fractions(split) -> tuple[float, float, float]:
 def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, base: str = "vgg16",
                      size: int | None = None, weights: str | None = "imagenet", layer: str | None = None,
                      pooling: str = "none", batch_size: int = 32, dtype: str = "float32", precision: str = "auto",
-                     decode_workers: int | None = None, xla: bool = False, decode_processes: bool = False,
-                     resize: str = "bilinear", split: str | tuple = DEFAULT_SPLIT, split_seed: int = 0, seed: int = 0,
+                     decode: str = "auto", decode_workers: int | None = None, xla: bool = False,
+                     decode_processes: bool = False, resize: str = "auto", split: str | tuple = DEFAULT_SPLIT, split_seed: int = 0, seed: int = 0,
                      max_pixels: int = 100_000_000, follow_symlinks: bool = False, unlabeled: bool = False,
                      augment: int = 0,
                      aug_seed: int = 0, progress: bool = True, shard: str | tuple[int, int] | None = None,
@@ -67,7 +67,8 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
     Returns a dict: ``feature_set`` (its name in the store), ``store``, ``shape`` (rows and
     feature shape), ``extracted``, ``reused``, ``failed``, ``failures`` and ``skipped`` (lists of
     ``{path, reason}``), ``warnings``, ``class_names``, ``seconds``, ``hash_seconds``,
-    ``images_per_second``; sharded runs add ``shard``, ``shard_images``, ``status``; Ray runs add
+    ``startup_seconds`` (model build, first compile, first batch), ``images_per_second`` (the
+    steady state after the first batch), ``decode`` and ``resize`` (as resolved); sharded runs add ``shard``, ``shard_images``, ``status``; Ray runs add
     ``merge``, ``shard_dir`` and ``shards``. Images that could not be used are listed, not
     raised: check ``failed``.
     """
@@ -79,7 +80,7 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
     check_scale_options(shard_text, ray, shards, gpus_per_worker, cpus_per_worker)
     config = ExtractConfig(
         base=base, size=size, weights=weights, layer=layer, pooling=pooling, batch_size=batch_size, dtype=dtype,
-        precision=precision, decode_workers=decode_workers, xla=xla, decode_processes=decode_processes,
+        precision=precision, decode=decode, decode_workers=decode_workers, xla=xla, decode_processes=decode_processes,
         resize=resize, split_fractions=_split_fractions(split), split_seed=split_seed, seed=seed,
         max_pixels=max_pixels, follow_symlinks=follow_symlinks, unlabeled=unlabeled, augment=augment, aug_seed=aug_seed,
         progress=progress,

@@ -68,10 +68,16 @@ def cli(ctx, debug):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Compute precision of the base (part of the cache key). auto: fp16 on a GPU of compute capability >= 7.0; "
                    "bf16 on a CPU with AVX512_BF16/AMX for vgg16/vgg19; fp32 otherwise (depthwise bases lose fidelity in bf16).")
-@click.option("--decode-workers", type=click.IntRange(min=1), help="Image decoding threads (or processes) [default: min(4, CPU cores)].")
+@click.option("--decode", type=click.Choice(["auto", "threads", "processes", "gpu"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded. auto: gpu where nvImageCodec is installed and a GPU is visible; processes on 8+ cores "
+                   "(4+ beside a GPU); threads otherwise.")
+@click.option("--decode-workers", type=click.IntRange(min=1), help="Decoding threads or processes [default: threads min(4, cores), processes cores - 1].")
 @click.option("--xla", is_flag=True, help="Compile the model step with XLA (TensorFlow; measured slower on CPUs, try it on GPUs).")
-@click.option("--decode-processes", is_flag=True, help="Decode in worker processes instead of threads (many cores feeding a GPU).")
-@click.option("--resize", default="bilinear", show_default=True, help="Resize method (nearest, bilinear, bicubic, lanczos, box; +jpeg-draft for DCT downscale).")
+@click.option("--decode-processes", is_flag=True, help="The same as --decode processes.")
+@click.option("--resize", default="auto", show_default=True,
+              help="Resize method (part of the cache key): nearest, bilinear, bicubic, lanczos, box (Pillow; +jpeg-draft lets libjpeg "
+                   "downscale first), gpu-bilinear (--decode gpu's filter). auto: gpu-bilinear with --decode gpu, "
+                   "bilinear+jpeg-draft with decoding processes or beside a GPU, bilinear otherwise.")
 @click.option("--split", default=api.DEFAULT_SPLIT, show_default=True, help="train,validation,test fractions when the folder has no split folders.")
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random init (--weights none).")
@@ -119,6 +125,9 @@ def _print_extract(result: dict) -> None:
         f"  extracted {result['extracted']}, reused {result['reused']}, failed {result['failed']} "
         f"in {result['seconds']:.1f} s ({result['images_per_second']:.1f} images/s)"
     )
+    if result["extracted"]:
+        click.echo(f"  start-up {result['startup_seconds']:.1f} s (model build, first compile, first batch); "
+                   f"images/s after the first batch; decoding: {result.get('decode', 'threads')}, resize {result['resize']}")
     for item in result["failures"]:
         click.echo(f"  failed: {_safe(item['path'])}: {_safe(item['reason'])}", err=True)
     for item in result["skipped"]:

@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .resize import DRAFT_SUFFIX, GPU_RESIZE, check_resize, resize_array  # noqa: F401 (check_resize re-exported)
+
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -19,7 +21,6 @@ RESAMPLING = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-DRAFT_SUFFIX = "+jpeg-draft"  # resize names ending in this let libjpeg downscale by DCT first
 DEFAULT_MAX_PIXELS = 100_000_000
 # The formats Pillow may decode: photos (JPEG includes MPO) and common web and scan formats.
 # Others are never tried, whatever a file's name or first bytes say (EPS would start Ghostscript).
@@ -29,14 +30,6 @@ _OPEN_LOCK = threading.Lock()
 
 class DecodeError(Exception):
     """An image that cannot be used; the message is the reason shown to the user."""
-
-
-def check_resize(resize: str) -> None:
-    from ..errors import FeatcacheError
-
-    if resize.removesuffix(DRAFT_SUFFIX) not in RESAMPLING:
-        choices = ", ".join(list(RESAMPLING) + [f"bilinear{DRAFT_SUFFIX}"])
-        raise FeatcacheError(f"unknown resize method {resize!r}; choose from {choices}")
 
 
 def _os_reason(exc: OSError) -> str:
@@ -146,6 +139,8 @@ def decode_image(data: bytes, size: int, resize: str = "bilinear", max_pixels: i
             img.seek(0)  # animated images: the first frame
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
+            if resize == GPU_RESIZE:  # the GPU path's own filter, for the files it leaves to the CPU
+                return resize_array(np.asarray(img, dtype=np.uint8), size)
             img = img.resize((size, size), RESAMPLING[resize.removesuffix(DRAFT_SUFFIX)])
             return np.asarray(img, dtype=np.uint8)
     except DecodeError:
