@@ -92,12 +92,12 @@ def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=la
     def finish(batch, handle) -> None:
         nonlocal first_done
         features = model.fetch(handle).astype(dtype, copy=False) if handle is not None else None
-        batch.release()
         if first_done is None:
             first_done = time.perf_counter()
         else:
             result.steady_images += len(batch.entries)
         appender.put(batch.entries, batch.digests, features, batch.failed)
+        batch.release()  # its images' buffer may take the next batch
 
     ok = False
     try:

@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -142,13 +143,22 @@ _RING: tuple | None = None  # in a decoding process: (SharedMemory, ndarray view
 
 
 def _attach_ring(name: str, shape: tuple[int, ...]) -> None:
-    """Process initializer: leave Ctrl-C to the main process, map the ring."""
+    """Process initializer: leave Ctrl-C to the main process, map the ring, end with the main process."""
     global _RING
     from multiprocessing import shared_memory
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = shared_memory.SharedMemory(name=name)
     _RING = (shm, np.ndarray(shape, np.uint8, shm.buf))
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A main process killed with SIGKILL cannot stop its pool, and the pool's queue never
+    reports it gone (each process holds both of its ends): leave when the parent changes."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
 
 
 def _decode_into_ring(slot: int, start: int, paths: list[str], size: int, resize: str, max_pixels: int) -> list:
@@ -195,10 +205,27 @@ def _process_batches(listing, todo, size, resize, max_pixels, rows, workers):
         pending.append((slot, pairs, futures))
         return True
 
+    broken = []  # a submit after a batch was released found the pool broken
+    closed = []  # the generator has ended (a stop): batches still held are released into nothing
+
+    def release(slot: int) -> None:
+        free.append(slot)
+        if closed:
+            return
+        try:
+            submit()
+        except BrokenProcessPool:
+            broken.append(True)
+
     try:
-        while free and submit():
-            pass
-        while pending:
+        try:
+            while free and submit():
+                pass
+        except BrokenProcessPool:
+            raise DecoderDied() from None
+        while pending or broken:
+            if broken:
+                raise DecoderDied()
             slot, pairs, futures = pending.popleft()
             try:
                 reasons = [r for f in futures for r in f.result()]
@@ -211,9 +238,10 @@ def _process_batches(listing, todo, size, resize, max_pixels, rows, workers):
                 return ring[slot, good]
 
             batch = collect(pairs, reasons, images_of)
-            batch.release = functools.partial(_release, free, slot, submit)
+            batch.release = functools.partial(release, slot)
             yield batch
     finally:
+        closed.append(True)
         for _, _, futures in pending:
             for f in futures:
                 f.cancel()
@@ -224,11 +252,3 @@ def _process_batches(listing, todo, size, resize, max_pixels, rows, workers):
         except BufferError:  # a batch view still alive (an exception on its way): the mapping goes with it
             pass
         shm.unlink()
-
-
-def _release(free: deque, slot: int, submit) -> None:
-    free.append(slot)
-    try:
-        submit()
-    except BrokenProcessPool:
-        raise DecoderDied() from None
