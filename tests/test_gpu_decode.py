@@ -35,7 +35,7 @@ def test_without_nvimagecodec_one_line_says_what_to_install(tmp_path):
     out = CliRunner().invoke(cli, ["extract", str(tree), str(tmp_path / "s.h5"), "--base", "pixels", "--decode", "gpu"])
     assert out.exit_code == 1
     assert out.stderr == ("error: --decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
-                          "(nvidia-nvimgcodec-cu12 and nvidia-nvjpeg-cu12; on CUDA 13 the -cu13 wheels)\n")
+                          "(nvidia-nvimgcodec-cu12[nvjpeg]; on CUDA 13 nvidia-nvimgcodec-cu13[nvjpeg])\n")
     assert not (tmp_path / "s.h5").exists()  # refused before the store was touched
 
 

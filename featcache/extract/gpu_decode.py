@@ -32,7 +32,7 @@ from .feeder import THREAD_PREFETCH_BATCHES, _drain, collect
 from .resize import GPU_RESIZE, triangle_weights
 
 NVIMGCODEC_MISSING = ("--decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
-                      "(nvidia-nvimgcodec-cu12 and nvidia-nvjpeg-cu12; on CUDA 13 the -cu13 wheels)")
+                      "(nvidia-nvimgcodec-cu12[nvjpeg]; on CUDA 13 nvidia-nvimgcodec-cu13[nvjpeg])")
 JPEG_MAGIC = b"\xff\xd8\xff"
 BACKENDS = ("jax", "tensorflow")
 
