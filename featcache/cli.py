@@ -125,9 +125,9 @@ def _print_extract(result: dict) -> None:
         f"  extracted {result['extracted']}, reused {result['reused']}, failed {result['failed']} "
         f"in {result['seconds']:.1f} s ({result['images_per_second']:.1f} images/s)"
     )
-    if result["extracted"]:
-        click.echo(f"  start-up {result['startup_seconds']:.1f} s (model build, first compile, first batch); "
-                   f"images/s after the first batch; decoding: {result.get('decode', 'threads')}, resize {result['resize']}")
+    if result["extracted"] and "startup_seconds" in result:  # a single run (--ray sums up many)
+        click.echo(f"  start-up {result['startup_seconds']:.1f} s (model build, first compile, first batch), "
+                   f"images/s counted after it; decoding: {result['decode']}, resize {result['resize']}")
     for item in result["failures"]:
         click.echo(f"  failed: {_safe(item['path'])}: {_safe(item['reason'])}", err=True)
     for item in result["skipped"]:

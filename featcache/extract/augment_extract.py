@@ -129,5 +129,6 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
     loop = LoopResult(extracted=extracted, seconds=extract_seconds)  # one rate over the whole loop
     result = run_summary(spec, store, listing, failures, n_active, feature_shape, extracted,
                          time.perf_counter() - started, hash_seconds, loop)
-    result.update(augment={"views": k, "seed": seed, "recipe": recipe}, views_extracted=views_made, views_stored=n_views)
+    result.update(augment={"views": k, "seed": seed, "recipe": recipe}, views_extracted=views_made, views_stored=n_views,
+                  decode=decode)
     return result

@@ -194,7 +194,10 @@ class GpuDecoder:
         streams = {i: s for i, d in enumerate(datas) if isinstance(d, bytes) and (s := self._gpu_candidate(d)) is not None}
         order, rows = [], []
         if streams:
-            decoded = self.decoder.decode(list(streams.values()), params=self.params)
+            try:
+                decoded = self.decoder.decode(list(streams.values()), params=self.params)
+            except Exception:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
+                decoded = [None] * len(streams)
             for i, image in zip(list(streams), decoded):
                 if image is None:
                     continue  # rejected by nvImageCodec: the CPU path decodes it or says why
