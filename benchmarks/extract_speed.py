@@ -208,9 +208,9 @@ def main(argv=None) -> dict:
     size = args.size or backbone.default_size
     precision = resolve_precision(args.precision, backbone)
     workers = decode_workers(args.decode_workers)
-    decode = args.decode or ("processes" if args.decode_processes else "threads")
-    args.decode_processes = decode == "processes"
-    pool_workers = workers or default_workers(decode)  # featcache's default
+    decoder = args.decode or ("processes" if args.decode_processes else "threads")
+    args.decode_processes = decoder == "processes"
+    pool_workers = workers or default_workers(decoder)  # featcache's default
 
     load = os.getloadavg()[0]
     print(f"extract_speed: base={backbone.name} size={size} weights={args.weights} precision={precision}"
@@ -272,7 +272,7 @@ def main(argv=None) -> dict:
             rows.append(("(a) model alone, warm", run["a"], a.wall, a.cores, ""))
             config = ExtractConfig(base=args.base, size=size, weights=args.weights, precision=precision,
                                    resize=args.resize, batch_size=args.batch_size, decode_workers=workers,
-                                   progress=False, xla=args.xla, decode=decode)
+                                   progress=False, xla=args.xla, decode=decoder)
             store = work / f"store{r}.h5"
             with Meter() as b:
                 summary = extract(str(tree), str(store), config)
