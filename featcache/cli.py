@@ -77,7 +77,7 @@ def cli(ctx, debug):
 @click.option("--resize", default="auto", show_default=True,
               help="Resize method (part of the cache key): nearest, bilinear, bicubic, lanczos, box (Pillow; +jpeg-draft lets libjpeg "
                    "downscale first), gpu-bilinear (--decode gpu's filter). auto: gpu-bilinear with --decode gpu, "
-                   "bilinear+jpeg-draft with decoding processes or beside a GPU, bilinear otherwise.")
+                   "bilinear+jpeg-draft on 8+ cores or beside a GPU, bilinear otherwise.")
 @click.option("--split", default=api.DEFAULT_SPLIT, show_default=True, help="train,validation,test fractions when the folder has no split folders.")
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random init (--weights none).")
