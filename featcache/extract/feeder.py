@@ -22,15 +22,13 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from ..errors import FeatcacheError
+from .batches import THREAD_PREFETCH_BATCHES, collect, drain
 from .decode import decode_file
 
-THREAD_PREFETCH_BATCHES = 2  # decoded batches waiting for the model: enough to hide decode, memory stays flat
 MODEL_HELD_SLOTS = 2  # ring slots the model may hold: the batch being dispatched and the one being fetched
 MAX_CHUNK = 64  # images per process task: large enough that messages are rare, small enough to balance
 
@@ -43,17 +41,6 @@ class DecoderDied(FeatcacheError):
         self.reason = str(self)
 
 
-@dataclass
-class Batch:
-    """One batch for the model: the images that decoded, in listing order, and the failures."""
-
-    entries: list
-    digests: list[str]
-    images: object  # (n, size, size, 3) uint8: numpy, or a device array (GPU decoding)
-    failed: list[tuple[str, str]]
-    release: Callable[[], None] = field(default=lambda: None)  # the images' buffer may be reused
-
-
 def default_workers(decode: str) -> int:
     cores = os.cpu_count() or 1
     if decode == "processes":
@@ -62,7 +49,7 @@ def default_workers(decode: str) -> int:
 
 
 def decoded_batches(listing, todo, config, size: int, decode: str, resize: str, rows: int):
-    """Yield :class:`Batch` es of ``rows`` images over ``todo`` ((entry, digest) pairs)."""
+    """Yield :class:`~.batches.Batch` es of ``rows`` images over ``todo`` ((entry, digest) pairs)."""
     workers = config.decode_workers or default_workers(decode)
     if decode == "processes":
         return _process_batches(listing, todo, size, resize, config.max_pixels, rows, workers)
@@ -71,13 +58,6 @@ def decoded_batches(listing, todo, config, size: int, decode: str, resize: str, 
 
         return gpu_batches(listing, todo, size, config.max_pixels, rows, workers)
     return _thread_batches(listing, todo, size, resize, config.max_pixels, rows, workers)
-
-
-def collect(batch_pairs, results, images_of) -> Batch:
-    """A Batch from (entry, digest) pairs and per-image (ok, reason) results."""
-    good = [i for i, reason in enumerate(results) if reason is None]
-    failed = [(batch_pairs[i][0].relpath, reason) for i, reason in enumerate(results) if reason is not None]
-    return Batch([batch_pairs[i][0] for i in good], [batch_pairs[i][1] for i in good], images_of(good), failed)
 
 
 def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
@@ -115,26 +95,7 @@ def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
             pool.shutdown(wait=True, cancel_futures=True)
             out.put(None)
 
-    return _drain(out, stop, threading.Thread(target=produce, name="featcache-decode", daemon=True))
-
-
-def _drain(out: queue.Queue, stop: threading.Event, thread: threading.Thread):
-    """Yield a producer thread's items until None; stop it (and unblock it) when the consumer leaves."""
-    thread.start()
-    try:
-        while (item := out.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock the producer if it waits on a full queue
-            try:
-                item = out.get(timeout=0.1)
-                if isinstance(item, Batch):
-                    item.release()
-            except queue.Empty:
-                pass
+    return drain(out, stop, threading.Thread(target=produce, name="featcache-decode", daemon=True))
 
 
 # -- processes writing into a shared-memory ring ------------------------------------------------

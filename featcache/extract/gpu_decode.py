@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import FeatcacheError
 from .decode import DecodeError, decode_image, read_bytes
-from .feeder import THREAD_PREFETCH_BATCHES, _drain, collect
+from .batches import THREAD_PREFETCH_BATCHES, collect, drain
 from .resize import GPU_RESIZE, triangle_weights
 
 NVIMGCODEC_MISSING = ("--decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
@@ -223,7 +223,7 @@ class GpuDecoder:
 
 
 def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: int, decoder: GpuDecoder | None = None):
-    """Yield :class:`~.feeder.Batch` es decoded on the GPU, THREAD_PREFETCH_BATCHES ahead, in a thread."""
+    """Yield :class:`~.batches.Batch` es decoded on the GPU, THREAD_PREFETCH_BATCHES ahead, in a thread."""
     decoder = decoder or GpuDecoder(size, max_pixels, workers)
     out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
     stop = threading.Event()
@@ -244,4 +244,4 @@ def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: i
             decoder.close()
             out.put(None)
 
-    return _drain(out, stop, threading.Thread(target=produce, name="featcache-gpu-decode", daemon=True))
+    return drain(out, stop, threading.Thread(target=produce, name="featcache-gpu-decode", daemon=True))
