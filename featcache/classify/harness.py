@@ -83,8 +83,10 @@ def _summary(m: dict | None) -> dict:
 
 
 def train(store: str, feature_set: str | None = None, base: str | None = None, head: str = "dense",
-          out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, **head_options) -> dict:
-    """Train one head on one feature set; with ``out``, write the run directory.
+          out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, report: bool = True,
+          **head_options) -> dict:
+    """Train one head on one feature set; with ``out``, write the run directory and (unless
+    ``report`` is False) its HTML report, ``out/report.html``.
 
     Returns the summary printed by ``featcache train --json``."""
     started = time.perf_counter()
@@ -110,6 +112,7 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
     }
     if run_dir:
         _write_run(run_dir, head_obj, record, result, summary)
+        summary["report"] = _report(run_dir) if report else None
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -131,6 +134,13 @@ def _write_run(run_dir: str, head: Head, record: dict, result: dict, summary: di
     if result["metrics"].get(shown, {}).get("n"):
         reports.plot_confusion(result["metrics"][shown]["confusion_matrix"], record["class_names"],
                                os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{record['name']}")
+
+
+def _report(run_dir: str) -> str:
+    """The run's report.html (see report_html.write_report); the run is complete without it."""
+    from .report_html import write_report
+
+    return write_report(run_dir)["report"]
 
 
 # -- compare ---------------------------------------------------------------------------------
@@ -173,12 +183,18 @@ def _head_options(head_name: str, options: dict) -> dict:
 
 
 def compare(store: str, heads: list[str], feature_sets: list[str] | None = None, cv: int | None = None,
-            memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, **options) -> dict:
+            memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, out: str | None = None, report: bool = True,
+            **options) -> dict:
     """Leaderboard over heads x feature sets: same rows, same metrics.
 
     Without ``cv``: fit on train, score validation and test; ranked by validation accuracy
     (the test split is reported, never used to rank). With ``cv=K``: StratifiedKFold on
-    train+validation, mean and std of accuracy and loss over the folds; test is not touched."""
+    train+validation, mean and std of accuracy and loss over the folds; test is not touched.
+
+    ``out``: a new folder that keeps each entry as a run directory ``out/HEAD-FEATURE_SET``
+    (without ``cv``; a run directory like train's, with its report.html unless ``report`` is
+    False), the result as ``out/leaderboard.json`` and, unless ``report`` is False, a page
+    ``out/leaderboard.html`` linking each entry's report."""
     for name in heads:
         if name not in HEADS:
             raise FeatcacheError(f"--heads: unknown head {name!r}; choose from {', '.join(HEADS)}")
@@ -187,7 +203,11 @@ def compare(store: str, heads: list[str], feature_sets: list[str] | None = None,
         raise FeatcacheError(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: no compared head takes it")
     if cv is not None and cv < 2:
         raise FeatcacheError(f"--cv {cv}: needs at least 2 folds")
+    if not report and not out:
+        raise FeatcacheError("--no-report: only with --out (compare writes reports only into --out)")
     started = time.perf_counter()
+    if out:
+        rundir.prepare(out)
     with open_store(store) as s:
         if feature_sets:
             sets = [require_labelled(s[name], store) for name in feature_sets]
@@ -208,8 +228,13 @@ def compare(store: str, heads: list[str], feature_sets: list[str] | None = None,
                     entry.update(_cross_validate(head_name, opts, fs, rows, cv, memory_budget_mb))
                 else:
                     splits = {split: data.Rows.of(fs, rows[split], split) for split in SPLITS}
-                    result = fit_and_evaluate(make_head(head_name, **opts), fs, splits, memory_budget_mb,
+                    head_obj = make_head(head_name, **opts)
+                    run_dir = rundir.prepare(os.path.join(out, f"{head_name}-{fs.name}")) if out else None
+                    result = fit_and_evaluate(head_obj, fs, splits, memory_budget_mb, run_dir,
                                               what=f"{fs.name} ({head_name})")
+                    if run_dir:
+                        _write_run(run_dir, head_obj, rundir.feature_set_record(fs, store), result, {})
+                        entry["run_dir"] = run_dir
                     entry.update({
                         "validation": _summary(result["metrics"].get("validation")),
                         "test": _summary(result["metrics"].get("test")),
@@ -224,8 +249,25 @@ def compare(store: str, heads: list[str], feature_sets: list[str] | None = None,
     entries.sort(key=_rank_key(bool(cv)))
     for rank, entry in enumerate(entries, 1):
         entry["rank"] = rank
-    return {"store": store, "cv": cv, "rows": counts, "rows_left_out": dropped,
-            "leaderboard": entries, "seconds": round(time.perf_counter() - started, 3)}
+    result = {"store": store, "cv": cv, "rows": counts, "rows_left_out": dropped,
+              "leaderboard": entries, "seconds": round(time.perf_counter() - started, 3)}
+    if out:
+        _keep_leaderboard(result, out, report)
+    return result
+
+
+def _keep_leaderboard(result: dict, out: str, report: bool) -> None:
+    """compare --out: each run's report, leaderboard.html linking them, leaderboard.json."""
+    links = []
+    for entry in result["leaderboard"]:
+        entry["report"] = _report(entry["run_dir"]) if report and entry.get("run_dir") else None
+        links.append(os.path.relpath(entry["report"], out) if entry["report"] else None)
+    if report:
+        from .report_html import compare_leaderboard
+
+        result["leaderboard_html"] = compare_leaderboard(result, out, links)
+    result["out"] = out
+    rundir.write_json(os.path.join(out, "leaderboard.json"), result)
 
 
 def _rank_key(cv: bool):
