@@ -197,7 +197,8 @@ def demo(workdir, per_class, seed, as_json):
 
     Draws four texture classes (train/validation/test folders), extracts raw pixels and
     MobileNet alpha 0.25 features (ImageNet weights bundled with featcache), trains logistic
-    regression and the dense head, prints a leaderboard and exports the best model.
+    regression and the dense head, prints a leaderboard, exports the best model
+    and writes its HTML report.
     A second run reuses the images and the cached features."""
     from .demo_job import format_report
 

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_tree
-from featcache.classify.report_html import render_leaderboard
+from featcache.classify.leaderboard_html import render_leaderboard
 from featcache.cli import cli
 from featcache.extract.pipeline import extract
 

@@ -263,7 +263,7 @@ def _keep_leaderboard(result: dict, out: str, report: bool) -> None:
         entry["report"] = _report(entry["run_dir"]) if report and entry.get("run_dir") else None
         links.append(os.path.relpath(entry["report"], out) if entry["report"] else None)
     if report:
-        from .report_html import compare_leaderboard
+        from .leaderboard_html import compare_leaderboard
 
         result["leaderboard_html"] = compare_leaderboard(result, out, links)
     result["out"] = out

@@ -65,7 +65,7 @@ def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     with threadpool_limits(1, user_api="openmp"):
         coords = TSNE(2, perplexity=perplexity, max_iter=TSNE_MAX_ITER, init="pca", learning_rate="auto",
                       random_state=seed).fit_transform(z)
-    return coords, (f"t-SNE (perplexity {perplexity:g}, {TSNE_MAX_ITER} iterations, seed {seed}) of the first "
+    return coords, (f"t-SNE (perplexity {perplexity:.3g}, {TSNE_MAX_ITER} iterations, seed {seed}) of the first "
                     f"{dims} principal components of {x.shape[1]} features")
 
 
@@ -89,7 +89,7 @@ def map_png(coords: np.ndarray, labels: np.ndarray, predicted: np.ndarray, class
     fig = Figure(figsize=(8.5, 6.5), layout="constrained")
     ax = fig.subplots()
     wrong = labels != predicted
-    small = max(4.0, min(18.0, 6000.0 / max(1, len(coords))))
+    small = max(4.0, min(40.0, 8000.0 / max(1, len(coords))))
     for c in range(k):
         right = (labels == c) & ~wrong
         ax.scatter(coords[right, 0], coords[right, 1], s=small, color=colours[c], alpha=0.75, linewidths=0)

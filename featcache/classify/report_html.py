@@ -1,141 +1,27 @@
-"""`featcache report`: one self-contained HTML page of a run, and leaderboard pages.
+"""`featcache report`: one self-contained HTML page of a run (see :mod:`.html_page`).
 
 The page holds the run's key facts, metrics per split, training curves, confusion matrix and
 per-class precision/recall/F1 (from the run directory), the images it gets wrong and its most
 confident right answers (thumbnails from the recorded image folder), and a map of the split's
-cached features (PCA then t-SNE). Pictures are inlined as data: URIs and the styles are inline;
-there is no script, and a Content-Security-Policy forbids any request: the file opens from
-disk in any browser, offline, and can be mailed around. Every string that comes from a file
-(paths, class names, settings) is HTML-escaped.
-
-What cannot be had is said on the page instead (a store that moved: the recorded metrics only;
-images that moved: paths instead of thumbnails).
+cached features (PCA then t-SNE). What cannot be had is said on the page instead (a store that
+moved: the recorded metrics only; images that moved: paths instead of thumbnails).
 """
 from __future__ import annotations
 
-import html
 import os
 import time
-from string import Template
-from urllib.parse import quote
 
 import numpy as np
 
-from .. import __version__
 from ..errors import FeatcacheError
 from . import report_data, report_figures, rundir
+from .html_page import esc, img, notes_html, num, page, table, write_html
 
 REPORT = "report.html"
 DEFAULT_MAX_IMAGES = 100
 RIGHT_PER_CLASS = 4  # most confident right answers shown per class
 THUMB_SIDE = 128
 MISTAKE_LIST_MAX = 5000  # mistakes past the thumbnails are listed as text, up to this many
-
-PAGE = Template("""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="featcache $version">
-<title>$title</title>
-<style>
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
-main { max-width: 1240px; margin: 0 auto; padding: 20px 28px 40px; }
-h1 { font-size: 22px; margin: 6px 0 2px; }
-h2 { font-size: 17px; margin: 28px 0 8px; padding-bottom: 4px; border-bottom: 1px solid #d5d9e0; }
-.sub { color: #5b6475; margin: 0 0 12px; word-break: break-all; }
-section { background: #fff; border: 1px solid #e1e4ea; border-radius: 8px; padding: 4px 18px 16px; margin-top: 16px; }
-table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
-th, td { padding: 3px 10px; border-bottom: 1px solid #eceef2; text-align: left; vertical-align: top; }
-th { background: #f1f3f6; font-weight: 600; }
-td.num, th.num { text-align: right; }
-table.facts th { background: none; width: 190px; color: #5b6475; font-weight: 500; }
-table.facts td { word-break: break-all; }
-.notes { background: #fff7e0; border: 1px solid #f0d48a; border-radius: 8px; padding: 8px 16px; margin-top: 16px; }
-.notes li { margin: 3px 0; }
-.flag { color: #b3261e; font-weight: 600; }
-.row { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
-img.plot { max-width: 100%; height: auto; border: 1px solid #eceef2; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
-figure.card { margin: 0; background: #fff; border: 1px solid #d5d9e0; border-top: 4px solid #888; border-radius: 6px; padding: 6px; font-size: 12px; }
-figure.wrong { border-top-color: #d93025; }
-figure.right { border-top-color: #1e8e3e; }
-figure.card img, figure.card .noimg { display: block; width: 100%; height: 128px; object-fit: contain; background: #f1f3f6; }
-figure.card .noimg { color: #5b6475; font-size: 11px; overflow: hidden; padding: 4px; box-sizing: border-box; }
-figcaption { margin-top: 4px; }
-.path { color: #5b6475; word-break: break-all; font-size: 11px; }
-.pred { color: #b3261e; font-weight: 600; }
-.true { font-weight: 600; }
-.p { font-variant-numeric: tabular-nums; }
-h3 { font-size: 14px; margin: 14px 0 6px; }
-details summary { cursor: pointer; color: #1a56c5; margin: 8px 0; }
-footer { color: #5b6475; font-size: 12px; margin-top: 24px; }
-a { color: #1a56c5; }
-</style>
-</head>
-<body><main>
-$body
-<footer>Written by featcache $version on $written in $seconds s. Self-contained: no script, no network request.</footer>
-</main></body>
-</html>
-""")
-
-
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value, spec=".4f") -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        return format(float(value), spec)
-    return esc(value)
-
-
-def _img(data: bytes | None, mime: str, alt: str, cls: str = "plot", extra: str = "") -> str:
-    if not data:
-        return ""
-    return f'<img class="{cls}" src="{report_figures.data_uri(data, mime)}" alt="{esc(alt)}"{extra}>'
-
-
-def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset(), cls: str = "") -> str:
-    """``rows`` are already-escaped cell strings."""
-    head = "".join(f'<th{" class=num" if i in numeric else ""}>{esc(h)}</th>' for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{c}</td>' for i, c in enumerate(row))
-                   + "</tr>" for row in rows)
-    return f'<table{f" class={cls}" if cls else ""}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _notes(notes: list[str]) -> str:
-    if not notes:
-        return ""
-    return '<div class="notes"><b>Note</b><ul>' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul></div>"
-
-
-def _page(title: str, body: str, started: float) -> str:
-    return PAGE.substitute(version=esc(__version__), title=esc(title), body=body,
-                           written=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                           seconds=f"{time.perf_counter() - started:.1f}")
-
-
-def _write(path: str, text: str) -> int:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FeatcacheError(f"{path}: folder {parent} does not exist")
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise FeatcacheError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
-    return len(text.encode("utf-8"))
 
 
 # -- the run report --------------------------------------------------------------------------
@@ -176,38 +62,46 @@ def write_report(run_dir: str, out: str | None = None, split: str | None = None,
     out = os.fspath(out) if out else os.path.join(run_dir, REPORT)
     names = list(config["feature_set"]["class_names"])
 
+    seconds = {}
+    clock = time.perf_counter()
     if predictions is None:
         try:
             predictions = report_data.split_probabilities(run_dir, split, config)
         except FeatcacheError as exc:
             notes.append(f"no per-image results: {exc}; the report shows the metrics recorded in the run")
+    seconds["predictions"], clock = time.perf_counter() - clock, time.perf_counter()
     if predictions is not None:
         notes += predictions.notes
         n_recorded = (metrics.get(split) or {}).get("n")
         if n_recorded is not None and n_recorded != len(predictions):
             notes.append(f"the {split} split has {len(predictions)} images now, the run's metrics counted {n_recorded}")
     mistakes_html, gallery = _mistakes_section(predictions, max_images, notes) if predictions is not None else ("", {})
+    seconds["thumbnails"], clock = time.perf_counter() - clock, time.perf_counter()
     map_html, map_info = _map_section(config, predictions, seed, notes) if predictions is not None else ("", {})
+    seconds["map"], clock = time.perf_counter() - clock, time.perf_counter()
+    metrics_html = _metrics_section(metrics, split, names, run_dir)
+    seconds["plots"] = time.perf_counter() - clock
 
     head = config["head"]
     title = f"{head} on {config['feature_set']['name']}"
     body = "".join([
         f"<h1>{esc(title)}</h1>",
         f'<p class="sub">featcache report of {esc(os.path.abspath(run_dir))} · {esc(split)} split</p>',
-        _notes(notes),
+        notes_html(notes),
         _facts_section(config, metrics),
-        _metrics_section(metrics, split, names, run_dir),
+        metrics_html,
         mistakes_html,
         map_html,
     ])
-    size = _write(out, _page(f"{title}: featcache report", body, started))
+    size = write_html(out, page(f"{title}: featcache report", body, started))
     n = len(predictions) if predictions is not None else None
     return {
         "report": out, "run_dir": run_dir, "head": head, "feature_set": config["feature_set"]["name"], "split": split,
         "images": n, "per_image": predictions is not None,
         "mistakes": int(np.sum(predictions.predicted != predictions.labels)) if n is not None else None,
         "mistake_thumbnails": None, "right_thumbnails": None, "map_points": None, "map_method": None,
-        **gallery, **map_info, "notes": notes, "bytes": size, "seconds": round(time.perf_counter() - started, 3),
+        **gallery, **map_info, "notes": notes, "bytes": size,
+        "stage_seconds": {k: round(v, 3) for k, v in seconds.items()}, "seconds": round(time.perf_counter() - started, 3),
     }
 
 
@@ -256,33 +150,33 @@ def _metrics_section(metrics: dict, split: str, names: list[str], run_dir: str) 
                        ("train", "train"), ("validation", "validation"), ("test", "test")):
         m = metrics.get(key) if key else (metrics.get("before") or {}).get("test")
         if m:
-            rows.append([esc(label), _num(m.get("n")), _num(m.get("accuracy")), _num(m.get("loss"))])
+            rows.append([esc(label), num(m.get("n")), num(m.get("accuracy")), num(m.get("loss"))])
     parts = ["<section><h2>Metrics</h2>",
-             _table(["split", "images", "accuracy", "log loss"], rows, {1, 2, 3}) if rows else "<p>No metrics recorded.</p>"]
+             table(["split", "images", "accuracy", "log loss"], rows, {1, 2, 3}) if rows else "<p>No metrics recorded.</p>"]
     flags = [(name, (metrics.get(name) or {}).get("reason")) for name in ("untrained", "overfitting")
              if (metrics.get(name) or {}).get("flag")]
     for name, reason in flags:
         parts.append(f'<p class="flag">{esc(name)}: {esc(reason)}</p>')
     curves = report_figures.curves_png(report_data.read_history(run_dir), f"{metrics.get('head', '')} training")
     if curves:
-        parts.append("<h3>Training curves</h3>" + _img(curves, "image/png", "loss and accuracy per epoch"))
+        parts.append("<h3>Training curves</h3>" + img(curves, "image/png", "loss and accuracy per epoch"))
     m = metrics.get(split) or {}
     if m.get("confusion_matrix") is not None:
         confusion = report_figures.confusion_png(m["confusion_matrix"], names, f"{split} split (rows: true class)")
         per_class = m.get("per_class") or {}
-        table_rows = [[esc(c), _num(per_class[c]["precision"]), _num(per_class[c]["recall"]),
-                       _num(per_class[c]["f1-score"]), _num(int(per_class[c]["support"]))]
+        table_rows = [[esc(c), num(per_class[c]["precision"]), num(per_class[c]["recall"]),
+                       num(per_class[c]["f1-score"]), num(int(per_class[c]["support"]))]
                       for c in [*names, "macro avg", "weighted avg"] if isinstance(per_class.get(c), dict)]
         parts.append(f"<h3>{esc(split.capitalize())} split: confusion matrix and per-class scores</h3>"
-                     '<div class="row"><div>' + _img(confusion, "image/png", "confusion matrix") + "</div><div>"
-                     + _table(["class", "precision", "recall", "F1", "images"], table_rows, {1, 2, 3, 4}) + "</div></div>")
+                     '<div class="row"><div>' + img(confusion, "image/png", "confusion matrix") + "</div><div>"
+                     + table(["class", "precision", "recall", "F1", "images"], table_rows, {1, 2, 3, 4}) + "</div></div>")
     parts.append("</section>")
     return "".join(parts)
 
 
 def _card(kind: str, path: str, true: str, predicted: str, p_pred: float, p_true: float, thumb: bytes | None,
           reason: str) -> str:
-    picture = (_img(thumb, "image/jpeg", path, cls="thumb") if thumb
+    picture = (img(thumb, "image/jpeg", path, cls="thumb") if thumb
                else f'<div class="noimg">{esc(reason or "no image")}</div>')
     if kind == "wrong":
         caption = (f'<span class="true">{esc(true)}</span> → <span class="pred">{esc(predicted)}</span> '
@@ -298,7 +192,7 @@ def _listing(indices, pred: report_data.SplitPredictions) -> str:
     names, predicted = pred.class_names, pred.predicted
     rows = [[esc(pred.paths[i]), esc(names[pred.labels[i]]), esc(names[predicted[i]]),
              f"{pred.proba[i, predicted[i]]:.4f}"] for i in indices]
-    return _table(["path", "true class", "predicted", "probability"], rows, {3})
+    return table(["path", "true class", "predicted", "probability"], rows, {3})
 
 
 def _mistakes_section(pred: report_data.SplitPredictions, max_images: int, notes: list[str]) -> tuple[str, dict]:
@@ -372,70 +266,5 @@ def _map_section(config: dict, pred: report_data.SplitPredictions, seed: int, no
                f"placed by {esc(method)}; {what}. Colour: true class; X: misclassified.")
     return ("<section><h2>Map of the features</h2>"
             f'<p class="sub">{caption}</p>'
-            + _img(picture, "image/png", "map of the features", extra=f' data-points="{len(coords)}"')
+            + img(picture, "image/png", "map of the features", extra=f' data-points="{len(coords)}"')
             + "</section>"), {"map_points": int(len(coords)), "map_method": method}
-
-
-# -- leaderboards ----------------------------------------------------------------------------
-
-
-def render_leaderboard(title: str, columns: list[tuple[str, str]], rows: list[dict], links: list[str | None],
-                       notes: list[str] = (), facts: list[tuple[str, str]] = (), link_label: str = "report") -> str:
-    """One HTML page: a table of ``rows`` (dicts; ``columns`` = [(key, header)]) with, per row,
-    a link to ``links[i]`` (a path relative to the page, e.g. a run's report.html) or none."""
-    if len(links) != len(rows):
-        raise ValueError("one link (or None) per row")
-    started = time.perf_counter()
-    numeric = {i for i, (key, _) in enumerate(columns)
-               if any(isinstance(r.get(key), (int, float, np.number)) and not isinstance(r.get(key), bool) for r in rows)}
-    table_rows = []
-    for row, link in zip(rows, links):
-        cells = [_num(row.get(key)) for key, _ in columns]
-        cells.append(f'<a href="{esc(quote(link))}">{esc(link_label)}</a>' if link else "–")
-        table_rows.append(cells)
-    body = [f"<h1>{esc(title)}</h1>", _notes(list(notes))]
-    if facts:
-        body.append('<section><table class="facts">' + "".join(
-            f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts) + "</table></section>")
-    body.append("<section>" + _table([h for _, h in columns] + [link_label], table_rows, numeric) + "</section>")
-    return _page(title, "".join(body), started)
-
-
-def write_leaderboard(path: str, title: str, columns, rows, links, notes=(), facts=(), link_label="report") -> str:
-    _write(path, render_leaderboard(title, columns, rows, links, notes, facts, link_label))
-    return path
-
-
-def compare_leaderboard(result: dict, out_dir: str, links: list[str | None]) -> str:
-    """The leaderboard page of ``featcache compare --out``: OUT_DIR/leaderboard.html."""
-    cv = result.get("cv")
-    rows, columns = [], [("rank", "#"), ("head", "head"), ("feature_set", "feature set")]
-    if cv:
-        columns += [("cv_accuracy", f"cv{cv} accuracy"), ("cv_accuracy_std", "±"),
-                    ("cv_loss", f"cv{cv} loss"), ("cv_loss_std", "±"), ("seconds", "seconds")]
-    else:
-        columns += [("val_accuracy", "val acc"), ("val_loss", "val loss"), ("test_accuracy", "test acc"),
-                    ("test_loss", "test loss"), ("overfitting", "overfitting"), ("seconds", "seconds")]
-    for e in result["leaderboard"]:
-        row = {"rank": e["rank"], "head": e["head"], "feature_set": e["feature_set"], "seconds": e["seconds"]}
-        if cv:
-            c = e["cv"]
-            row.update(cv_accuracy=c["accuracy_mean"], cv_accuracy_std=c["accuracy_std"], cv_loss=c["loss_mean"],
-                       cv_loss_std=c["loss_std"])
-        else:
-            row.update(val_accuracy=e["validation"]["accuracy"], val_loss=e["validation"]["loss"],
-                       test_accuracy=e["test"]["accuracy"], test_loss=e["test"]["loss"], overfitting=e["overfitting"])
-        rows.append(row)
-    counts = result["rows"]
-    facts = [("store", os.path.abspath(result["store"])),
-             ("images", f"train {counts['train']:,}, validation {counts['validation']:,}, test {counts['test']:,}"),
-             ("ranked by", f"mean accuracy over {cv} folds of train+validation" if cv
-              else "validation accuracy (test is reported, never used to rank)")]
-    notes = []
-    if result.get("rows_left_out"):
-        notes.append(f"{result['rows_left_out']} rows not present in every feature set were left out")
-    if cv:
-        notes.append("cross-validation trains one model per fold: there is no single run to report per entry")
-    path = os.path.join(out_dir, "leaderboard.html")
-    return write_leaderboard(path, f"featcache compare: {os.path.basename(result['store'])}", columns, rows, links,
-                             notes, facts)
