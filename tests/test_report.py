@@ -7,6 +7,7 @@ class's folder. The pixel features see colour, which the generated images take f
 real class, so the head predicts the real class and exactly the moved files are wrong."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -263,3 +264,19 @@ def test_map_sample_is_seeded_and_marks_rows(setup, monkeypatch):
     features, index, note = report_data.map_features(config, pred, seed=1)
     again = report_data.map_features(config, pred, seed=1)[1]
     assert len(features) == 10 and np.array_equal(index, again) and note.startswith("a seeded sample of 10")
+
+
+def test_thumbnails_apply_exif_orientation_and_report_unreadable_files(tmp_path):
+    from PIL import Image
+
+    from featcache.classify.report_figures import thumbnail_jpeg
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees: portrait
+    Image.new("RGB", (400, 200), (200, 30, 30)).save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    data, reason = thumbnail_jpeg(str(tmp_path), "rotated.jpg", 128)
+    with Image.open(io.BytesIO(data)) as thumb:
+        assert thumb.size == (64, 128) and reason == ""
+    (tmp_path / "notes.jpg").write_text("not an image at all\n")
+    assert thumbnail_jpeg(str(tmp_path), "notes.jpg", 128) == (None, "not an image (a text file)")
+    assert thumbnail_jpeg(str(tmp_path), "gone.jpg", 128)[1] == "file vanished (or a dangling symlink)"

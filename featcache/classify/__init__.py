@@ -5,6 +5,8 @@
 - :mod:`.harness`: ``train`` (one run, a run directory) and ``compare`` (a leaderboard)
 - :mod:`.reports`: metrics, sanity flags, plots;  :mod:`.rundir`: the run directory
 - :mod:`.predict` / :mod:`.export`: base + head on new images, one exported Keras model
+- :mod:`.report_html`: the HTML report of a run (data from :mod:`.report_data`, pictures from
+  :mod:`.report_figures`); :mod:`.leaderboard_html`: leaderboard pages; :mod:`.html_page`: their page
 
 Imports are lazy: ``import featcache.classify`` loads neither Keras nor scikit-learn.
 """
