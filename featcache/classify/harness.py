@@ -112,7 +112,7 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
     }
     if run_dir:
         _write_run(run_dir, head_obj, record, result, summary)
-        summary["report"] = _report(run_dir) if report else None
+    summary["report"] = _report(run_dir) if run_dir and report else None
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
 

@@ -123,7 +123,8 @@ def _facts_section(config: dict, metrics: dict) -> str:
         ("store", esc(record.get("store", ""))),
         ("image folder", esc(config.get("image_root") or record.get("image_root") or "")),
         ("training time", esc(_seconds(metrics))),
-        ("created", esc(f"{config.get('created', '')} (featcache {config.get('featcache_version', '?')})")),
+        ("created", esc(config.get("created", "") + (f" (featcache {config['featcache_version']})"
+                                                     if config.get("featcache_version") else ""))),
         ("model", esc(f"{config['model']['file']} sha256 {config['model'].get('sha256', '')}")),
     ]
     if config.get("stage_two_run"):
