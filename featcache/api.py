@@ -259,7 +259,8 @@ def demo(*, workdir: str | os.PathLike = "featcache-demo", per_class: int = 100,
     step.
 
     Returns ``workdir``, ``images``, ``store``, ``extract``, ``leaderboard``, ``best``,
-    ``model``, ``plots`` and ``seconds``."""
+    ``model``, ``plots``, ``report`` (the best run's HTML report: ``path``, ``split``, ``images``,
+    ``mistakes``) and ``seconds``."""
     from .demo_job import run_demo
 
     return run_demo(os.fspath(workdir), per_class, seed, log=log)

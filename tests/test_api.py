@@ -15,7 +15,8 @@ from featcache.cli import cli
 
 # command -> API function
 COMMANDS = {"extract": "extract_features", "info": "info", "merge": "merge", "bases": "bases", "train": "train",
-            "compare": "compare", "report": "report", "predict": "predict", "export": "export", "finetune": "finetune", "demo": "demo"}
+            "compare": "compare", "report": "report", "predict": "predict", "export": "export",
+            "finetune": "finetune", "demo": "demo"}
 # Options that shape only the command's own output or exit status.
 CLI_ONLY = {"as_json", "strict", "no_progress"}
 # CLI parameter name -> API parameter name, where they differ.
@@ -104,7 +105,7 @@ def test_api_results_equal_what_json_prints(tree, tmp_path):
     api_report = featcache.report(tmp_path / "r1", out=tmp_path / "r1-api.html")
     assert _without_timings({**api_report, "report": None, "bytes": None}) == _without_timings(
         {**cli_report, "report": None, "bytes": None})
-    assert cli_report["mistakes"] == 0 and cli_report["map_points"] == 3
+    assert cli_report["mistakes"] == 0 and cli_report["map_points"] == 6  # 3 test images per class
 
     cli_cmp = json.loads(run("compare", cli_store, "--heads", "logreg", "--json").stdout)
     api_cmp = featcache.compare(api_store, heads=["logreg"])
