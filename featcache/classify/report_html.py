@@ -151,6 +151,8 @@ def _metrics_section(metrics: dict, split: str, names: list[str], run_dir: str) 
                        ("train", "train"), ("validation", "validation"), ("test", "test")):
         m = metrics.get(key) if key else (metrics.get("before") or {}).get("test")
         if m:
+            if key == "untrained" and m.get("split"):
+                label = f"untrained ({m['split']})"
             rows.append([esc(label), num(m.get("n")), num(m.get("accuracy")), num(m.get("loss"))])
     parts = ["<section><h2>Metrics</h2>",
              table(["split", "images", "accuracy", "log loss"], rows, {1, 2, 3}) if rows else "<p>No metrics recorded.</p>"]
