@@ -21,7 +21,8 @@ import os
 
 from .errors import FeatcacheError
 
-__all__ = ["extract_features", "info", "merge", "bases", "train", "compare", "report", "predict", "export",
+__all__ = ["extract_features", "info", "merge", "bases", "train", "compare", "search", "report", "predict",
+           "export",
            "finetune", "demo", "FeatcacheError"]
 
 DEFAULT_SPLIT = "0.8,0.1,0.1"
@@ -209,6 +210,29 @@ def report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     from .classify.report_html import write_report
 
     return write_report(os.fspath(run_dir), None if out is None else os.fspath(out), split, max_images, seed)
+
+
+def search(store: str | os.PathLike, *, out: str | os.PathLike, trials: int = 30, timeout: float | None = None,
+           heads: str | list[str] = "dense,logreg", feature_sets=None, cv: int | None = None, study: str | None = None,
+           sampler: str = "tpe", pruner: str = "median", seed: int = 0,
+           memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, log=None) -> dict:
+    """Hyperparameter search with Optuna over heads x feature sets x head settings of ``store``
+    (``featcache search``). ``out`` keeps the study (``study.db``), the leaderboard, the plots and
+    the best trial retrained as the run directory ``out/best``; calling it again resumes the
+    study until it holds ``trials`` finished trials. Trials are ranked on validation loss (or
+    ``cv`` folds); only the top 3 are tested. ``pruner`` may also be an Optuna pruner object;
+    ``log`` hears one line per trial.
+
+    Returns ``store``, ``out``, ``study``, ``storage``, ``resumed``, ``objective``, ``sampler``,
+    ``pruner``, ``rows``, ``trials`` (counts: complete, pruned, fail, running, finished,
+    requested, ran_here, marked_failed), ``stopped``, ``best`` (trial, head, feature_set,
+    params, loss, accuracy, retrained, test, run_dir; None before a trial completes),
+    ``leaderboard``, ``files``, ``notes`` and ``seconds``."""
+    from .classify.search import search as run_search
+
+    return run_search(os.fspath(store), os.fspath(out), trials=trials, timeout=timeout, heads=heads,
+                      feature_sets=feature_sets, cv=cv, study=study, sampler=sampler, pruner=pruner, seed=seed,
+                      memory_budget_mb=memory_budget_mb, log=log)
 
 
 def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str | None = None,

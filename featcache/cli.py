@@ -322,6 +322,56 @@ def _print_leaderboard(store, result, cv):
 
 
 @cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", type=click.Path(), required=True, metavar="DIR",
+              help="Search folder: study.db, leaderboard, plots, best/. The same command resumes the search in it.")
+@click.option("--trials", type=int, default=30, show_default=True, help="Finished (complete or pruned) trials the study should hold, earlier runs' included.")
+@click.option("--timeout", type=float, metavar="S", help="Start no new trial after S seconds of this run.")
+@click.option("--heads", default="dense,logreg", show_default=True, help="Comma-separated heads to search.")
+@click.option("--feature-sets", help="Comma-separated feature set names [default: all in STORE].")
+@click.option("--cv", type=click.IntRange(min=2), metavar="K", help="Rank trials by K-fold cross-validation of train+validation instead of the validation split.")
+@click.option("--study", help="Study name in DIR/study.db [default: the one there, or 'search' for a new one].")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True, help="Optuna sampler (TPE: Bayesian optimisation).")
+@click.option("--pruner", type=click.Choice(["median", "none"]), default="median", show_default=True, help="Stop dense trials whose validation loss is worse than the median at the same epoch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler and of every trial's head.")
+@click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=api.DEFAULT_MEMORY_BUDGET_MB,
+              show_default=True, help="MB. Train+validation features (float32) above this stream from the store in chunks.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def search(store, as_json, **options):
+    """Search heads, feature sets and head settings of STORE with Optuna (resumable).
+
+    Trials are ranked on validation loss (or --cv); only the top trials are tested, and the
+    best is retrained as an ordinary run directory DIR/best."""
+    result = api.search(store, log=lambda text: click.echo(_safe(text), err=True), **options)
+    if as_json:
+        _emit_json(result)
+        return
+    t = result["trials"]
+    click.echo(f"study {result['study']!r} in {result['storage'].removeprefix('sqlite:///')}: {t['finished']} of "
+               f"{t['requested']} trials finished ({t['complete']} complete, {t['pruned']} pruned), {t['fail']} failed; "
+               f"{t['ran_here']} run now in {result['seconds']:.1f} s" + (" (stopped by --timeout)" if result["stopped"] == "timeout" else ""))
+    ranked = [r for r in result["leaderboard"] if r["rank"] is not None][:10]
+    if ranked:
+        w = max(len("feature set"), *(len(r["feature_set"]) for r in ranked))
+        metric = "cv loss" if options.get("cv") else "val loss"
+        click.echo(f"{'#':<3} {'trial':>5} {'head':<7} {'feature set':<{w}} {metric:>8} {'accuracy':>8} {'test acc':>8} {'seconds':>8}")
+        for r in ranked:
+            test = (r["test"] or {}).get("accuracy")
+            click.echo(f"{r['rank']:<3} {r['trial']:>5} {r['head']:<7} {r['feature_set']:<{w}} {_fmt(r['loss']):>8} "
+                       f"{_fmt(r['accuracy']):>8} {_fmt(test):>8} {r['seconds']:>8.1f}")
+    best = result["best"]
+    if best:
+        settings = ", ".join(f"{k}={v}" for k, v in best["params"].items())
+        click.echo(f"best: trial {best['trial']} ({best['head']}, {settings})")
+        click.echo(f"  test accuracy {_fmt(best['test']['accuracy'])} loss {_fmt(best['test']['loss'])}; run directory {best['run_dir']}")
+    for key, path in result["files"].items():
+        if key != "best_run":
+            click.echo(f"  {key.replace('_', ' '):<18} {path}")
+    for note in result["notes"]:
+        click.echo(f"  note: {_safe(note)}", err=True)
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes shown per image.")

@@ -3,6 +3,8 @@
 - :mod:`.heads`: the heads (``dense`` Keras, ``logreg`` scikit-learn), one interface
 - :mod:`.data`: rows of a feature set, in memory or streamed from HDF5 within a budget
 - :mod:`.harness`: ``train`` (one run, a run directory) and ``compare`` (a leaderboard)
+- :mod:`.search`: ``search`` (Optuna over heads x feature sets x settings; :mod:`.study` keeps
+  the study resumable and shareable, :mod:`.leaderboard` writes what it found)
 - :mod:`.reports`: metrics, sanity flags, plots;  :mod:`.rundir`: the run directory
 - :mod:`.predict` / :mod:`.export`: base + head on new images, one exported Keras model
 - :mod:`.report_html`: the HTML report of a run (data from :mod:`.report_data`, pictures from
@@ -12,7 +14,7 @@ Imports are lazy: ``import featcache.classify`` loads neither Keras nor scikit-l
 """
 
 # predict() and export() live in the submodules of the same names (featcache.classify.predict.predict).
-__all__ = ["train", "compare", "make_head", "HEADS"]
+__all__ = ["train", "compare", "search", "make_head", "HEADS"]
 
 
 def __getattr__(name):
@@ -20,6 +22,10 @@ def __getattr__(name):
         from . import harness
 
         return getattr(harness, name)
+    if name == "search":
+        from .search import search
+
+        return search
     if name in ("make_head", "HEADS"):
         from . import heads
 
