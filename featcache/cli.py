@@ -206,7 +206,8 @@ def demo(workdir, per_class, seed, as_json):
 
     Draws four texture classes (train/validation/test folders), extracts raw pixels and
     MobileNet alpha 0.25 features (ImageNet weights bundled with featcache), trains logistic
-    regression and the dense head, prints a leaderboard and exports the best model.
+    regression and the dense head, prints a leaderboard, exports the best model
+    and writes its HTML report.
     A second run reuses the images and the cached features."""
     from .demo_job import format_report
 
@@ -261,11 +262,12 @@ def _fmt(value, spec=".4f") -> str:
 @click.option("--reduce-lr", type=click.IntRange(min=1), metavar="PATIENCE", help="dense: learning rate / 10 after PATIENCE epochs without validation improvement.")
 @click.option("--csv-log", is_flag=True, help="dense: write history.csv epoch by epoch while training (written at the end anyway).")
 @click.option("--tensorboard", type=click.Path(file_okay=False), metavar="DIR", help="dense: TensorBoard log folder (needs the tensorboard package).")
+@click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **options):
+def train(store, feature_set, base, head, out, memory_budget_mb, no_report, as_json, **options):
     """Train a head on a feature set of STORE; write the run directory --out."""
     result = api.train(store, out=out, feature_set=feature_set, base=base, head=head,
-                       memory_budget_mb=memory_budget_mb, **options)
+                       memory_budget_mb=memory_budget_mb, no_report=no_report, **options)
     if as_json:
         _emit_json(result)
         return
@@ -277,6 +279,8 @@ def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **opti
         m = result[split]
         click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(m['accuracy'])} loss {_fmt(m['loss'])}")
     click.echo(f"  trained in {result['seconds']:.1f} s; run directory {result['run_dir']}")
+    if result.get("report"):
+        click.echo(f"  report {result['report']}")
     if u["flag"]:
         click.echo(f"  warning: {u['reason']}", err=True)
     if result["overfitting"]["flag"]:
@@ -289,14 +293,25 @@ def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **opti
 @click.option("--feature-sets", help="Comma-separated feature set names [default: all in STORE].")
 @click.option("--cv", type=click.IntRange(min=2), metavar="K", help="K-fold stratified cross-validation on train+validation instead of the fixed split.")
 @_head_options
+@click.option("--out", type=click.Path(), help="New folder: each entry as a run directory HEAD-FEATURE_SET (not with --cv), "
+              "leaderboard.json, and leaderboard.html linking each run's report.html.")
+@click.option("--no-report", is_flag=True, help="With --out: no HTML (run directories and leaderboard.json only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def compare(store, heads, feature_sets, cv, memory_budget_mb, as_json, **options):
+def compare(store, heads, feature_sets, cv, memory_budget_mb, out, no_report, as_json, **options):
     """Leaderboard of heads x feature sets of STORE on the same images and metrics."""
     result = api.compare(store, heads=heads, feature_sets=feature_sets, cv=cv, memory_budget_mb=memory_budget_mb,
-                         **options)
+                         out=out, no_report=no_report, **options)
     if as_json:
         _emit_json(result)
         return
+    _print_leaderboard(store, result, cv)
+    if result.get("leaderboard_html"):
+        click.echo(f"leaderboard {result['leaderboard_html']}")
+    elif out:
+        click.echo(f"runs and leaderboard.json in {out}")
+
+
+def _print_leaderboard(store, result, cv):
     rows = result["rows"]
     click.echo(f"{store}: train {rows['train']}, validation {rows['validation']}, test {rows['test']} images"
                + (f" ({result['rows_left_out']} rows not in every feature set left out)" if result["rows_left_out"] else ""))
@@ -402,6 +417,32 @@ def export(run_dir, out, weights, as_json):
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="The HTML file [default: RUN_DIR/report.html, replaced if there].")
+@click.option("--split", type=click.Choice(["test", "validation", "train"]), help="Split whose mistakes and map are shown [default: test, or validation if test is empty].")
+@click.option("--max-images", type=click.IntRange(min=0), default=100, show_default=True, help="Thumbnails of mistakes at most (the rest are listed by path).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the map (PCA and t-SNE).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def report(run_dir, out, split, max_images, seed, as_json):
+    """Write one self-contained HTML page of RUN_DIR: metrics, mistakes, a map of the features."""
+    result = api.report(run_dir, out=out, split=split, max_images=max_images, seed=seed)
+    if as_json:
+        _emit_json(result)
+        return
+    _print_report(result)
+
+
+def _print_report(result: dict) -> None:
+    if result["per_image"]:
+        click.echo(f"report {result['report']}: {result['mistakes']} mistakes of {result['images']} {result['split']} images "
+                   f"({result['mistake_thumbnails']} thumbnails), map of {result['map_points']} points")
+    else:
+        click.echo(f"report {result['report']}: recorded metrics only")
+    for note in result["notes"]:
+        click.echo(f"  note: {_safe(note)}", err=True)
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="[IMAGE_DIR] RUN_DIR")
 @click.option("--out", type=click.Path(), required=True, help="New run directory of the fine-tuned model.")
 @click.option("--blocks", type=click.IntRange(min=1), default=1, show_default=True, help="Top blocks to unfreeze (the registry names one).")
@@ -414,15 +455,16 @@ def export(run_dir, out, weights, as_json):
 @click.option("--from-cache", type=click.Path(), metavar="STORE.h5", help="Train from the boundary activations in this store (extract --layer BOUNDARY); no images decoded.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of shuffling and dropout.")
+@click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def finetune(paths, out, as_json, **options):
+def finetune(paths, out, no_report, as_json, **options):
     """Fine-tune the top block of the base with the dense head of a stage-two RUN_DIR.
 
     IMAGE_DIR defaults to the image folder recorded in the run; with --from-cache no images are read."""
     if len(paths) > 2:
         raise FeatcacheError("finetune: expected [IMAGE_DIR] RUN_DIR")
     image_dir, run_dir = (None, paths[0]) if len(paths) == 1 else paths
-    result = api.finetune(run_dir, out=out, image_dir=image_dir, **options)
+    result = api.finetune(run_dir, out=out, image_dir=image_dir, no_report=no_report, **options)
     if as_json:
         _emit_json(result)
         return
@@ -433,6 +475,8 @@ def finetune(paths, out, as_json, **options):
         click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(b.get('accuracy'))} -> {_fmt(m['accuracy'])} "
                    f"loss {_fmt(b.get('loss'))} -> {_fmt(m['loss'])}")
     click.echo(f"  {result['epochs']} epochs in {result['seconds']:.1f} s; run directory {result['run_dir']}")
+    if result.get("report"):
+        click.echo(f"  report {result['report']}")
 
 
 def main():

@@ -54,8 +54,10 @@ def test_search_writes_every_artifact_and_best_is_an_ordinary_run(pixels, tmp_pa
     assert summary["trials"]["finished"] == 4 and summary["trials"]["ran_here"] == 4 and not summary["resumed"]
     assert summary["sampler"]["kind"] == "tpe" and summary["sampler"]["seed"] == 0 and summary["pruner"] == "median"
     for name in ("study.db", "leaderboard.csv", "leaderboard.json", "search.json", "optimization_history.png",
-                 "best/config.json", "best/metrics.json", "best/history.csv"):
+                 "best/config.json", "best/metrics.json", "best/history.csv", "best/report.html", "leaderboard.html"):
         assert (out / name).is_file(), name
+    page = (out / "leaderboard.html").read_text()
+    assert page.count('href="best/report.html"') == 1 and "http" not in page.replace("http-equiv", "")
     for key, name in (("history_plot", "optimization_history.png"), ("intermediate_plot", "intermediate_values.png"),
                       ("importance_plot", "param_importances.png")):
         assert summary["files"][key] == str(out / name) and (out / name).stat().st_size > 10_000, name

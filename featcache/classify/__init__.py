@@ -7,6 +7,8 @@
   the study resumable and shareable, :mod:`.leaderboard` writes what it found)
 - :mod:`.reports`: metrics, sanity flags, plots;  :mod:`.rundir`: the run directory
 - :mod:`.predict` / :mod:`.export`: base + head on new images, one exported Keras model
+- :mod:`.report_html`: the HTML report of a run (data from :mod:`.report_data`, pictures from
+  :mod:`.report_figures`); :mod:`.leaderboard_html`: leaderboard pages; :mod:`.html_page`: their page
 
 Imports are lazy: ``import featcache.classify`` loads neither Keras nor scikit-learn.
 """

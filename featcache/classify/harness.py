@@ -99,8 +99,10 @@ def _summary(m: dict | None) -> dict:
 
 
 def train(store: str, feature_set: str | None = None, base: str | None = None, head: str = "dense",
-          out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, **head_options) -> dict:
-    """Train one head on one feature set; with ``out``, write the run directory.
+          out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, report: bool = True,
+          **head_options) -> dict:
+    """Train one head on one feature set; with ``out``, write the run directory and (unless
+    ``report`` is False) its HTML report, ``out/report.html``.
 
     Returns the summary printed by ``featcache train --json``."""
     started = time.perf_counter()
@@ -126,6 +128,7 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
     }
     if run_dir:
         _write_run(run_dir, head_obj, record, result, summary)
+    summary["report"] = _report(run_dir) if run_dir and report else None
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -147,6 +150,13 @@ def _write_run(run_dir: str, head: Head, record: dict, result: dict, summary: di
     if result["metrics"].get(shown, {}).get("n"):
         reports.plot_confusion(result["metrics"][shown]["confusion_matrix"], record["class_names"],
                                os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{record['name']}")
+
+
+def _report(run_dir: str) -> str:
+    """The run's report.html (see report_html.write_report); the run is complete without it."""
+    from .report_html import write_report
+
+    return write_report(run_dir)["report"]
 
 
 # -- compare ---------------------------------------------------------------------------------
@@ -191,12 +201,18 @@ def _head_options(head_name: str, options: dict) -> dict:
 
 
 def compare(store: str, heads: list[str], feature_sets: list[str] | None = None, cv: int | None = None,
-            memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, **options) -> dict:
+            memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, out: str | None = None, report: bool = True,
+            **options) -> dict:
     """Leaderboard over heads x feature sets: same rows, same metrics.
 
     Without ``cv``: fit on train, score validation and test; ranked by validation accuracy
     (the test split is reported, never used to rank). With ``cv=K``: StratifiedKFold on
-    train+validation, mean and std of accuracy and loss over the folds; test is not touched."""
+    train+validation, mean and std of accuracy and loss over the folds; test is not touched.
+
+    ``out``: a new folder that keeps each entry as a run directory ``out/HEAD-FEATURE_SET``
+    (without ``cv``; a run directory like train's, with its report.html unless ``report`` is
+    False), the result as ``out/leaderboard.json`` and, unless ``report`` is False, a page
+    ``out/leaderboard.html`` linking each entry's report."""
     for name in heads:
         if name not in HEADS:
             raise FeatcacheError(f"--heads: unknown head {name!r}; choose from {', '.join(HEADS)}")
@@ -205,7 +221,11 @@ def compare(store: str, heads: list[str], feature_sets: list[str] | None = None,
         raise FeatcacheError(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: no compared head takes it")
     if cv is not None and cv < 2:
         raise FeatcacheError(f"--cv {cv}: needs at least 2 folds")
+    if not report and not out:
+        raise FeatcacheError("--no-report: only with --out (compare writes reports only into --out)")
     started = time.perf_counter()
+    if out:
+        rundir.prepare(out)
     with open_store(store) as s:
         sets = labelled_sets(s, store, feature_sets, "compare")
         per_set, dropped = common_rows(sets)
@@ -214,14 +234,32 @@ def compare(store: str, heads: list[str], feature_sets: list[str] | None = None,
             for head_name in heads:
                 opts = _head_options(head_name, options)
                 entry = {"head": head_name, "feature_set": fs.name, "settings": make_head(head_name, **opts).config}
-                entry.update(score_head(head_name, opts, fs, rows, memory_budget_mb, cv))
+                run_dir = rundir.prepare(os.path.join(out, f"{head_name}-{fs.name}")) if out and not cv else None
+                entry.update(score_head(head_name, opts, fs, rows, memory_budget_mb, cv, run_dir=run_dir, store=store))
                 entries.append(entry)
         counts = {split: int(len(per_set[0][split])) for split in SPLITS}
     entries.sort(key=_rank_key(bool(cv)))
     for rank, entry in enumerate(entries, 1):
         entry["rank"] = rank
-    return {"store": store, "cv": cv, "rows": counts, "rows_left_out": dropped,
-            "leaderboard": entries, "seconds": round(time.perf_counter() - started, 3)}
+    result = {"store": store, "cv": cv, "rows": counts, "rows_left_out": dropped,
+              "leaderboard": entries, "seconds": round(time.perf_counter() - started, 3)}
+    if out:
+        _keep_leaderboard(result, out, report)
+    return result
+
+
+def _keep_leaderboard(result: dict, out: str, report: bool) -> None:
+    """compare --out: each run's report, leaderboard.html linking them, leaderboard.json."""
+    links = []
+    for entry in result["leaderboard"]:
+        entry["report"] = _report(entry["run_dir"]) if report and entry.get("run_dir") else None
+        links.append(os.path.relpath(entry["report"], out) if entry["report"] else None)
+    if report:
+        from .leaderboard_html import compare_leaderboard
+
+        result["leaderboard_html"] = compare_leaderboard(result, out, links)
+    result["out"] = out
+    rundir.write_json(os.path.join(out, "leaderboard.json"), result)
 
 
 def _rank_key(cv: bool):
@@ -236,20 +274,28 @@ def _rank_key(cv: bool):
 
 
 def score_head(head_name: str, opts: dict, fs: FeatureSet, rows: dict[str, np.ndarray], budget_mb: float,
-               cv: int | None = None, scored=SPLITS, views: bool = False, callbacks=None) -> dict:
+               cv: int | None = None, scored=SPLITS, views: bool = False, callbacks=None,
+               run_dir: str | None = None, store: str | None = None) -> dict:
     """One head configuration on given rows (split -> row indices): fit on train and score the
     ``scored`` splits, or with ``cv=K`` K-fold cross-validation on train+validation (test
     untouched). What compare lists per entry and search records per trial.
 
     ``views``: training rows carry their cached augmented views, as ``train`` uses them.
-    ``callbacks(fold)``: extra Keras callbacks for one fit (fold index, None without cv)."""
+    ``callbacks(fold)``: extra Keras callbacks for one fit (fold index, None without cv).
+    ``run_dir`` (without cv): keep the fit as a run directory like train's (``store``: its path)."""
     extra = callbacks or (lambda fold: ())
     if cv:
         return _cross_validate(head_name, opts, fs, rows, cv, budget_mb, views, extra)
     splits = {split: _rows(fs, rows[split], split, views) for split in scored}
-    result = fit_and_evaluate(make_head(head_name, **opts), fs, splits, budget_mb,
-                              what=f"{fs.name} ({head_name})", callbacks=extra(None))
+    head = make_head(head_name, **opts)
+    result = fit_and_evaluate(head, fs, splits, budget_mb, run_dir, what=f"{fs.name} ({head_name})",
+                              callbacks=extra(None))
+    kept = {}
+    if run_dir:
+        _write_run(run_dir, head, rundir.feature_set_record(fs, store), result, {})
+        kept = {"run_dir": run_dir}
     return {
+        **kept,
         **{split: _summary(result["metrics"].get(split)) for split in ("validation", "test", "train") if split in scored},
         "untrained_flag": result["untrained"]["flag"],
         "overfitting": result["overfitting"]["flag"],

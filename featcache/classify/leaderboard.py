@@ -20,7 +20,7 @@ from . import harness, rundir
 TESTED = 3  # complete trials, best first, scored on the test split (never used to rank)
 BEST_DIR = "best"
 FILES = {"leaderboard_csv": "leaderboard.csv", "leaderboard_json": "leaderboard.json",
-         "summary": "search.json", "history_plot": "optimization_history.png",
+         "leaderboard_html": "leaderboard.html", "summary": "search.json", "history_plot": "optimization_history.png",
          "intermediate_plot": "intermediate_values.png", "importance_plot": "param_importances.png"}
 
 
@@ -99,9 +99,10 @@ def finish(study, out: str, store: str, cv: int | None, budget_mb: float, log) -
     _write_board(rows, out, cv)
     plots, plot_notes = _plots(study, out, cv)
     notes += plot_notes
+    _write_board_page(rows, out, cv, best, plots)
     result = {"counts": counts(trials), "best": best, "leaderboard": rows,
-              "files": {**{k: os.path.join(out, v) for k, v in FILES.items() if k.endswith(("csv", "json", "summary"))},
-                        **plots}, "notes": notes}
+              "files": {**{k: os.path.join(out, v) for k, v in FILES.items()
+                           if k.endswith(("csv", "json", "html", "summary"))}, **plots}, "notes": notes}
     if best:
         result["files"]["best_run"] = best["run_dir"]
     rundir.write_json(os.path.join(out, FILES["summary"]), {k: v for k, v in result.items() if k != "leaderboard"})
@@ -167,6 +168,27 @@ def _write_board(rows: list[dict], out: str, cv: int | None) -> None:
                              r["epochs_run"], r["seconds"], test.get("accuracy"), test.get("loss"), r["note"],
                              *(r["params"].get(p) for p in params)])
     os.replace(tmp, os.path.join(out, FILES["leaderboard_csv"]))
+
+
+def _write_board_page(rows: list[dict], out: str, cv: int | None, best: dict | None, plots: dict) -> None:
+    """leaderboard.html: every trial, the best one linked to its run's report (best/report.html)."""
+    from .leaderboard_html import write_leaderboard
+
+    objective = f"cv{cv}" if cv else "validation"
+    report = os.path.join(BEST_DIR, "report.html")
+    has_report = best is not None and os.path.isfile(os.path.join(out, report))
+    flat = [{"rank": r["rank"], "trial": r["trial"], "state": r["state"], "head": r["head"],
+             "feature_set": r["feature_set"], "loss": r["loss"], "accuracy": r["accuracy"],
+             "test_accuracy": (r["test"] or {}).get("accuracy"), "seconds": r["seconds"],
+             "params": ", ".join(f"{k}={_short(v)}" for k, v in sorted(r["params"].items()))} for r in rows]
+    links = [report if has_report and r["trial"] == best["trial"] else None for r in rows]
+    columns = [("rank", "#"), ("trial", "trial"), ("state", "state"), ("head", "head"),
+               ("feature_set", "feature set"), ("loss", f"{objective} loss"), ("accuracy", f"{objective} acc"),
+               ("test_accuracy", "test acc (top 3)"), ("seconds", "seconds", ".1f"), ("params", "settings")]
+    notes = [f"ranked on {objective} loss; the test split is scored for the top {TESTED} only, never to choose",
+             *(f"plot: {os.path.basename(path)}" for path in plots.values())]
+    write_leaderboard(os.path.join(out, FILES["leaderboard_html"]), f"featcache search: {os.path.basename(out)}",
+                      columns, flat, links, notes=notes)
 
 
 def _plots(study, out: str, cv: int | None) -> tuple[dict, list[str]]:
