@@ -19,8 +19,51 @@ DEFAULT_MEMORY_BUDGET_MB = 2048.0
 EVAL_CHUNK_BYTES = 64 << 20  # evaluation reads at most this much at a time, whatever the budget
 
 
+class _Chunked:
+    """What every kind of rows shares: size, chunked (optionally shuffled) reading, counts.
+    Subclasses have ``rows`` (first axis: one entry per image), ``labels`` and ``_read``."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * self.row_bytes
+
+    def load(self):
+        """All features (float32) and labels in memory."""
+        return self._read(self.rows), self.labels
+
+    def chunks(self, chunk_rows: int, rng: np.random.Generator | None = None):
+        """Yield (features float32, labels) piece by piece; with ``rng``, the order of the
+        pieces and the rows inside each piece are shuffled (each piece is still read from
+        HDF5 as sorted, mostly contiguous rows)."""
+        starts = list(range(0, len(self.rows), max(1, chunk_rows)))
+        if rng is not None:
+            starts = [starts[i] for i in rng.permutation(len(starts))]
+        for start in starts:
+            piece = self.rows[start : start + chunk_rows]
+            x = self._read(piece)
+            y = self.labels[start : start + chunk_rows]
+            if rng is not None:
+                order = rng.permutation(len(piece))
+                x, y = take(x, order), y[order]
+            yield x, y
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=num_classes)
+
+
+def take(x, index):
+    """``x[index]`` for one feature array or for the per-set list of a fused head."""
+    return [part[index] for part in x] if isinstance(x, list) else x[index]
+
+
 @dataclass
-class Rows:
+class Rows(_Chunked):
     """Sorted row indices of one feature set, with their labels and a name for messages."""
 
     fs: FeatureSet
@@ -44,40 +87,61 @@ class Rows:
             rows.views = view_rows(fs, rows.rows)
         return rows
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     @property
     def row_bytes(self) -> int:
         """Bytes of one row as float32 (what the heads compute in)."""
         return int(np.prod(self.fs.feature_shape)) * 4
 
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        return self.fs.read(rows).astype(np.float32, copy=False)
+
+
+@dataclass
+class FusedSet:
+    """Several feature sets of the same images seen as one input of a fused head: features
+    come as a list (one array per set), ``feature_shape`` as a tuple of shapes."""
+
+    sets: list[FeatureSet]
+
     @property
-    def nbytes(self) -> int:
-        return len(self.rows) * self.row_bytes
+    def name(self) -> str:
+        return "+".join(fs.name for fs in self.sets)
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """All features (float32) and labels in memory."""
-        return self.fs.read(self.rows).astype(np.float32, copy=False), self.labels
+    @property
+    def class_names(self) -> list[str]:
+        return self.sets[0].class_names
 
-    def chunks(self, chunk_rows: int, rng: np.random.Generator | None = None):
-        """Yield (features float32, labels) piece by piece; with ``rng``, the order of the
-        pieces and the rows inside each piece are shuffled (each piece is still read from
-        HDF5 as sorted, mostly contiguous rows)."""
-        starts = list(range(0, len(self.rows), max(1, chunk_rows)))
-        if rng is not None:
-            starts = [starts[i] for i in rng.permutation(len(starts))]
-        for start in starts:
-            piece = self.rows[start : start + chunk_rows]
-            x = self.fs.read(piece).astype(np.float32, copy=False)
-            y = self.labels[start : start + chunk_rows]
-            if rng is not None:
-                order = rng.permutation(len(piece))
-                x, y = x[order], y[order]
-            yield x, y
+    @property
+    def feature_shape(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(fs.feature_shape for fs in self.sets)
 
-    def class_counts(self, num_classes: int) -> np.ndarray:
-        return np.bincount(self.labels, minlength=num_classes)
+
+@dataclass
+class FusedRows(_Chunked):
+    """Images of a split in several feature sets: ``rows[:, i]`` are their rows in set i (see
+    align.py), ordered by the first set's rows so that its reads stay contiguous."""
+
+    fs: FusedSet
+    rows: np.ndarray  # (N, S)
+    labels: np.ndarray
+    name: str
+    views = None  # cached augmented views are per feature set: a fused head uses the plain rows
+
+    @classmethod
+    def of(cls, fs: FusedSet, rows: list[np.ndarray], labels: np.ndarray, name: str) -> "FusedRows":
+        table = np.stack([np.asarray(r, dtype=np.int64) for r in rows], axis=1) if len(rows[0]) else \
+            np.zeros((0, len(rows)), dtype=np.int64)
+        order = np.argsort(table[:, 0], kind="stable")
+        return cls(fs, table[order], np.asarray(labels, dtype=np.int64)[order], name)
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(int(np.prod(shape)) for shape in self.fs.feature_shape) * 4
+
+    def _read(self, rows: np.ndarray) -> list[np.ndarray]:
+        from .align import read_rows
+
+        return [read_rows(fs, rows[:, i]).astype(np.float32, copy=False) for i, fs in enumerate(self.fs.sets)]
 
 
 @dataclass(frozen=True)
@@ -128,7 +192,7 @@ def batches_forever(rows: Rows, batch_size: int, chunk_rows: int, seed: int, shu
         rng = np.random.default_rng([seed, epoch]) if shuffle else None
         for x, y in rows.chunks(chunk_rows, rng):
             for start in range(0, len(y), batch_size):
-                yield x[start : start + batch_size], y[start : start + batch_size]
+                yield take(x, slice(start, start + batch_size)), y[start : start + batch_size]
         epoch += 1
 
 

@@ -43,7 +43,7 @@ class Models:
 
 def load_stage_two(run_dir: str, weights: str | None = None):
     """(config, head, recipe) of a stage-two dense run, checked for fine-tuning."""
-    from .predict import base_recipe
+    from .recipe import base_recipe
 
     if not os.path.isdir(run_dir):
         raise FeatcacheError(f"{run_dir}: no such run directory (train a dense head first: featcache train --head dense --out ...)")

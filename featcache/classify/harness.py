@@ -10,6 +10,7 @@ import numpy as np
 from ..cache.store import FeatureSet, open_store
 from ..errors import FeatcacheError
 from . import data, reports, rundir
+from .align import align
 from .heads import HEADS, Head, make_head
 
 SPLITS = ("train", "validation", "test")
@@ -100,19 +101,29 @@ def _summary(m: dict | None) -> dict:
 
 def train(store: str, feature_set: str | None = None, base: str | None = None, head: str = "dense",
           out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, report: bool = True,
-          **head_options) -> dict:
-    """Train one head on one feature set; with ``out``, write the run directory and (unless
-    ``report`` is False) its HTML report, ``out/report.html``.
+          feature_sets: list[str] | None = None, **head_options) -> dict:
+    """Train one head on one feature set, or (``feature_sets``, two or more names) one fused
+    head on several feature sets of the same images; with ``out``, write the run directory
+    and (unless ``report`` is False) its HTML report, ``out/report.html``.
 
     Returns the summary printed by ``featcache train --json``."""
     started = time.perf_counter()
     head_obj = make_head(head, **head_options)
+    names = _fused_names(feature_sets, feature_set, base)
     with open_store(store) as s:
-        fs = require_labelled(s.select(feature_set, base), store)
+        if names:
+            fs, splits = _fused_splits(s, names, store)
+        else:
+            fs = require_labelled(s.select(feature_set, base), store)
+            splits = {split: data.Rows.split(fs, split) for split in SPLITS}
         run_dir = rundir.prepare(out) if out else None
-        splits = {split: data.Rows.split(fs, split) for split in SPLITS}
         result = fit_and_evaluate(head_obj, fs, splits, memory_budget_mb, run_dir)
-        record = rundir.feature_set_record(fs, store) if run_dir else None
+        if run_dir is None:
+            record = None
+        elif names:
+            record = [rundir.feature_set_record(one, store) for one in fs.sets]
+        else:
+            record = rundir.feature_set_record(fs, store)
     m = result["metrics"]
     summary = {
         "head": head_obj.name,
@@ -133,23 +144,53 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
     return summary
 
 
-def _write_run(run_dir: str, head: Head, record: dict, result: dict, summary: dict) -> None:
+def _fused_names(feature_sets: list[str] | None, feature_set: str | None, base: str | None) -> list[str] | None:
+    """The feature sets of a fused head (None: a plain one-set run)."""
+    if not feature_sets:
+        return None
+    if feature_set or base:
+        raise FeatcacheError("--feature-sets: give either --feature-sets (a fused head) or --feature-set/--base, not both")
+    twice = sorted({n for n in feature_sets if feature_sets.count(n) > 1})
+    if twice:
+        raise FeatcacheError(f"--feature-sets: {', '.join(twice)} listed twice")
+    if len(feature_sets) < 2:
+        raise FeatcacheError(f"--feature-sets {feature_sets[0]}: a fused head needs two or more feature sets "
+                             "(use --feature-set for one)")
+    return list(feature_sets)
+
+
+def _fused_splits(s, names: list[str], store: str):
+    """The FusedSet of ``names`` and its rows per split, matched image by image."""
+    # a missing name: "no feature set 'x' (feature sets: ...)"
+    sets = [require_labelled(s[name], store) for name in names]
+    aligned = align(sets, strict=True, what="a fused head needs every feature set of the same images")
+    fused = data.FusedSet(sets)
+    splits = {}
+    for split in SPLITS:
+        where = aligned.split(split)
+        splits[split] = data.FusedRows.of(fused, [rows[where] for rows in aligned.rows], aligned.labels[where], split)
+    return fused, splits
+
+
+def _write_run(run_dir: str, head: Head, record: dict | list[dict], result: dict, summary: dict) -> None:
     model_path = head.save(run_dir)
     rundir.write_json(os.path.join(run_dir, rundir.CONFIG),
                       rundir.config_record(head, record, result["plan"].to_dict(), model_path))
+    records = record if isinstance(record, list) else [record]
     rundir.write_json(os.path.join(run_dir, rundir.METRICS), {
-        "head": head.name, "feature_set": record["name"], "class_names": record["class_names"],
+        "kind": "fused" if isinstance(record, list) else "head",
+        "head": head.name, "feature_set": summary["feature_set"], "class_names": records[0]["class_names"],
         "untrained": result["untrained"], **result["metrics"], "overfitting": result["overfitting"],
         "fit_seconds": result["fit_seconds"], "fit_cpu_seconds": result["fit_cpu_seconds"],
         "streaming": result["plan"].streaming,
     })
     reports.write_history(result["history"], os.path.join(run_dir, rundir.HISTORY))
-    title = f"{head.name} on {record['name']}"
+    title = f"{head.name} on {summary['feature_set']}"
     reports.plot_curves(result["history"], os.path.join(run_dir, rundir.CURVES), title)
     shown = "test" if result["metrics"].get("test", {}).get("n") else "validation"
     if result["metrics"].get(shown, {}).get("n"):
-        reports.plot_confusion(result["metrics"][shown]["confusion_matrix"], record["class_names"],
-                               os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{record['name']}")
+        reports.plot_confusion(result["metrics"][shown]["confusion_matrix"], records[0]["class_names"],
+                               os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{summary['feature_set']}")
 
 
 def _report(run_dir: str) -> str:
@@ -166,33 +207,9 @@ def common_rows(sets: list[FeatureSet], command: str = "compare") -> tuple[list[
     """Per feature set, the rows of each split restricted to images present in every set, so
     every leaderboard entry (compare) or trial (search) sees exactly the same images.
     Returns (rows per set, rows dropped)."""
-    names = sets[0].class_names
-    keyed = []
-    for fs in sets:
-        if fs.class_names != names:
-            raise FeatcacheError(f"feature sets {sets[0].name} and {fs.name} have different classes "
-                                 f"({names} vs {fs.class_names}); {command} needs the same images")
-        rows = fs.rows()
-        keys = [f"{p}\0{d}" for p, d in zip(fs.column("paths")[rows], fs.column("digests")[rows])]
-        keyed.append((fs, dict(zip(keys, rows))))
-    common = set.intersection(*(set(k) for _, k in keyed))
-    dropped = sum(len(k) for _, k in keyed) - len(common) * len(keyed)
-    per_set = []
-    reference = None
-    for fs, by_key in keyed:
-        ordered = sorted(common)
-        rows = np.array([by_key[key] for key in ordered], dtype=np.int64)
-        splits = fs.column("splits")[rows] if len(rows) else np.array([], dtype=str)
-        labels = fs.column("labels")[rows] if len(rows) else np.array([], dtype=np.int32)
-        if reference is None:
-            reference = (splits, labels, fs.name)
-        elif not (np.array_equal(splits, reference[0]) and np.array_equal(labels, reference[1])):
-            moved = int(np.sum((splits != reference[0]) | (labels != reference[1])))
-            raise FeatcacheError(f"feature sets {reference[2]} and {fs.name} give {moved} images a different split "
-                                 "or label (extracted with different --split/--split-seed?); "
-                                 f"{command} needs the same split")
-        per_set.append({split: np.sort(rows[splits == split]) for split in SPLITS})
-    return per_set, dropped
+    aligned = align(sets, strict=False, what=f"{command} needs the same images, labels and splits")
+    per_set = [{split: np.sort(rows[aligned.split(split)]) for split in SPLITS} for rows in aligned.rows]
+    return per_set, aligned.dropped
 
 
 def _head_options(head_name: str, options: dict) -> dict:

@@ -43,7 +43,8 @@ class Head:
         if self.config["pool"] not in POOLS:
             raise FeatcacheError(f"--pool {self.config['pool']!r}: choose from {', '.join(POOLS)}")
         self.num_classes = 0
-        self.feature_shape: tuple[int, ...] = ()
+        self.feature_shape: tuple = ()  # one shape, or a tuple of shapes for a fused head
+        self.parts: list[tuple[int, ...]] = [()]  # the input shape of each feature set
         self.info: dict = {}  # what training found out (iterations, convergence, parameters...)
 
     @classmethod
@@ -54,16 +55,32 @@ class Head:
     def seed(self) -> int:
         return int(self.config["seed"])
 
-    def effective_pool(self) -> str:
+    @property
+    def fused(self) -> bool:
+        """True for a head on several feature sets (features come as a list, one array per set)."""
+        return len(self.parts) > 1
+
+    def part_pool(self, shape: tuple[int, ...]) -> str:
         """Pooling only applies to spatial (H, W, C) features; pooled sets are used as they are."""
-        return self.config["pool"] if len(self.feature_shape) == 3 else "none"
+        return self.config["pool"] if len(shape) == 3 else "none"
+
+    def effective_pool(self) -> str:
+        """The pooling applied (to every spatial input of a fused head)."""
+        return "none" if all(self.part_pool(shape) == "none" for shape in self.parts) else self.config["pool"]
 
     def settings(self) -> dict:
         """The configuration as recorded in config.json (pool as actually applied)."""
         return {**self.config, "pool": self.effective_pool()}
 
-    def build(self, num_classes: int, feature_shape: tuple[int, ...]) -> None:
-        self.num_classes, self.feature_shape = int(num_classes), tuple(int(d) for d in feature_shape)
+    def build(self, num_classes: int, feature_shape: tuple) -> None:
+        """``feature_shape``: one shape, or a tuple of shapes (one per feature set) for a fused head."""
+        self.num_classes = int(num_classes)
+        if feature_shape and isinstance(feature_shape[0], (tuple, list)):
+            self.parts = [tuple(int(d) for d in shape) for shape in feature_shape]
+            self.feature_shape = tuple(self.parts)
+        else:
+            self.feature_shape = tuple(int(d) for d in feature_shape)
+            self.parts = [self.feature_shape]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -85,6 +102,17 @@ class Head:
 
     def load(self, path: str, num_classes: int, feature_shape) -> None:
         raise NotImplementedError
+
+
+def _rows_in(x) -> int:
+    return len(x[0]) if isinstance(x, (list, tuple)) else len(x)
+
+
+def _float32(x):
+    """float32 inputs for Keras: one array, or a tuple of them (multi-input model)."""
+    if isinstance(x, (list, tuple)):
+        return tuple(np.asarray(part, dtype=np.float32) for part in x)
+    return np.asarray(x, dtype=np.float32)
 
 
 def _two_columns(p: np.ndarray) -> np.ndarray:
@@ -131,13 +159,13 @@ class DenseHead(Head):
 
         c = self.config
         keras.utils.set_random_seed(self.seed)  # same init, dropout masks and shuffles every run
-        inputs = keras.Input(self.feature_shape, name="features")
-        x = inputs
-        pool = self.effective_pool()
-        if pool != "none":
-            x = (keras.layers.GlobalAveragePooling2D if pool == "avg" else keras.layers.GlobalMaxPooling2D)(name="pool")(x)
-        elif len(self.feature_shape) > 1:
-            x = keras.layers.Flatten(name="flatten")(x)
+        if self.fused:  # the functional API: one input per feature set, each pooled or flattened, joined
+            inputs = [keras.Input(shape, name=f"features_{i}") for i, shape in enumerate(self.parts)]
+            x = keras.layers.Concatenate(name="fuse")([
+                self._vector(keras, part, shape, f"_{i}") for i, (part, shape) in enumerate(zip(inputs, self.parts))])
+        else:
+            inputs = keras.Input(self.feature_shape, name="features")
+            x = self._vector(keras, inputs, self.feature_shape, "")
         regularizer = keras.regularizers.L2(c["l2"]) if c["l2"] else None
         x = keras.layers.Dense(c["units"], activation="relu", kernel_regularizer=regularizer, name="hidden")(x)
         x = keras.layers.Dropout(c["dropout"], seed=self.seed, name="dropout")(x)
@@ -147,6 +175,16 @@ class DenseHead(Head):
             outputs = keras.layers.Dense(self.num_classes, activation="softmax", name="output")(x)
         self.model = keras.Model(inputs, outputs, name="dense_head")
         self._compile()
+
+    def _vector(self, keras, x, shape, suffix: str):
+        """One input as a vector: pooled (--pool) or flattened."""
+        pool = self.part_pool(shape)
+        if pool != "none":
+            layer = keras.layers.GlobalAveragePooling2D if pool == "avg" else keras.layers.GlobalMaxPooling2D
+            return layer(name="pool" + suffix)(x)
+        if len(shape) > 1:
+            return keras.layers.Flatten(name="flatten" + suffix)(x)
+        return x
 
     def _compile(self) -> None:
         import keras
@@ -248,10 +286,10 @@ class DenseHead(Head):
 
     def _with_targets(self, batches):
         for x, y in batches:
-            yield x, self._targets(y)
+            yield (tuple(x) if isinstance(x, list) else x), self._targets(y)
 
     def predict_proba(self, x) -> np.ndarray:
-        p = np.asarray(self.model.predict_on_batch(np.asarray(x, dtype=np.float32)), dtype=np.float64)
+        p = np.asarray(self.model.predict_on_batch(_float32(x)), dtype=np.float64)
         return _two_columns(p) if self.binary else p
 
     def save(self, run_dir) -> str:
@@ -284,14 +322,19 @@ class LogRegHead(Head):
                 raise FeatcacheError(f"--{option.replace('_', '-')} {c[option]}: out of range")
         self.pipeline = None
 
-    def _prepare(self, x: np.ndarray) -> np.ndarray:
-        x = _pool(np.asarray(x, dtype=np.float32), self.effective_pool())
-        return x.reshape(len(x), -1)
+    def _prepare(self, x) -> np.ndarray:
+        """Pooled or flattened features; a fused head's sets side by side, in order."""
+        parts = x if isinstance(x, (list, tuple)) else [x]
+        vectors = []
+        for part, shape in zip(parts, self.parts):
+            part = _pool(np.asarray(part, dtype=np.float32), self.part_pool(shape))
+            vectors.append(part.reshape(len(part), -1))
+        return vectors[0] if len(vectors) == 1 else np.concatenate(vectors, axis=1)
 
     def predict_proba(self, x) -> np.ndarray:
         if self.pipeline is None:
             # The untrained state: zero weights, the same probability for every class.
-            return np.full((len(x), self.num_classes), 1.0 / self.num_classes)
+            return np.full((_rows_in(x), self.num_classes), 1.0 / self.num_classes)
         return np.asarray(self.pipeline.predict_proba(self._prepare(x)), dtype=np.float64)
 
     def fit(self, train, validation, plan, run_dir=None, callbacks=()) -> dict:

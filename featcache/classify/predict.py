@@ -1,64 +1,16 @@
-"""Base + head end to end on new images: decode and resize with Pillow exactly as extraction
-did, run the frozen base (rebuilt from the run's recorded key and weights), then the head."""
+"""Any run end to end on new images: decode and resize with Pillow exactly as extraction did,
+run every frozen base the run reads (rebuilt from the recorded keys and weights), then the
+run's heads (or its fine-tuned model, or its weighted members: see runs.py)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..cache.key import KeySpec
 from ..errors import FeatcacheError
-from ..extract.backbones import Backbone, get_backbone
 from ..extract.decode import DecodeError, decode_image, read_bytes
 from ..extract.discover import IMAGE_EXTENSIONS
-from ..extract.weights import WeightsSource, resolve_weights
-from . import rundir
-
-
-@dataclass(frozen=True)
-class BaseRecipe:
-    """What rebuilds the frozen base a run's features came from."""
-
-    backbone: Backbone
-    spec: KeySpec
-    weights: WeightsSource
-    seed: int
-
-    @property
-    def layer(self) -> str | None:
-        return None if self.spec.layer == "output" else self.spec.layer
-
-
-def base_recipe(run_dir: str, config: dict, weights: str | None = None) -> BaseRecipe:
-    """Rebuild the base's weights source and check it is the one the features were made with.
-
-    ``weights`` overrides the recorded weights argument (a moved file, or a store written
-    before the argument was recorded)."""
-    record = config["feature_set"]
-    spec = KeySpec(**record["key"])
-    backbone = get_backbone(spec.backbone)
-    identity = spec.weights
-    seed = int(identity.split("=", 1)[1]) if identity.startswith("random:seed=") else 0
-    if not backbone.is_network:
-        return BaseRecipe(backbone, spec, resolve_weights(backbone, None, seed), seed)
-    arg = weights or record.get("weights_arg")
-    if arg is None:
-        if identity.startswith("imagenet:"):
-            arg = "imagenet"
-        elif identity.startswith("random:"):
-            arg = "none"
-        else:
-            raise FeatcacheError(f"{run_dir}: the features were extracted with a weights file ({identity}) whose "
-                                 "path was not recorded; pass --weights PATH to that file")
-    try:
-        source = resolve_weights(backbone, arg, seed)
-    except FeatcacheError as exc:
-        raise FeatcacheError(f"{exc} (needed to rebuild the base of {run_dir}; pass --weights PATH if it moved)") from None
-    if source.identity != identity:
-        raise FeatcacheError(f"{arg}: these weights ({source.identity}) are not the ones the features were "
-                             f"extracted with ({identity}); pass --weights with the original file")
-    return BaseRecipe(backbone, spec, source, seed)
+from .recipe import BaseRecipe, base_recipe  # noqa: F401  (their former home; imported from here elsewhere)
 
 
 def list_images(inputs) -> list[str]:
@@ -82,40 +34,63 @@ def list_images(inputs) -> list[str]:
     return paths
 
 
-def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, batch_size: int = 32) -> dict:
-    """Class probabilities for images. Returns {class_names, predictions: [{path, predicted,
-    probability, top: [{class, probability}]}], failures: [{path, reason}]}."""
+def feature_models(run, recipes: dict) -> dict:
+    """{feature-set name: (FeatureModel, storage dtype, ImageInput)}: one model per distinct
+    base, layer and pooling, shared by feature sets that differ only in storage dtype."""
     from ..extract.model import FeatureModel
+    from .runs import ImageInput
 
-    config, head = rundir.load_head(run_dir)
-    names = config["feature_set"]["class_names"]
+    built, out = {}, {}
+    for record in run.feature_sets:
+        recipe = recipes[record["name"]]
+        spec = recipe.spec
+        if recipe.compute_spec not in built:
+            built[recipe.compute_spec] = FeatureModel(recipe.backbone, spec.input_size, recipe.weights, recipe.layer,
+                                                      spec.pooling, spec.precision, recipe.seed)
+        out[record["name"]] = (built[recipe.compute_spec], spec.dtype, ImageInput(spec.input_size, spec.resize))
+    return out
+
+
+def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, batch_size: int = 32) -> dict:
+    """Class probabilities for images, from any kind of run (head, fused, fine-tuned, ensemble).
+    Returns {class_names, predictions: [{path, predicted, probability, top: [{class,
+    probability}]}], failures: [{path, reason}]}."""
+    from .recipe import recipes_for
+    from .runs import load_run
+
+    run = load_run(run_dir)
+    names = run.class_names
     if top_k < 1:
         raise FeatcacheError(f"--top-k {top_k}: must be at least 1")
     top_k = min(top_k, len(names))
     paths = list_images(inputs)
-    recipe = base_recipe(run_dir, config, weights)
-    spec = recipe.spec
-    model = FeatureModel(recipe.backbone, spec.input_size, recipe.weights, recipe.layer, spec.pooling,
-                         spec.precision, recipe.seed)
+    models = feature_models(run, recipes_for(run.feature_sets, run_dir, weights))
+    sizes = sorted({m[2] for m in models.values()} | set(run.image_inputs))
     predictions, failures = [], []
     for start in range(0, len(paths), batch_size):
-        good, images = [], []
+        good, images = [], {size: [] for size in sizes}
         for path in paths[start : start + batch_size]:
             try:
-                images.append(decode_image(read_bytes(path), spec.input_size, spec.resize))
-                good.append(path)
+                data = read_bytes(path)
+                decoded = {size: decode_image(data, size.size, size.resize) for size in sizes}
             except DecodeError as exc:
                 failures.append({"path": path, "reason": str(exc)})
+                continue
+            good.append(path)
+            for size, image in decoded.items():
+                images[size].append(image)
         if not good:
             continue
-        # Round to the storage dtype like the cache did, so the head sees what it was trained on.
-        features = model(np.stack(images)).astype(spec.dtype)
-        proba = head.predict_proba(features)
+        images = {size: np.stack(batch) for size, batch in images.items()}
+        # Round to the storage dtype like the cache did, so each head sees what it was trained on.
+        features = {name: model(images[size]).astype(dtype) for name, (model, dtype, size) in models.items()}
+        proba = run.proba(features, images)
         for path, p in zip(good, proba):
             order = np.argsort(-p, kind="stable")[:top_k]
             predictions.append({
                 "path": path, "predicted": names[order[0]], "probability": float(p[order[0]]),
                 "top": [{"class": names[i], "probability": float(p[i])} for i in order],
             })
-    return {"run_dir": run_dir, "head": config["head"], "feature_set": config["feature_set"]["name"],
+    return {"run_dir": run_dir, "kind": run.kind, "head": run.config["head"], "model": run.label,
+            "feature_set": "+".join(r["name"] for r in run.feature_sets) or run.row_sets[0]["name"],
             "class_names": names, "predictions": predictions, "failures": failures}

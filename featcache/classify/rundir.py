@@ -2,7 +2,7 @@
 
 Layout::
 
-    config.json        head and settings, seed, feature-set key/name/digest, store path,
+    config.json        kind, head and settings, seed, feature-set key/name/digest, store path,
                        weights argument, class names, model file and its sha256
     model.keras        dense head (loaded with safe_mode=True)  | model.joblib  logreg pipeline
     metrics.json       untrained/train/validation/test metrics, flags, timings
@@ -11,6 +11,13 @@ Layout::
     confusion_matrix.png
     best.keras         with --checkpoint: the best model by validation loss
     report.html        the self-contained HTML report (report_html.py; --no-report skips it)
+
+Kinds of run (``config["kind"]``; runs written before kinds existed have none, see
+:func:`run_kind`): ``head`` (one head on one feature set: ``feature_set``), ``fused`` (one head
+on several feature sets of the same images: ``feature_sets``), ``finetune`` (an end-to-end
+model: ``feature_set`` is the stage-two set whose images and splits it used) and ``ensemble``
+(weighted members, no model file of its own; see ensemble.py). Every kind has
+``metrics.json`` with per-split metrics; :mod:`.runs` loads any kind.
 
 The model file's sha256 is checked before any load: a joblib file is a pickle, and loading a
 changed one would run whatever it contains. (The check guards against swapped, corrupted or
@@ -96,18 +103,40 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def config_record(head, feature_set: dict, plan: dict, model_path: str) -> dict:
+def created() -> dict:
+    return {"run_format": RUN_FORMAT, "featcache_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def config_record(head, feature_set: dict | list[dict], plan: dict, model_path: str) -> dict:
+    """config.json of a head run: one feature-set record, or a list of them (a fused head)."""
+    fused = isinstance(feature_set, list)
     return {
-        "run_format": RUN_FORMAT,
-        "featcache_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **created(),
+        "kind": "fused" if fused else "head",
         "head": head.name,
         "settings": head.settings(),
         "seed": head.seed,
         "training": {**plan, **head.info},
-        "feature_set": feature_set,
+        **({"feature_sets": feature_set, "class_names": feature_set[0]["class_names"]} if fused
+           else {"feature_set": feature_set}),
         "model": {"file": os.path.basename(model_path), "sha256": sha256_file(model_path)},
     }
+
+
+def run_kind(config: dict) -> str:
+    """head, fused, finetune or ensemble (runs written before kinds were recorded: from the head)."""
+    return config.get("kind") or ("finetune" if config.get("head") == "finetune" else "head")
+
+
+def feature_records(config: dict) -> list[dict]:
+    """The feature-set records of a run: the one it was trained on, or every one (fused heads,
+    ensembles: each distinct set of the members)."""
+    return config["feature_sets"] if "feature_sets" in config else [config["feature_set"]]
+
+
+def class_names(config: dict) -> list[str]:
+    return config.get("class_names") or feature_records(config)[0]["class_names"]
 
 
 def read_config(run_dir: str) -> dict:
@@ -119,7 +148,8 @@ def read_config(run_dir: str) -> dict:
             config = json.load(f)
     except (OSError, ValueError) as exc:
         raise FeatcacheError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(config, dict) or "model" not in config or "head" not in config:
+    if not isinstance(config, dict) or "head" not in config or (
+            "model" not in config and run_kind(config) != "ensemble"):
         raise FeatcacheError(f"{path}: not a featcache run config (no head/model entries)")
     if int(config.get("run_format", 0)) > RUN_FORMAT:
         raise FeatcacheError(f"{path}: run format {config['run_format']} is newer than this featcache; upgrade it")
@@ -140,13 +170,17 @@ def verify_model(run_dir: str, config: dict) -> str:
     return path
 
 
-def load_head(run_dir: str):
-    """(config, head) of a run directory, the model file verified before it is loaded."""
+def load_head(run_dir: str, config: dict | None = None):
+    """(config, head) of a head or fused run, the model file verified before it is loaded."""
     from .heads import make_head
 
-    config = read_config(run_dir)
+    config = config or read_config(run_dir)
+    kind = run_kind(config)
+    if kind not in ("head", "fused"):
+        raise FeatcacheError(f"{run_dir}: a {kind} run, not a head trained on cached features")
     path = verify_model(run_dir, config)
     head = make_head(config["head"], **config["settings"])
-    fs = config["feature_set"]
-    head.load(path, len(fs["class_names"]), tuple(fs["feature_shape"]))
+    records = feature_records(config)
+    shapes = [tuple(r["feature_shape"]) for r in records]
+    head.load(path, len(class_names(config)), tuple(shapes) if kind == "fused" else shapes[0])
     return config, head

@@ -118,11 +118,12 @@ def check_layer(model, layer: str):
         raise FeatcacheError(f"layer {layer!r} is not in {model.name}{hint}") from None
 
 
-def batchnorm_folds(model) -> dict[str, str]:
+def batchnorm_folds(model, keep=()) -> dict[str, str]:
     """{BatchNormalization layer name: name of the convolution it can be folded into}.
 
     A BN folds when its only input is a Conv2D / DepthwiseConv2D / SeparableConv2D without an
-    activation whose output feeds nothing else (channels-last, as keras.applications builds)."""
+    activation whose output feeds nothing else (channels-last, as keras.applications builds),
+    and that convolution is not in ``keep`` (layers whose own output is wanted)."""
     import keras
 
     convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
@@ -135,6 +136,8 @@ def batchnorm_folds(model) -> dict[str, str]:
             continue
         producer = layer.input._keras_history[0]
         if type(producer) not in convs or len(producer._inbound_nodes) != 1 or len(producer._outbound_nodes) != 1:
+            continue
+        if producer.name in keep:
             continue
         if producer.get_config().get("activation") not in (None, "linear"):
             continue
@@ -161,11 +164,11 @@ def folded_weights(conv, bn) -> list[np.ndarray]:
     return [w.astype(np.float32) for w in (*kernels[:-1], kernel, bias * scale + shift)]
 
 
-def fold_and_cast(model, policy: str):
+def fold_and_cast(model, policy: str, keep=()):
     """A copy of ``model`` with foldable BNs folded and every layer under the dtype ``policy``."""
     import keras
 
-    folds = batchnorm_folds(model)
+    folds = batchnorm_folds(model, keep)
     folded_convs = {conv: bn for bn, conv in folds.items()}
 
     def clone(layer):
@@ -196,9 +199,11 @@ def fold_and_cast(model, policy: str):
     return copy
 
 
-def build_frozen_base(backbone: Backbone, size: int, weights: WeightsSource, layer: str | None, precision: str,
+def build_frozen_base(backbone: Backbone, size: int, weights: WeightsSource, layer, precision: str,
                       seed: int, fold: bool = True):
     """The Keras base cut at ``layer`` (default: its output), BN folded, under the precision policy.
+    ``layer`` may be a list of layer names ("output" or None: the base's output): then the
+    model has one output per name, in that order (one base serving several feature sets).
 
     The base is always built and loaded in float32 (so random init gives the same weights in
     every precision), then cut, then folded/cast by :func:`fold_and_cast`."""
@@ -217,10 +222,15 @@ def build_frozen_base(backbone: Backbone, size: int, weights: WeightsSource, lay
         raise weights_load_error(backbone, weights, exc) from None
     finally:
         keras.config.set_dtype_policy(previous)
-    if layer and layer != "output":
+    keep = ()
+    if isinstance(layer, (list, tuple)):
+        outputs = [base.output if name in (None, "output") else check_layer(base, name).output for name in layer]
+        base = keras.Model(base.inputs, outputs, name=base.name)
+        keep = {name for name in layer if name not in (None, "output")}  # their outputs stay unfolded
+    elif layer and layer != "output":
         base = keras.Model(base.inputs, check_layer(base, layer).output, name=f"{base.name}_{layer}")
-    if precision != "fp32" or (fold and batchnorm_folds(base)):
-        base = fold_and_cast(base, PRECISION_POLICIES[precision] if precision != "fp32" else "float32")
+    if precision != "fp32" or (fold and batchnorm_folds(base, keep)):
+        base = fold_and_cast(base, PRECISION_POLICIES[precision] if precision != "fp32" else "float32", keep)
     base.trainable = False
     return base
 
