@@ -22,8 +22,7 @@ import os
 from .errors import FeatcacheError
 
 __all__ = ["extract_features", "info", "merge", "bases", "train", "compare", "search", "report", "predict",
-           "export",
-           "finetune", "demo", "FeatcacheError"]
+           "export", "finetune", "ensemble", "demo", "FeatcacheError"]
 
 DEFAULT_SPLIT = "0.8,0.1,0.1"
 DEFAULT_MEMORY_BUDGET_MB = 2048.0
@@ -143,7 +142,7 @@ def bases() -> list[dict]:
 
 
 def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str | None = None,
-          base: str | None = None, head: str = "dense", pool: str | None = None, units: int | None = None,
+          feature_sets=None, base: str | None = None, head: str = "dense", pool: str | None = None, units: int | None = None,
           dropout: float | None = None, l2: float | None = None, optimizer: str | None = None,
           lr: float | None = None, epochs: int | None = None, batch_size: int | None = None,
           steps_per_execution: int | None = None, C: float | None = None, max_iter: int | None = None,
@@ -154,9 +153,10 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
     """Train one head on one feature set of ``store`` and write the run directory ``out``
     (``featcache train``) with its HTML report ``out/report.html`` (not with ``no_report``).
     Options left at None take the head's default (see the README's head table); an option the
-    chosen head does not take raises.
+    chosen head does not take raises. ``feature_sets`` (two or more names, comma-separated text
+    or a list) trains one fused head on all of them instead.
 
-    Returns ``head``, ``feature_set``, ``untrained`` (the check before training), ``train`` /
+    Returns ``kind`` ("head" or "fused"), ``head``, ``feature_set``, ``untrained`` (the check before training), ``train`` /
     ``validation`` / ``test`` (each ``{n, accuracy, loss}``), ``overfitting``, ``streaming``,
     ``seconds``, ``cpu_seconds``, ``seconds_total``, ``run_dir`` and ``report`` (its path, or None)."""
     from .classify.harness import train as run_train
@@ -166,7 +166,8 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
                      stream_epochs=stream_epochs, seed=seed, early_stopping=early_stopping, checkpoint=checkpoint,
                      reduce_lr=reduce_lr, csv_log=csv_log, tensorboard=tensorboard)
     return run_train(os.fspath(store), feature_set, base, head, os.fspath(out), memory_budget_mb,
-                     report=not no_report, **options)
+                     report=not no_report, feature_sets=_names(feature_sets) if feature_sets is not None else None,
+                     **options)
 
 
 def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg", feature_sets=None,
@@ -261,22 +262,43 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str |
 
 
 def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-             blocks: int = 1, unfreeze_from: str | None = None, lr: float = 1e-5, epochs: int = 5,
-             batch_size: int = 20, augment: str | None = None, aug_seed: int = 0, from_cache: str | None = None,
-             weights: str | None = None, seed: int = 0, no_report: bool = False) -> dict:
-    """Fine-tune the top block of the base with the dense head of a stage-two run
-    (``featcache finetune``); ``image_dir`` defaults to the folder recorded in the run, and
-    ``from_cache`` trains from cached boundary activations instead of images. Writes the run
-    directory ``out`` with its HTML report (not with ``no_report``).
+             unfreeze: str = "top", unfreeze_from: str | None = None, blocks: int = 1, lr: float = 1e-5,
+             epochs: int = 5, batch_size: int = 20, augment: str | None = None, aug_seed: int = 0,
+             from_cache: str | None = None, weights: str | None = None, seed: int = 0, no_report: bool = False) -> dict:
+    """Train the dense head of a stage-two run together with none, part or all of its base
+    (``featcache finetune``): ``unfreeze`` is "none", "top" (the registry's top block),
+    "from:LAYER" or "all" (``unfreeze_from=LAYER`` is the older spelling of "from:LAYER").
+    ``image_dir`` defaults to the folder recorded in the run, and ``from_cache`` trains from
+    cached boundary activations instead of images. Writes the run directory ``out`` with its
+    HTML report (not with ``no_report``).
 
-    Returns ``feature_set``, ``source``, ``trainable_layers``, ``before`` and ``train`` /
-    ``validation`` / ``test`` metrics, ``epochs``, ``seconds``, ``run_dir`` and ``report``."""
+    Returns ``feature_set``, ``unfreeze``, ``source``, ``trainable_layers``,
+    ``trainable_parameters``, ``before`` and ``train`` / ``validation`` / ``test`` metrics,
+    ``epochs``, ``epoch_seconds``, ``seconds``, ``run_dir`` and ``report``."""
     from .classify.finetune import finetune as run_finetune
 
     return run_finetune(None if image_dir is None else os.fspath(image_dir), os.fspath(run_dir), os.fspath(out),
-                        blocks=blocks, unfreeze_from=unfreeze_from, lr=lr, epochs=epochs, batch_size=batch_size,
-                        augment=augment, aug_seed=aug_seed, from_cache=from_cache, weights=weights, seed=seed,
-                        report=not no_report)
+                        blocks=blocks, unfreeze=unfreeze, unfreeze_from=unfreeze_from, lr=lr, epochs=epochs,
+                        batch_size=batch_size, augment=augment, aug_seed=aug_seed, from_cache=from_cache,
+                        weights=weights, seed=seed, report=not no_report)
+
+
+def ensemble(run_dirs, *, out: str | os.PathLike, weights: str = "equal", no_report: bool = False) -> dict:
+    """Average the class probabilities of runs trained on the same images and write the run
+    directory ``out`` (``featcache ensemble``) with its HTML report (not with ``no_report``);
+    ``weights`` is "equal" or "fit" (non-negative, summing to 1, minimising the validation
+    log loss).
+
+    Returns ``kind``, ``run_dir``, ``weights_method``, ``weights``, ``members`` (each
+    ``run_dir``, ``label``, ``kind``, ``weight`` and its ``train`` / ``validation`` / ``test``),
+    the ensemble's ``train`` / ``validation`` / ``test`` (``{n, accuracy, loss}``), ``fit``
+    (the optimiser's record, or None), ``warnings``, ``report`` (its path, or None) and
+    ``seconds``."""
+    from .classify.ensemble import ensemble as run_ensemble
+
+    if isinstance(run_dirs, (str, os.PathLike)):
+        run_dirs = [run_dirs]
+    return run_ensemble([os.fspath(d) for d in run_dirs], os.fspath(out), weights, report=not no_report)
 
 
 def demo(*, workdir: str | os.PathLike = "featcache-demo", per_class: int = 100, seed: int = 0, log=None) -> dict:

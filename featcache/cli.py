@@ -253,6 +253,8 @@ def _fmt(value, spec=".4f") -> str:
 @cli.command()
 @click.argument("store", type=click.Path())
 @click.option("--feature-set", help="Feature set name (see `featcache info`).")
+@click.option("--feature-sets", metavar="A,B[,C]", help="Fuse several feature sets of the same images: one head on their "
+              "concatenation (each pooled per --pool or flattened), a multi-input model.")
 @click.option("--base", help="Use the only feature set of this base instead of naming one.")
 @click.option("--head", type=click.Choice(["dense", "logreg"]), default="dense", show_default=True)
 @click.option("--out", type=click.Path(), required=True, help="New run directory (model, config, metrics, plots).")
@@ -264,9 +266,9 @@ def _fmt(value, spec=".4f") -> str:
 @click.option("--tensorboard", type=click.Path(file_okay=False), metavar="DIR", help="dense: TensorBoard log folder (needs the tensorboard package).")
 @click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def train(store, feature_set, base, head, out, memory_budget_mb, no_report, as_json, **options):
-    """Train a head on a feature set of STORE; write the run directory --out."""
-    result = api.train(store, out=out, feature_set=feature_set, base=base, head=head,
+def train(store, feature_set, feature_sets, base, head, out, memory_budget_mb, no_report, as_json, **options):
+    """Train a head on a feature set of STORE (or one fused head on several); write the run directory --out."""
+    result = api.train(store, out=out, feature_set=feature_set, feature_sets=feature_sets, base=base, head=head,
                        memory_budget_mb=memory_budget_mb, no_report=no_report, **options)
     if as_json:
         _emit_json(result)
@@ -411,8 +413,14 @@ def export(run_dir, out, weights, as_json):
     if as_json:
         _emit_json(result)
         return
-    size = result["input_shape"]
-    click.echo(f"exported {run_dir} -> {out}: input {size[0]}x{size[1]}x3 ({result['input']}), "
+    inputs = result["inputs"]
+    if len(inputs) == 1:
+        size = inputs[0]["shape"]
+        shown = f"input {size[0]}x{size[1]}x3 ({inputs[0]['values']})"
+    else:
+        shown = "inputs " + ", ".join(f"{i['name']} {i['shape'][0]}x{i['shape'][1]}x3" for i in inputs) + \
+            f" ({inputs[0]['values'].split(' (')[0]}, each resized by Pillow as extracted)"
+    click.echo(f"exported {run_dir} -> {out}: {shown}, "
                f"output probabilities of {', '.join(map(_safe, result['class_names']))}")
 
 
@@ -443,10 +451,46 @@ def _print_report(result: dict) -> None:
 
 
 @cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(), required=True, help="New run directory of the ensemble.")
+@click.option("--weights", type=click.Choice(["equal", "fit"]), default="equal", show_default=True,
+              help="equal: 1/M each; fit: non-negative weights summing to 1 that minimise the validation log loss.")
+@click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def ensemble(run_dirs, out, weights, no_report, as_json):
+    """Average the class probabilities of RUN_DIRs trained on the same images; write the run directory --out."""
+    result = api.ensemble(list(run_dirs), out=out, weights=weights, no_report=no_report)
+    if as_json:
+        _emit_json(result)
+        return
+    fit = result["fit"]
+    how = (f"weights fit on validation (log loss {fit['validation_loss_equal']:.4f} equal -> "
+           f"{fit['validation_loss_fitted']:.4f} fitted)" if fit else "equal weights")
+    click.echo(f"ensemble of {len(result['members'])} runs, {how}")
+    click.echo(f"  {'weight':>7} {'val acc':>8} {'val loss':>8} {'test acc':>8} {'test loss':>9}  run")
+    for m in result["members"]:
+        v, t = m["validation"], m["test"]
+        click.echo(f"  {m['weight']:>7.4f} {_fmt(v['accuracy']):>8} {_fmt(v['loss']):>8} {_fmt(t['accuracy']):>8} "
+                   f"{_fmt(t['loss']):>9}  {_safe(m['run_dir'])} ({_safe(m['label'])})")
+    for split in ("train", "validation", "test"):
+        m = result[split]
+        click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(m['accuracy'])} loss {_fmt(m['loss'])}")
+    click.echo(f"  run directory {result['run_dir']}")
+    if result.get("report"):
+        click.echo(f"  report {result['report']}")
+    for warning in result["warnings"]:
+        click.echo(f"  warning: {_safe(warning)}", err=True)
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="[IMAGE_DIR] RUN_DIR")
 @click.option("--out", type=click.Path(), required=True, help="New run directory of the fine-tuned model.")
+@click.option("--unfreeze", default="top", show_default=True, metavar="none|top|from:LAYER|all",
+              help="What of the base trains with the head: none (base frozen, head on images), top (the registry's top "
+                   "block), from:LAYER (every layer from LAYER on), all (the whole base). BatchNormalization stays frozen "
+                   "(except all on a --weights none base: training from scratch).")
+@click.option("--unfreeze-from", metavar="LAYER", help="Same as --unfreeze from:LAYER (older spelling).")
 @click.option("--blocks", type=click.IntRange(min=1), default=1, show_default=True, help="Top blocks to unfreeze (the registry names one).")
-@click.option("--unfreeze-from", metavar="LAYER", help="Unfreeze every layer from LAYER on instead (BatchNormalization stays frozen).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help="Learning rate (RMSprop).")
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=20, show_default=True)
@@ -458,7 +502,7 @@ def _print_report(result: dict) -> None:
 @click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def finetune(paths, out, no_report, as_json, **options):
-    """Fine-tune the top block of the base with the dense head of a stage-two RUN_DIR.
+    """Train the dense head of a stage-two RUN_DIR with none, the top block, part or all of its base.
 
     IMAGE_DIR defaults to the image folder recorded in the run; with --from-cache no images are read."""
     if len(paths) > 2:
@@ -468,8 +512,11 @@ def finetune(paths, out, no_report, as_json, **options):
     if as_json:
         _emit_json(result)
         return
-    click.echo(f"fine-tuned {result['feature_set']} from {result['source']}: "
-               f"layers {', '.join(result['trainable_layers'])} + head")
+    layers = result["trainable_layers"]
+    shown = ("head only (base frozen)" if not layers else
+             f"layers {', '.join(layers)} + head" if len(layers) <= 6 else
+             f"{len(layers)} base layers ({layers[0]} ... {layers[-1]}) + head")
+    click.echo(f"fine-tuned {result['feature_set']} (--unfreeze {result['unfreeze']}) from {result['source']}: {shown}")
     for split in ("train", "validation", "test"):
         m, b = result[split], result["before"].get(split, {})
         click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(b.get('accuracy'))} -> {_fmt(m['accuracy'])} "

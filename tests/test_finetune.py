@@ -78,7 +78,7 @@ def test_only_top_block_and_head_train_batchnorm_frozen(setup):
     assert len(models.top.trainable_weights) == 6
     with pytest.raises(Exception, match="--blocks 2"):
         build_models(recipe, head, blocks=2)
-    wider = build_models(recipe, head, unfreeze_from="conv_dw_12")
+    wider = build_models(recipe, head, unfreeze="from:conv_dw_12")
     assert wider.trainable == ["conv_dw_12", "conv_pw_12", "conv_dw_13", "conv_pw_13"]
     assert wider.top is None  # below the boundary: not trainable from the cache
 
@@ -184,3 +184,94 @@ def test_errors(setup, tmp_path):
     r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "d"), "--from-cache", setup["store"],
                             "--augment", "flip"])
     assert r.exit_code == 1 and "cannot run from cached boundary activations" in r.stderr
+
+
+# -- the transfer strategies (--unfreeze none|top|from:LAYER|all) ---------------------------------
+
+
+def _kernels(model) -> dict:
+    """{layer name: its weights as numpy}, for every layer of the base that has weights."""
+    return {layer.name: [np.array(w) for w in layer.weights] for layer in model.layers if layer.weights}
+
+
+def _one_step(models, images, labels):
+    import keras
+
+    models.full.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5), loss="binary_crossentropy")
+    models.full.train_on_batch(images.astype(np.float32), labels.astype(np.float32))
+
+
+def _changed(before: dict, after: dict) -> set:
+    return {name for name in before if any(not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
+
+
+@pytest.mark.parametrize("unfreeze, base_layers, base_weights, from_cache", [
+    ("none", [], 0, True),
+    ("top", ["conv_dw_13", "conv_pw_13"], 2, True),
+    ("from:conv_pw_12", ["conv_pw_12", "conv_dw_13", "conv_pw_13"], 3, False),  # below the boundary conv_pw_12_relu
+    ("all", None, 27, False),  # conv1 + 13 depthwise + 13 pointwise kernels; MobileNet convs have no bias
+])
+def test_each_strategy_trains_only_what_it_should(setup, unfreeze, base_layers, base_weights, from_cache):
+    import keras
+
+    _, head, recipe = load_stage_two(setup["run"])
+    models = build_models(recipe, head, unfreeze=unfreeze)
+    if base_layers is not None:
+        assert models.trainable == base_layers
+    # The head's two Dense layers (kernel, bias) always train; BatchNormalization never does here.
+    assert len(models.full.trainable_weights) == base_weights + 4
+    assert all(not layer.trainable for layer in _bn(models.base)) and not models.train_bn
+    before_base, before_head = _kernels(models.base), _kernels(models.head)
+    labels = np.array([0, 1, 0, 1])
+    _one_step(models, setup["images"][[0, -1, 1, -2]], labels)
+    changed = _changed(before_base, _kernels(models.base))
+    trained = {layer.name for layer in models.base.layers
+               if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)}
+    expected = set(models.trainable) if unfreeze != "all" else trained
+    assert changed == expected  # exactly the unfrozen layers moved (BN statistics included: untouched)
+    assert _changed(before_head, _kernels(models.head)) == {"hidden", "output"}
+    assert (models.top is not None) == from_cache  # training below the boundary: no path from the cache
+
+
+def test_all_on_a_random_base_trains_batchnorm_too(tmp_path):
+    """--unfreeze all from a --weights none run is training from scratch: BN layers train
+    (batch statistics, moving averages updated) since their statistics were never estimated."""
+    tree = write_tree(tmp_path / "images", splits={"train": 4, "validation": 2})
+    store = str(tmp_path / "s.h5")
+    fs = extract(str(tree), store, base="mobilenet_0.25", size=32, weights="none", pooling="avg",
+                 precision="fp32", progress=False)["feature_set"]
+    train(store, fs, head="dense", out=str(tmp_path / "run"), epochs=1, units=8)
+    _, head, recipe = load_stage_two(str(tmp_path / "run"))
+    models = build_models(recipe, head, unfreeze="all")
+    assert models.train_bn and all(layer.trainable for layer in _bn(models.base))
+    # 27 conv kernels + 27 BN x (gamma, beta) + the head's 4
+    assert len(models.full.trainable_weights) == 27 + 54 + 4
+    bn = _bn(models.base)[0]
+    mean_before = np.array(bn.moving_mean)
+    images = np.stack([decode_file(str(p), 32)[0] for p in sorted(tree.rglob("*.jpg"))[:4]])
+    _one_step(models, images, np.array([0, 0, 1, 1]))
+    assert not np.array_equal(mean_before, np.array(bn.moving_mean))
+
+
+def test_unfreeze_options_on_the_command_line(setup, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "none"), "--unfreeze", "none",
+                            "--epochs", "1", "--from-cache", setup["store"], "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["unfreeze"] == "none" and result["trainable_layers"] == [] and result["trainable_parameters"] == 16 * 256 + 16 + 17
+    assert json.loads((tmp_path / "none" / "config.json").read_text())["settings"]["unfreeze"] == "none"
+    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "alias"), "--unfreeze-from", "conv_pw_13",
+                            "--epochs", "1", "--from-cache", setup["store"], "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["unfreeze"] == "from:conv_pw_13" and json.loads(r.stdout)["trainable_layers"] == ["conv_pw_13"]
+    for args, message in (
+        (["--unfreeze", "all", "--from-cache", setup["store"]],
+         "error: --unfreeze all: trains layers at or below the boundary conv_pw_12_relu; the cache holds activations above it"),
+        (["--unfreeze", "some"], "error: --unfreeze 'some': choose none (base frozen, head only), top"),
+        (["--unfreeze", "from:"], "error: --unfreeze 'from:': choose none"),
+        (["--unfreeze", "all", "--unfreeze-from", "conv_pw_13"], "error: --unfreeze-from conv_pw_13: conflicts with --unfreeze all"),
+        (["--unfreeze", "from:conv_pw_99"], "error: layer 'conv_pw_99' is not in"),
+    ):
+        r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "x"), "--epochs", "1", *args])
+        assert r.exit_code == 1 and r.stderr.startswith(message), (args, r.stderr)

@@ -1,9 +1,14 @@
-"""Stage three: fine-tune the top conv block together with a trained dense head.
+"""Stage three: the transfer strategies, a trained dense head with none, part or all of its base.
 
+``--unfreeze none`` trains the head alone on images through the frozen base (with --augment:
+the classic "feature extraction with data augmentation"); ``top`` (the default) unfreezes the
+registry's top conv block; ``from:LAYER`` every layer from LAYER on; ``all`` the whole base.
 The head comes from a stage-two run (never random: a random head's large gradients would wreck
-the pretrained top block). The base is rebuilt unfolded in float32 so its BatchNormalization
+the pretrained layers). The base is rebuilt unfolded in float32 so its BatchNormalization
 layers exist as layers; they are frozen (``trainable = False``, which in Keras 3 also runs them
-in inference mode), as is everything below the top block. Training data is either the images
+in inference mode), as is everything not unfrozen. One exception: ``all`` on a base with random
+weights (a run extracted with --weights none, i.e. training from scratch) trains BN too, since
+its moving statistics were never estimated. Training data is either the images
 (decoded by featcache's decoder at the base's size, as extraction did) or, with ``from_cache``,
 the boundary activations cached by ``featcache extract --layer BOUNDARY``: then only the top
 block and the head run, and no image is decoded.
@@ -39,6 +44,7 @@ class Models:
     base: object  # the unfolded base
     head: object  # the stage-two head model
     trainable: list  # names of the base layers that train
+    train_bn: bool = False  # BatchNormalization trains too (--unfreeze all on a random-init base)
 
 
 def load_stage_two(run_dir: str, weights: str | None = None):
@@ -48,6 +54,10 @@ def load_stage_two(run_dir: str, weights: str | None = None):
     if not os.path.isdir(run_dir):
         raise FeatcacheError(f"{run_dir}: no such run directory (train a dense head first: featcache train --head dense --out ...)")
     config = rundir.read_config(run_dir)
+    kind = rundir.run_kind(config)
+    if kind in ("fused", "ensemble"):
+        raise FeatcacheError(f"{run_dir}: a {kind} run; fine-tuning needs a dense head on one feature set "
+                             "(featcache train --head dense --feature-set ...)")
     if config["head"] != "dense":
         raise FeatcacheError(f"{run_dir}: a {config['head']} run; fine-tuning needs a dense head run "
                              "(featcache train --head dense)")
@@ -73,9 +83,33 @@ def _is_bn(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def build_models(recipe, head, blocks: int = 1, unfreeze_from: str | None = None, augment_layers=()) -> Models:
-    """Base (unfolded, float32) + pooling + head; only the top block (or layers from
-    ``unfreeze_from`` on) and the head train, BatchNormalization never does."""
+STRATEGIES = ("none", "top", "from:LAYER", "all")
+
+
+def parse_unfreeze(unfreeze: str = "top", unfreeze_from: str | None = None) -> tuple[str, str | None]:
+    """(mode, layer) of ``--unfreeze none|top|from:LAYER|all``; ``--unfreeze-from LAYER`` is
+    the older spelling of ``from:LAYER``."""
+    unfreeze = unfreeze or "top"
+    if unfreeze_from is not None:
+        if unfreeze not in ("top", f"from:{unfreeze_from}"):
+            raise FeatcacheError(f"--unfreeze-from {unfreeze_from}: conflicts with --unfreeze {unfreeze} "
+                                 "(--unfreeze-from LAYER is --unfreeze from:LAYER; give one)")
+        return "from", unfreeze_from
+    if unfreeze in ("none", "top", "all"):
+        return unfreeze, None
+    if unfreeze.startswith("from:") and unfreeze[5:]:
+        return "from", unfreeze[5:]
+    raise FeatcacheError(f"--unfreeze {unfreeze!r}: choose none (base frozen, head only), top (the registry's "
+                         "top block), from:LAYER (every layer from LAYER on) or all (the whole base)")
+
+
+def build_models(recipe, head, blocks: int = 1, unfreeze: str = "top", augment_layers=()) -> Models:
+    """Base (unfolded, float32) + pooling + head, with the base layers that ``unfreeze`` names
+    trainable (none; the registry's top block; every layer from:LAYER on; all) and the head.
+
+    BatchNormalization stays frozen (inference mode, ImageNet statistics), except with
+    ``all`` on a randomly initialised base (trained from scratch): there its statistics mean
+    nothing yet, so BN layers train in training mode like every other layer."""
     import keras
 
     from ..extract.backbones import top_block_model
@@ -83,27 +117,34 @@ def build_models(recipe, head, blocks: int = 1, unfreeze_from: str | None = None
     from .export import _pool, preprocessing
 
     backbone, spec = recipe.backbone, recipe.spec
-    if blocks != 1 and unfreeze_from is None:
+    mode, layer_from = parse_unfreeze(unfreeze)
+    if blocks != 1:
         raise FeatcacheError(f"--blocks {blocks}: the registry names one top block per base; "
-                             "use --unfreeze-from LAYER to unfreeze more")
+                             "use --unfreeze from:LAYER to unfreeze more")
     base = build_frozen_base(backbone, spec.input_size, recipe.weights, None, "fp32", recipe.seed, fold=False)
     names = [layer.name for layer in base.layers]
     boundary_index = names.index(backbone.boundary_layer)
-    if unfreeze_from is not None:
-        if unfreeze_from not in names:
+    if mode == "from":
+        if layer_from not in names:
             from ..extract.model import check_layer
 
-            check_layer(base, unfreeze_from)  # raises with close matches
-        start = names.index(unfreeze_from)
-        selected = set(names[start:])
+            check_layer(base, layer_from)  # raises with close matches
+        selected = set(names[names.index(layer_from):])
+        first_trained = names.index(layer_from)
+    elif mode == "all":
+        selected, first_trained = set(names), 0
+    elif mode == "none":
+        selected, first_trained = set(), len(names)
     else:
         selected = {n for n in names[boundary_index + 1:] if n.startswith(backbone.top_block)}
+        first_trained = boundary_index + 1
+    train_bn = mode == "all" and recipe.spec.weights.startswith("random:")
     # Keras 3: a model whose own flag is False hides all its weights, so turn the base on and
     # then every layer off except the selected ones.
     base.trainable = True
     trainable = []
     for layer in base.layers:
-        layer.trainable = layer.name in selected and not _is_bn(layer)
+        layer.trainable = layer.name in selected and (train_bn or not _is_bn(layer))
         if layer.trainable and layer.weights:
             trainable.append(layer.name)
     head_model = head.model
@@ -121,7 +162,7 @@ def build_models(recipe, head, blocks: int = 1, unfreeze_from: str | None = None
     full = keras.Model(inputs, tail(base(x)), name="featcache_finetune")
 
     top_part = top_block_model(backbone, base)  # shares the base's layers
-    if unfreeze_from is not None and names.index(unfreeze_from) <= boundary_index:
+    if first_trained <= boundary_index:
         top_part = None  # layers below the boundary train: the cache cannot be used
     top = None
     if top_part is not None:
@@ -130,7 +171,7 @@ def build_models(recipe, head, blocks: int = 1, unfreeze_from: str | None = None
     b_images = keras.Input((spec.input_size, spec.input_size, 3), name="image")
     boundary_model = keras.Model(base.inputs, base.get_layer(backbone.boundary_layer).output)
     boundary = keras.Model(b_images, boundary_model(preprocessing(keras, b_images, spec.preprocessing)))
-    return Models(full, top, boundary, base, head_model, trainable)
+    return Models(full, top, boundary, base, head_model, trainable, train_bn)
 
 
 def _rows_of_run(config: dict):
@@ -222,16 +263,20 @@ def _proba(model, x, binary: bool, batch: int = 64) -> np.ndarray:
     return p
 
 
-def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unfreeze_from: str | None = None,
-             lr: float = 1e-5, epochs: int = 5, batch_size: int = 20, augment: str | None = None, aug_seed: int = 0,
-             from_cache: str | None = None, weights: str | None = None, seed: int = 0, report: bool = True) -> dict:
-    """Fine-tune the run's base top block + head; writes the run directory ``out`` and, unless
-    ``report`` is False, its HTML report ``out/report.html``."""
+def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unfreeze: str = "top",
+             unfreeze_from: str | None = None, lr: float = 1e-5, epochs: int = 5, batch_size: int = 20,
+             augment: str | None = None, aug_seed: int = 0, from_cache: str | None = None, weights: str | None = None,
+             seed: int = 0, report: bool = True) -> dict:
+    """Train the run's dense head with the part of its base that ``unfreeze`` names (none, top,
+    from:LAYER, all; ``unfreeze_from`` is the older spelling of from:LAYER); writes the run
+    directory ``out`` and, unless ``report`` is False, its HTML report ``out/report.html``."""
     import keras
 
     from ..extract.augment import make_layers, parse_recipe
 
     started = time.perf_counter()
+    mode, layer_from = parse_unfreeze(unfreeze, unfreeze_from)
+    unfreeze = f"from:{layer_from}" if mode == "from" else mode
     config, head, recipe = load_stage_two(run_dir, weights)
     spec, backbone = recipe.spec, recipe.backbone
     if lr <= 0 or epochs < 1 or batch_size < 1:
@@ -252,10 +297,10 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
     out = rundir.prepare(out)
 
     keras.utils.set_random_seed(seed)
-    models = build_models(recipe, head, blocks, unfreeze_from, make_layers(recipe_aug, aug_seed) if recipe_aug else ())
+    models = build_models(recipe, head, blocks, unfreeze, make_layers(recipe_aug, aug_seed) if recipe_aug else ())
     if from_cache and models.top is None:
-        raise FeatcacheError(f"--unfreeze-from {unfreeze_from}: at or below the boundary "
-                             f"{backbone.boundary_layer}; the cache holds activations above it")
+        raise FeatcacheError(f"--unfreeze {unfreeze}: trains layers at or below the boundary "
+                             f"{backbone.boundary_layer}; the cache holds activations above it (leave out --from-cache)")
     model = models.top if from_cache else models.full
     k = len(record["class_names"])
     binary = k == 2
@@ -268,6 +313,8 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
     part = {s: np.flatnonzero(splits == s) for s in SPLITS}
     y = labels.astype(np.float32 if binary else np.int32)
 
+    # Counted now: freezing the saved model at the end turns every shared layer off.
+    trainable_weights = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
     before = {s: reports.score(labels[i], _proba(model, x[i], binary), k) for s, i in part.items() if len(i)}
     model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=lr),
                   loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -297,15 +344,18 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
     final.save(model_path)
     val_acc = evaluated.get("validation", {}).get("accuracy")
     overfitting = reports.overfitting(history, evaluated["train"]["accuracy"], val_acc)
-    settings = {"blocks": blocks, "unfreeze_from": unfreeze_from, "lr": lr, "epochs": epochs,
+    settings = {"unfreeze": unfreeze, "blocks": blocks, "unfreeze_from": layer_from,
+                "batchnorm": "trained (random-init base, all layers)" if models.train_bn else "frozen (inference mode)",
+                "lr": lr, "epochs": epochs,
                 "batch_size": batch_size, "optimizer": "rmsprop", "augment": recipe_aug or None,
                 "aug_seed": aug_seed if recipe_aug else None, "seed": seed,
                 "source": "cache" if from_cache else "images"}
-    trainable_weights = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
     rundir.write_json(os.path.join(out, rundir.CONFIG), {
         "run_format": rundir.RUN_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "head": "finetune", "settings": settings, "seed": seed, "stage_two_run": os.path.abspath(run_dir),
-        "stage_two_settings": config["settings"], "feature_set": record, "image_root": image_dir,
+        "kind": "finetune", "head": "finetune", "settings": settings, "seed": seed,
+        "stage_two_run": os.path.abspath(run_dir),
+        "stage_two_settings": config["settings"], "feature_set": record,
+        "image_root": os.path.abspath(image_dir) if image_dir else None,
         "boundary": {"layer": backbone.boundary_layer, "store": os.path.abspath(from_cache) if from_cache else None,
                      "feature_set": boundary_name},
         "trainable_layers": models.trainable, "trainable_parameters": trainable_weights,
@@ -313,12 +363,13 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
                   "input": "RGB float 0..255, decoded and resized (Pillow, " + spec.resize + ")"},
     })
     rundir.write_json(os.path.join(out, rundir.METRICS), {
-        "head": "finetune", "feature_set": record["name"], "class_names": names, "before": before, **evaluated,
+        "kind": "finetune", "head": "finetune", "feature_set": record["name"], "class_names": names,
+        "before": before, **evaluated,
         "overfitting": overfitting, "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu,
         "epoch_seconds": timer.seconds, "data_seconds": data_seconds,
     })
     reports.write_history(history, os.path.join(out, rundir.HISTORY))
-    title = f"fine-tuned {spec.backbone} ({settings['source']})"
+    title = f"fine-tuned {spec.backbone} (--unfreeze {unfreeze}, from {settings['source']})"
     reports.plot_curves(history, os.path.join(out, rundir.CURVES), title)
     shown = "test" if "test" in evaluated else "validation"
     if shown in evaluated:
@@ -343,7 +394,8 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
         return {"n": m["n"], "accuracy": m["accuracy"], "loss": m["loss"]} if m else {"n": 0, "accuracy": None, "loss": None}
 
     return {
-        "run_dir": out, "stage_two_run": run_dir, "source": settings["source"], "feature_set": record["name"],
+        "run_dir": out, "stage_two_run": run_dir, "unfreeze": unfreeze, "batchnorm": settings["batchnorm"],
+        "source": settings["source"], "feature_set": record["name"],
         "boundary_feature_set": boundary_name, "trainable_layers": models.trainable,
         "trainable_parameters": trainable_weights, "before": before,
         **{s: summary(evaluated.get(s)) for s in SPLITS}, "overfitting": overfitting,

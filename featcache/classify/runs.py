@@ -197,8 +197,8 @@ class CachedInputs:
         self.sets, labels = [], []
         try:
             for record in self.row_sets:
-                self.sets.append(self._open(record, runs))
-                labels.append(f"{self._owner(record, runs)} ({record['name']})" if len(runs) > 1 else record["name"])
+                self.sets.append(self._open(record))
+                labels.append(f"{self.owner(record)} ({record['name']})" if len(runs) > 1 else record["name"])
             self.aligned: Aligned = align(self.sets, labels, strict=True, what=what)
         except BaseException:
             self._stack.close()
@@ -208,13 +208,13 @@ class CachedInputs:
         for i, record in enumerate(self.row_sets):
             self.source.setdefault(record["name"], i)
 
-    @staticmethod
-    def _owner(record: dict, runs: list[Run]) -> str:
-        return next(run.run_dir for run in runs if record in run.row_sets)
+    def owner(self, record: dict) -> str:
+        """The run directory (the first) that reads this feature-set record."""
+        return next(run.run_dir for run in self.runs if record in run.row_sets)
 
-    def _open(self, record: dict, runs: list[Run]):
+    def _open(self, record: dict):
         store = record["store"]
-        owner = self._owner(record, runs)
+        owner = self.owner(record)
         if not os.path.exists(store):
             raise FeatcacheError(f"{store}: the store of run {owner} is missing (needed for its features and splits)")
         s = self._stack.enter_context(open_store(store))
