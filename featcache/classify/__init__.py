@@ -9,6 +9,10 @@
 - :mod:`.predict` / :mod:`.export`: base + head on new images, one exported Keras model
 - :mod:`.report_html`: the HTML report of a run (data from :mod:`.report_data`, pictures from
   :mod:`.report_figures`); :mod:`.leaderboard_html`: leaderboard pages; :mod:`.html_page`: their page
+- :mod:`.runs`: any run directory (head, fused, finetune, ensemble) as one object, and
+  ``split_probabilities(run_dir, split)`` from the cache; :mod:`.align`: rows of several
+  feature sets matched image by image; :mod:`.recipe`: rebuilding a feature set's base
+- :mod:`.ensemble`: weighted averages of runs; :mod:`.finetune`: the transfer strategies
 
 Imports are lazy: ``import featcache.classify`` loads neither Keras nor scikit-learn.
 """

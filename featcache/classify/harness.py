@@ -126,8 +126,10 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
             record = rundir.feature_set_record(fs, store)
     m = result["metrics"]
     summary = {
+        "kind": "fused" if names else "head",
         "head": head_obj.name,
         "feature_set": fs.name,
+        **({"feature_sets": names} if names else {}),
         "untrained": {k: result["untrained"][k] for k in ("split", "n", "accuracy", "loss", "chance_accuracy",
                                                           "expected_loss", "flag", "reason")},
         **{split: _summary(m.get(split)) for split in SPLITS},
