@@ -237,6 +237,22 @@ def test_ensemble_refuses_bad_input_in_one_line(members, tmp_path):
         train(store, name, head="logreg", out=str(tmp_path / f"hf{i}"))
     with pytest.raises(FeatcacheError, match=r"^--weights fit: the validation split has only one class \(cats\)"):
         ensemble([str(tmp_path / "hf0"), str(tmp_path / "hf1")], str(tmp_path / "z"), weights="fit")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()  # refused before any folder is made
+
+
+def test_a_store_changed_since_training_is_reported(tmp_path):
+    tree = write_tree(tmp_path / "images", splits={"train": 4, "validation": 2}, classes=CLASSES)
+    store = str(tmp_path / "s.h5")
+    sets = [extract(str(tree), store, base="pixels", size=s, progress=False)["feature_set"] for s in (6, 8)]
+    for i, name in enumerate(sets):
+        train(store, name, head="logreg", out=str(tmp_path / f"r{i}"))
+    write_tree(tmp_path / "images", splits={"train": 5}, classes=CLASSES)  # one more image per class
+    for s in (6, 8):
+        extract(str(tree), store, base="pixels", size=s, progress=False)
+    result = ensemble([str(tmp_path / "r0"), str(tmp_path / "r1")], None)
+    assert result["train"]["n"] == 10  # the images now in the store
+    assert result["warnings"] == [f"feature set {name} in {store} changed since {tmp_path / f'r{i}'} was trained on it "
+                                  "(images added, removed or relabelled)" for i, name in enumerate(sets)]
 
 
 def test_a_changed_member_is_refused(members, tmp_path):

@@ -103,17 +103,18 @@ def ensemble(run_dirs: list[str], out: str, weights: str = "equal", report: bool
         if run.class_names != names:
             raise FeatcacheError(f"{runs[0].run_dir} and {run.run_dir} have different classes ({', '.join(names)} vs "
                                  f"{', '.join(run.class_names)}); an ensemble needs runs of the same classes")
-    out = rundir.prepare(out) if out else None  # after the cheap checks, before the long part
     warnings = []
     with CachedInputs(runs, what="an ensemble needs runs trained on the same images, labels and splits") as cache:
+        labels = {s: cache.aligned.labels[cache.aligned.split(s)] for s in SPLITS}
+        if weights == "fit":
+            _check_validation(labels["validation"], names)
+        out = rundir.prepare(out) if out else None  # after every check, before the long part
         for record, fs in zip(cache.row_sets, cache.sets):
             if rundir.feature_set_digest(fs) != record.get("digest"):
                 warnings.append(f"feature set {record['name']} in {record['store']} changed since "
                                 f"{cache.owner(record)} was trained on it (images added, removed or relabelled)")
-        labels = {s: cache.aligned.labels[cache.aligned.split(s)] for s in SPLITS}
         probas = {s: cache.probabilities(cache.aligned.split(s)) for s in SPLITS}
     if weights == "fit":
-        _check_validation(labels["validation"], names)
         w, fit = fit_weights(probas["validation"], labels["validation"])
     else:
         w, fit = np.full(len(runs), 1.0 / len(runs)), None
