@@ -239,9 +239,10 @@ def search(store: str | os.PathLike, *, out: str | os.PathLike, trials: int = 30
 
 def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str | None = None,
             batch_size: int = 32) -> dict:
-    """Classify image files or folders with the base and head of ``run_dir`` (``featcache predict``).
+    """Classify image files or folders with the base and head of ``run_dir`` (``featcache predict``);
+    any kind of run: a head, a fused head, a fine-tuned model or an ensemble.
 
-    Returns ``run_dir``, ``head``, ``feature_set``, ``class_names``, ``predictions`` (per image:
+    Returns ``run_dir``, ``kind``, ``head``, ``model`` (a description), ``feature_set``, ``class_names``, ``predictions`` (per image:
     ``path``, ``predicted``, ``probability``, ``top``: [{class, probability}]) and ``failures``."""
     from .classify.predict import predict as run_predict
 
@@ -252,9 +253,10 @@ def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str 
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str | None = None) -> dict:
     """Write preprocessing + base + head of ``run_dir`` as one Keras model file ``out``
-    (``featcache export``).
+    (``featcache export``); any kind of run (every base of a fused head or ensemble once).
 
-    Returns ``run_dir``, ``out``, ``input_shape``, ``input``,
+    Returns ``run_dir``, ``out``, ``kind``, ``inputs`` (``name``, ``shape``, ``values`` of each
+    image input: one per distinct size), ``input_shape`` and ``input`` (of the first),
     ``class_names``, ``parameters`` and ``sha256``."""
     from .classify.export import export as run_export
 

@@ -16,7 +16,7 @@ from featcache.cli import cli
 # command -> API function
 COMMANDS = {"extract": "extract_features", "info": "info", "merge": "merge", "bases": "bases", "train": "train",
             "compare": "compare", "search": "search", "report": "report", "predict": "predict",
-            "export": "export", "finetune": "finetune", "demo": "demo"}
+            "export": "export", "finetune": "finetune", "ensemble": "ensemble", "demo": "demo"}
 # Options that shape only the command's own output or exit status.
 CLI_ONLY = {"as_json", "strict", "no_progress"}
 # CLI parameter name -> API parameter name, where they differ.
@@ -115,6 +115,12 @@ def test_api_results_equal_what_json_prints(tree, tmp_path):
     cli_pred = json.loads(run("predict", tmp_path / "r1", images, "--json").stdout)
     api_pred = featcache.predict(tmp_path / "r1", images)
     assert api_pred == cli_pred and len(api_pred["predictions"]) == 3
+
+    featcache.train(cli_store, head="logreg", C=0.1, out=tmp_path / "r3")
+    members = [tmp_path / "r1", tmp_path / "r3"]
+    cli_ens = json.loads(run("ensemble", *members, "--weights", "fit", "--out", tmp_path / "e1", "--json").stdout)
+    api_ens = featcache.ensemble(members, weights="fit", out=tmp_path / "e2")
+    assert _without_timings({**api_ens, "run_dir": None}) == _without_timings({**cli_ens, "run_dir": None})
 
 
 def test_api_errors_are_the_cli_error_line(tmp_path):
