@@ -68,7 +68,8 @@ def test_equal_weights_average_the_members_cached_probabilities(members, tmp_pat
     # the run directory: ordinary layout, the members' model files pinned by sha256
     out = tmp_path / "ens"
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.json", "history.csv", "confusion_matrix.png",
-                                               "members.png"}
+                                               "members.png", "report.html"}
+    assert result["report"] == str(out / "report.html")
     config = json.loads((out / "config.json").read_text())
     assert config["kind"] == "ensemble" and config["weights"] == [0.5, 0.5] and config["class_names"] == list(CLASSES)
     good = json.loads((members["root"] / "good" / "config.json").read_text())
@@ -84,8 +85,8 @@ def test_equal_weights_average_the_members_cached_probabilities(members, tmp_pat
 
 def test_fitted_weights_favour_the_better_member(members, tmp_path):
     runs = members["runs"]
-    first = ensemble([runs["poor"], runs["good"]], str(tmp_path / "fit1"), weights="fit")
-    again = ensemble([runs["poor"], runs["good"]], str(tmp_path / "fit2"), weights="fit")
+    first = ensemble([runs["poor"], runs["good"]], str(tmp_path / "fit1"), weights="fit", report=False)
+    again = ensemble([runs["poor"], runs["good"]], str(tmp_path / "fit2"), weights="fit", report=False)
     w = np.array(first["weights"])
     assert first["weights"] == again["weights"]  # deterministic
     assert (w >= 0).all() and w.sum() == pytest.approx(1.0, abs=1e-12)
@@ -123,7 +124,7 @@ def test_ensemble_export_equals_predict(members, tmp_path):
 
     runs = members["runs"]
     out = str(tmp_path / "ens")
-    result = ensemble([runs["good"], runs["dense"], runs["fused"], runs["tuned"]], out, weights="fit")
+    result = ensemble([runs["good"], runs["dense"], runs["fused"], runs["tuned"]], out, weights="fit", report=False)
     assert sum(result["weights"]) == pytest.approx(1.0) and min(result["weights"]) >= 0
     predicted = predict(out, [str(members["tree"] / "test")], top_k=2)
     assert predicted["kind"] == "ensemble" and len(predicted["predictions"]) == 6
@@ -179,9 +180,11 @@ def test_ensemble_on_the_command_line(members, tmp_path):
     assert lines[2].split()[5] == runs["good"] and lines[3].split()[5] == runs["mobile"]
     assert lines[2].endswith(f"(logreg on {json.loads((members['root'] / 'good' / 'config.json').read_text())['feature_set']['name']})")
     assert [line.split()[0] for line in lines[4:7]] == ["train", "validation", "test"]
-    assert lines[7] == f"  run directory {tmp_path / 'e'}"
-    r = CliRunner().invoke(cli, ["ensemble", runs["good"], runs["mobile"], "--out", str(tmp_path / "j"), "--json"])
+    assert lines[7] == f"  run directory {tmp_path / 'e'}" and lines[8] == f"  report {tmp_path / 'e' / 'report.html'}"
+    r = CliRunner().invoke(cli, ["ensemble", runs["good"], runs["mobile"], "--out", str(tmp_path / "j"), "--json",
+                                 "--no-report"])
     assert r.exit_code == 0 and json.loads(r.stdout)["weights_method"] == "equal"
+    assert json.loads(r.stdout)["report"] is None and not (tmp_path / "j" / "report.html").exists()
 
 
 def test_ensemble_refuses_bad_input_in_one_line(members, tmp_path):
@@ -196,7 +199,7 @@ def test_ensemble_refuses_bad_input_in_one_line(members, tmp_path):
     refused([runs["good"], runs["good"] + "/"], f"ensemble: {runs['good']}/ is listed twice (as {runs['good']})")
     refused([runs["good"], str(tmp_path / "nope")], f"{tmp_path / 'nope'}: no such run directory")
     refused([runs["good"], str(tmp_path)], f"{tmp_path}: not a run directory")
-    ensemble([runs["good"], runs["mobile"]], str(tmp_path / "inner"))
+    ensemble([runs["good"], runs["mobile"]], str(tmp_path / "inner"), report=False)
     refused([runs["good"], str(tmp_path / "inner")],
             f"{tmp_path / 'inner'}: an ensemble cannot be a member of an ensemble; list its members instead")
 
@@ -260,7 +263,7 @@ def test_a_changed_member_is_refused(members, tmp_path):
     copy = tmp_path / "good"
     shutil.copytree(runs["good"], copy)
     ens = str(tmp_path / "ens")
-    ensemble([str(copy), runs["mobile"]], ens)
+    ensemble([str(copy), runs["mobile"]], ens, report=False)
     # Another (consistent) run in the member's folder: the ensemble pinned the old model's sha256.
     train(members["stores"][0], head="logreg", C=0.01, out=str(tmp_path / "other"))
     shutil.rmtree(copy)
@@ -293,3 +296,22 @@ def test_weights_override_applies_to_the_bases_it_made(members, tmp_path):
     junk.write_bytes(b"not weights")
     with pytest.raises(FeatcacheError, match=f"^{junk}: not the weights file of any base of RUN"):
         recipes_for([record, other], "RUN", str(junk))
+
+
+def test_the_report_of_an_ensemble_and_of_a_fine_tuned_member(members, tmp_path):
+    """featcache report on an ensemble (its members' cached probabilities, weighted; no feature
+    map, said why) and on a fine-tuned run trained from images (decoded, digests checked)."""
+    from featcache.classify.report_html import write_report
+
+    runs = members["runs"]
+    out = str(tmp_path / "ens")
+    made = ensemble([runs["good"], runs["tuned"]], out, weights="fit")
+    page = (tmp_path / "ens" / "report.html").read_text()
+    assert made["report"] == os.path.join(out, "report.html") and "ensemble of 2 runs (fit weights)" in page
+    again = write_report(out, out=str(tmp_path / "again.html"))
+    assert again["per_image"] and again["images"] == 6 and again["kind"] == "ensemble"
+    assert again["mistakes"] == round((1 - made["test"]["accuracy"]) * 6)
+    assert again["notes"] == ["no map of the features: an ensemble's members read different features; "
+                              "each member's own report maps its own"]
+    tuned = write_report(runs["tuned"], out=str(tmp_path / "tuned.html"))
+    assert tuned["per_image"] and tuned["images"] == 6 and tuned["map_points"] == 6

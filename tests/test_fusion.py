@@ -114,6 +114,21 @@ def test_fused_predict_builds_every_base_and_export_matches(fused, head, tmp_pat
     assert np.abs(np.asarray(model.predict_on_batch(feeds)) - got).max() < 1e-4
 
 
+def test_the_report_of_a_fused_run_maps_the_joined_features(fused, tmp_path):
+    from featcache.classify import report_data
+    from featcache.classify.report_html import write_report
+    from featcache.classify.rundir import read_config
+
+    run = fused["runs"]["logreg"]
+    assert os.path.isfile(os.path.join(run, "report.html"))  # written at the end of train
+    page = write_report(run, out=str(tmp_path / "r.html"))
+    assert page["per_image"] and page["images"] == 6 and page["map_points"] == 6 and page["notes"] == []
+    assert page["kind"] == "fused" and page["feature_set"] == f"{fused['pixels']}+{fused['mobile']}"
+    config = read_config(run)
+    features, _, _ = report_data.map_features(config, report_data.split_probabilities(run, "test", config))
+    assert features.shape == (6, 3 + 256)  # both sets pooled (--pool avg) and side by side
+
+
 def test_fused_training_on_the_command_line(fused, tmp_path):
     r = CliRunner().invoke(cli, ["train", fused["store"], "--feature-sets", f"{fused['pixels']},{fused['mobile']}",
                                  "--head", "logreg", "--out", str(tmp_path / "run"), "--json"])

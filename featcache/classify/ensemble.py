@@ -13,7 +13,8 @@ equal weights (deterministic). Validation metrics of a fitted ensemble are there
 optimistic; the test split is the honest score, and it is never used to fit.
 
 The run directory is an ordinary one (config.json with kind "ensemble", metrics.json,
-history.csv, confusion_matrix.png, plus members.png); ``predict`` and ``export`` accept it.
+history.csv, confusion_matrix.png, plus members.png and report.html); ``predict``, ``export``
+and ``report`` accept it.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ def ensemble(run_dirs: list[str], out: str, weights: str = "equal", report: bool
                 warnings.append(f"feature set {record['name']} in {record['store']} changed since "
                                 f"{cache.owner(record)} was trained on it (images added, removed or relabelled)")
         probas = {s: cache.probabilities(cache.aligned.split(s)) for s in SPLITS}
+        paths = {s: cache.aligned.paths[cache.aligned.split(s)] for s in SPLITS}
     if weights == "fit":
         w, fit = fit_weights(probas["validation"], labels["validation"])
     else:
@@ -132,8 +134,11 @@ def ensemble(run_dirs: list[str], out: str, weights: str = "equal", report: bool
         "kind": "ensemble", "run_dir": out, "weights_method": weights, "weights": [float(x) for x in w],
         "members": members, **{s: _summary(metrics.get(s)) for s in SPLITS}, "fit": fit, "warnings": warnings,
     }
+    summary["report"] = None
     if out:
         _write_run(out, runs, w, weights, fit, metrics, members)
+        if report:  # from the probabilities just computed: no second pass over the members
+            summary["report"] = _report(out, runs, w, labels, paths, probas, names)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -172,6 +177,17 @@ def _write_run(out: str, runs, w, method: str, fit, metrics: dict, members: list
         reports.plot_confusion(metrics[shown]["confusion_matrix"], names, os.path.join(out, rundir.CONFUSION),
                                f"{title}, {shown} split")
     plot_members(members, metrics, os.path.join(out, MEMBERS_PLOT), title)
+
+
+def _report(out: str, runs, w, labels: dict, paths: dict, probas: dict, names: list[str]) -> str:
+    from .report_data import SplitPredictions
+    from .report_html import write_report
+
+    shown = "test" if len(labels["test"]) else "validation"
+    given = SplitPredictions(shown, list(names), paths[shown], labels[shown], sum(wi * p for wi, p in zip(w, probas[shown])),
+                             next((run.image_root for run in runs if run.image_root), None),
+                             f"the ensemble's {len(runs)} members, each on its cached features, weighted")
+    return write_report(out, split=shown, predictions=given)["report"]
 
 
 def plot_members(members: list[dict], metrics: dict, path: str, title: str) -> None:

@@ -174,6 +174,23 @@ def build_models(recipe, head, blocks: int = 1, unfreeze: str = "top", augment_l
     return Models(full, top, boundary, base, head_model, trainable, train_bn)
 
 
+def top_of_saved_model(full, backbone):
+    """From a saved end-to-end fine-tuned model: boundary activation in, probabilities out
+    (the base's layers above the boundary, then every layer after the base)."""
+    import keras
+
+    from ..extract.backbones import top_block_model
+
+    base = next(layer for layer in full.layers if isinstance(layer, keras.Model)
+                and any(inner.name == backbone.boundary_layer for inner in layer.layers))
+    top = top_block_model(backbone, base)
+    inputs = keras.Input(tuple(top.input.shape[1:]), name="boundary")
+    x = top(inputs)
+    for layer in full.layers[full.layers.index(base) + 1:]:
+        x = layer(x)
+    return keras.Model(inputs, x, name="featcache_finetune_top")
+
+
 def _rows_of_run(config: dict):
     """paths, digests, labels, splits of the stage-two feature set's active rows."""
     record = config["feature_set"]

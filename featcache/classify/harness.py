@@ -179,20 +179,21 @@ def _write_run(run_dir: str, head: Head, record: dict | list[dict], result: dict
     rundir.write_json(os.path.join(run_dir, rundir.CONFIG),
                       rundir.config_record(head, record, result["plan"].to_dict(), model_path))
     records = record if isinstance(record, list) else [record]
+    shown_name = "+".join(r["name"] for r in records)
     rundir.write_json(os.path.join(run_dir, rundir.METRICS), {
         "kind": "fused" if isinstance(record, list) else "head",
-        "head": head.name, "feature_set": summary["feature_set"], "class_names": records[0]["class_names"],
+        "head": head.name, "feature_set": shown_name, "class_names": records[0]["class_names"],
         "untrained": result["untrained"], **result["metrics"], "overfitting": result["overfitting"],
         "fit_seconds": result["fit_seconds"], "fit_cpu_seconds": result["fit_cpu_seconds"],
         "streaming": result["plan"].streaming,
     })
     reports.write_history(result["history"], os.path.join(run_dir, rundir.HISTORY))
-    title = f"{head.name} on {summary['feature_set']}"
+    title = f"{head.name} on {shown_name}"
     reports.plot_curves(result["history"], os.path.join(run_dir, rundir.CURVES), title)
     shown = "test" if result["metrics"].get("test", {}).get("n") else "validation"
     if result["metrics"].get(shown, {}).get("n"):
         reports.plot_confusion(result["metrics"][shown]["confusion_matrix"], records[0]["class_names"],
-                               os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{summary['feature_set']}")
+                               os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{shown_name}")
 
 
 def _report(run_dir: str) -> str:

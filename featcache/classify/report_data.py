@@ -94,121 +94,70 @@ def _changed_note(fs, record: dict) -> list[str]:
 
 
 def split_probabilities(run_dir: str, split: str, config: dict | None = None) -> SplitPredictions:
-    """Paths, true labels and class probabilities of every image of ``split`` in the run's
-    feature set, from the run's own model. FeatcacheError (with the reason) when they cannot
-    be computed."""
-    from .heads import HEADS
+    """Paths, true labels and class probabilities of every image of ``split``, from the run's
+    own model, for any kind of run (runs.split_probabilities does the work). FeatcacheError
+    (with the reason) when they cannot be computed."""
+    from .runs import CachedInputs, load_run
 
     if split not in SPLITS:
         raise FeatcacheError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    config = config or rundir.read_config(run_dir)
-    if config["head"] in HEADS:
-        return _head_probabilities(run_dir, config, split)
-    if config["head"] == "finetune":
-        return _finetune_probabilities(run_dir, config, split)
-    raise FeatcacheError(f"{run_dir}: per-image results of {config['head']!r} runs are not supported by this featcache")
+    run = load_run(run_dir)  # model files' sha256 checked before loading
+    with CachedInputs([run]) as cache:
+        notes = [note for record, fs in zip(cache.row_sets, cache.sets) for note in _changed_note(fs, record)]
+        where = cache.aligned.split(split)
+        proba = cache.probabilities(where)[0]
+        paths, labels = cache.aligned.paths[where], cache.aligned.labels[where]
+    if getattr(run, "boundary_missing", False):
+        notes.append(f"the boundary store {run.config['boundary']['store']} the run trained from is missing; "
+                     "the images were decoded instead")
+    return SplitPredictions(split, list(run.class_names), paths, labels, proba, run.image_root or None,
+                            _source(run), notes)
 
 
-def _head_probabilities(run_dir: str, config: dict, split: str) -> SplitPredictions:
-    """A stage-two head (dense, logreg) on the cached features of its store."""
-    from .data import Rows
-
-    record = config["feature_set"]
-    with _feature_set(record) as fs:
-        notes = _changed_note(fs, record)
-        config, head = rundir.load_head(run_dir)  # the model file's sha256 is checked first
-        rows = Rows.of(fs, fs.rows(split), split)
-        proba = head.predict_rows(rows)
-        paths = fs.column("paths")[rows.rows]
-        return SplitPredictions(split, list(record["class_names"]), paths, rows.labels, proba,
-                                record.get("image_root") or None,
-                                f"the run's {config['head']} head on the cached features of {record['store']}", notes)
-
-
-def _finetune_probabilities(run_dir: str, config: dict, split: str) -> SplitPredictions:
-    """A fine-tuned model: the top block + head on the cached boundary activations when the
-    run trained from them, else the whole model on the decoded images."""
-    import keras
-
-    from ..cache.key import KeySpec
-    from ..extract.backbones import get_backbone
-    from .finetune import _boundary_data, _decode_all, _proba, _rows_of_run
-
-    record = config["feature_set"]
-    if not os.path.isfile(record.get("store") or ""):
-        raise FeatcacheError(f"the store {record.get('store')} of the stage-two run is missing (moved or deleted); "
-                             "per-image results need its list of images and splits")
-    paths, digests, labels, splits = _rows_of_run(config)
-    keep = splits == split
-    paths, digests, labels = paths[keep], digests[keep], labels[keep]
-    model_path = rundir.verify_model(run_dir, config)
-    full = keras.saving.load_model(model_path, safe_mode=True, compile=False)
-    spec = KeySpec(**record["key"])
-    boundary = config.get("boundary") or {}
-    image_root = config.get("image_root") or record.get("image_root") or None
-    notes = []
-    if boundary.get("store") and os.path.isfile(boundary["store"]):
-        x = _boundary_data(boundary["store"], boundary["feature_set"], digests)
-        model = _top_model(full, get_backbone(spec.backbone))
-        source = f"the fine-tuned top block and head on the cached boundary activations of {boundary['store']}"
-    else:
-        if boundary.get("store"):
-            notes.append(f"the boundary store {boundary['store']} the run trained from is missing; "
-                         "the images were decoded instead")
-        if not image_root or not os.path.isdir(image_root):
-            raise FeatcacheError(f"the image folder {image_root} of the run is missing (moved or deleted); "
-                                 "per-image results of a fine-tuned model need its images")
-        x = _decode_all(image_root, paths, spec.input_size, spec.resize)
-        model = full
-        source = f"the fine-tuned model on the images of {image_root}"
-    proba = _proba(model, x, False) if len(x) else np.zeros((0, len(record["class_names"])))
-    return SplitPredictions(split, list(record["class_names"]), paths, labels, proba, image_root, source, notes)
-
-
-def _top_model(full, backbone):
-    """From a saved end-to-end fine-tuned model: boundary activation in, probabilities out
-    (the base's layers above the boundary, then every layer after the base)."""
-    import keras
-
-    from ..extract.backbones import top_block_model
-
-    base = next(layer for layer in full.layers if isinstance(layer, keras.Model)
-                and any(inner.name == backbone.boundary_layer for inner in layer.layers))
-    top = top_block_model(backbone, base)
-    inputs = keras.Input(tuple(top.input.shape[1:]), name="boundary")
-    x = top(inputs)
-    for layer in full.layers[full.layers.index(base) + 1:]:
-        x = layer(x)
-    return keras.Model(inputs, x, name="featcache_finetune_top")
+def _source(run) -> str:
+    """How the probabilities were computed, in words."""
+    stores = ", ".join(dict.fromkeys(r["store"] for r in run.row_sets))
+    if run.kind == "finetune":
+        if run.boundary:
+            return f"the fine-tuned top block and head on the cached boundary activations of {run.boundary['store']}"
+        return f"the fine-tuned model on the images of {run.image_root}"
+    if run.kind == "ensemble":
+        return f"the ensemble's {len(run.members)} members, each on its cached features ({stores}), weighted"
+    return f"the run's {run.config['head']} head on the cached features of {stores}"
 
 
 def map_features(config: dict, predictions: SplitPredictions, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """The cached features the head saw, of the predicted images, flattened to (M, D) float32:
-    (features, index of each row in ``predictions``, note). M = N unless the split is too big
-    to map whole (then a seeded sample, said in the note)."""
+    """The cached features the head saw, of the predicted images, flattened to (M, D) float32
+    (a fused head's sets side by side): (features, index of each row in ``predictions``, note).
+    M = N unless the split is too big to map whole (then a seeded sample, said in the note)."""
     from .heads import _pool
 
-    record = config["feature_set"]
+    if rundir.run_kind(config) == "ensemble":
+        raise FeatcacheError("an ensemble's members read different features; each member's own report maps its own")
+    records = rundir.feature_records(config)
     settings = config.get("stage_two_settings") or config.get("settings") or {}
-    with _feature_set(record) as fs:
-        rows = fs.rows(predictions.split)
-        by_path = dict(zip(fs.column("paths")[rows], rows))
-        missing = [p for p in predictions.paths if p not in by_path]
-        if missing:
-            raise FeatcacheError(f"{len(missing)} images of the split are not in feature set {record['name']} "
-                                 f"(first: {missing[0]})")
-        want = np.array([by_path[p] for p in predictions.paths], np.int64)
-        index = np.arange(len(want))
-        row_bytes = int(np.prod(fs.feature_shape)) * 4
-        note = ""
-        limit = int(min(MAP_MAX_POINTS, max(1, MAP_MAX_BYTES // max(row_bytes, 1))))
-        if len(want) > limit:
-            index = np.sort(np.random.default_rng(seed).choice(len(want), limit, replace=False))
-            note = f"a seeded sample of {limit} of the split's {len(want)} images"
-        order = np.argsort(want[index])
-        x = np.empty((len(index),) + fs.feature_shape, np.float32)
-        x[order] = fs.read(want[index][order])
     pool = settings.get("pool", "none")
-    if x.ndim == 4 and pool in ("avg", "max"):
-        x = _pool(x, pool)
-    return x.reshape(len(x), -1), index, note
+    parts, index, note = [], None, ""
+    for record in records:
+        with _feature_set(record) as fs:
+            rows = fs.rows(predictions.split)
+            by_path = dict(zip(fs.column("paths")[rows], rows))
+            missing = [p for p in predictions.paths if p not in by_path]
+            if missing:
+                raise FeatcacheError(f"{len(missing)} images of the split are not in feature set {record['name']} "
+                                     f"(first: {missing[0]})")
+            want = np.array([by_path[p] for p in predictions.paths], np.int64)
+            if index is None:
+                index = np.arange(len(want))
+                row_bytes = sum(int(np.prod(r["feature_shape"])) for r in records) * 4
+                limit = int(min(MAP_MAX_POINTS, max(1, MAP_MAX_BYTES // max(row_bytes, 1))))
+                if len(want) > limit:
+                    index = np.sort(np.random.default_rng(seed).choice(len(want), limit, replace=False))
+                    note = f"a seeded sample of {limit} of the split's {len(want)} images"
+            order = np.argsort(want[index])
+            x = np.empty((len(index),) + fs.feature_shape, np.float32)
+            x[order] = fs.read(want[index][order])
+        if x.ndim == 4 and pool in ("avg", "max"):
+            x = _pool(x, pool)
+        parts.append(x.reshape(len(x), -1))
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)), index, note

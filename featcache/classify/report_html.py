@@ -29,7 +29,7 @@ MISTAKE_LIST_MAX = 5000  # mistakes past the thumbnails are listed as text, up t
 
 def choose_split(metrics: dict, config: dict, split: str | None) -> str:
     """The requested split, or test when it has images, else validation."""
-    counts = {s: (metrics.get(s) or {}).get("n") or config["feature_set"].get("rows", {}).get(s, 0)
+    counts = {s: (metrics.get(s) or {}).get("n") or rundir.feature_records(config)[0].get("rows", {}).get(s, 0)
               for s in report_data.SPLITS}
     if split is None:
         return "test" if counts["test"] else "validation"
@@ -60,7 +60,7 @@ def write_report(run_dir: str, out: str | None = None, split: str | None = None,
         notes.append(str(exc))
     split = choose_split(metrics, config, split)
     out = os.fspath(out) if out else os.path.join(run_dir, REPORT)
-    names = list(config["feature_set"]["class_names"])
+    names = list(rundir.class_names(config))
 
     seconds = {}
     clock = time.perf_counter()
@@ -83,7 +83,7 @@ def write_report(run_dir: str, out: str | None = None, split: str | None = None,
     seconds["plots"] = time.perf_counter() - clock
 
     head = config["head"]
-    title = f"{head} on {config['feature_set']['name']}"
+    title = _title(config)
     body = "".join([
         f"<h1>{esc(title)}</h1>",
         f'<p class="sub">featcache report of {esc(os.path.abspath(run_dir))} · {esc(split)} split</p>',
@@ -96,7 +96,8 @@ def write_report(run_dir: str, out: str | None = None, split: str | None = None,
     size = write_html(out, page(f"{title}: featcache report", body, started))
     n = len(predictions) if predictions is not None else None
     return {
-        "report": out, "run_dir": run_dir, "head": head, "feature_set": config["feature_set"]["name"], "split": split,
+        "report": out, "run_dir": run_dir, "kind": rundir.run_kind(config), "head": head,
+        "feature_set": "+".join(r["name"] for r in rundir.feature_records(config)), "split": split,
         "images": n, "per_image": predictions is not None,
         "mistakes": int(np.sum(predictions.predicted != predictions.labels)) if n is not None else None,
         "mistake_thumbnails": None, "right_thumbnails": None, "map_points": None, "map_method": None,
@@ -105,28 +106,52 @@ def write_report(run_dir: str, out: str | None = None, split: str | None = None,
     }
 
 
-def _facts_section(config: dict, metrics: dict) -> str:
-    record = config["feature_set"]
+def _title(config: dict) -> str:
+    kind = rundir.run_kind(config)
+    if kind == "ensemble":
+        return f"ensemble of {len(config['members'])} runs ({config['settings']['weights']} weights)"
+    return f"{config['head']} on {' + '.join(r['name'] for r in rundir.feature_records(config))}"
+
+
+def _base_facts(record: dict, label: str = "") -> list[tuple[str, str]]:
     key = record.get("key", {})
+    return [
+        (f"feature set{label}", esc(record["name"])),
+        (f"base{label}", esc(f"{key.get('backbone')} at {key.get('input_size')} px, layer {key.get('layer')}, "
+                             f"pooling {key.get('pooling')}, {key.get('dtype')}, precision {key.get('precision')}")),
+        (f"key{label}", esc(", ".join(f"{k}={v}" for k, v in key.items()))),
+        (f"feature shape{label}", esc(" x ".join(map(str, record.get("feature_shape", []))))),
+    ]
+
+
+def _facts_section(config: dict, metrics: dict) -> str:
+    records = rundir.feature_records(config)
+    record = records[0]
     rows = record.get("rows", {})
     settings = config.get("settings", {})
+    kind = rundir.run_kind(config)
+    if kind == "ensemble":  # the members and their weights stand where a model's facts would
+        described = [("members", "<br>".join(
+            esc(f"{w:.4f} x {m['run_dir']} ({m['label']}, model sha256 {m['model_sha256']})")
+            for m, w in zip(config["members"], config["weights"])))]
+    else:
+        several = len(records) > 1
+        described = [fact for i, r in enumerate(records) for fact in _base_facts(r, f" {i + 1}" if several else "")]
     facts = [
+        ("kind", esc(kind)),
         ("head", esc(config["head"])),
         ("settings", esc(", ".join(f"{k}={v}" for k, v in settings.items() if v is not None))),
-        ("feature set", esc(record["name"])),
-        ("base", esc(f"{key.get('backbone')} at {key.get('input_size')} px, layer {key.get('layer')}, "
-                     f"pooling {key.get('pooling')}, {key.get('dtype')}, precision {key.get('precision')}")),
-        ("key", esc(", ".join(f"{k}={v}" for k, v in key.items()))),
-        ("feature shape", esc(" x ".join(map(str, record.get("feature_shape", []))))),
-        ("classes", esc(", ".join(record["class_names"]))),
+        *described,
+        ("classes", esc(", ".join(rundir.class_names(config)))),
         ("images per split", esc(", ".join(f"{s} {rows.get(s, 0):,}" for s in report_data.SPLITS))),
-        ("store", esc(record.get("store", ""))),
+        ("store", esc(", ".join(dict.fromkeys(r.get("store", "") for r in records)))),
         ("image folder", esc(config.get("image_root") or record.get("image_root") or "")),
         ("training time", esc(_seconds(metrics))),
         ("created", esc(config.get("created", "") + (f" (featcache {config['featcache_version']})"
                                                      if config.get("featcache_version") else ""))),
-        ("model", esc(f"{config['model']['file']} sha256 {config['model'].get('sha256', '')}")),
     ]
+    if "model" in config:
+        facts.append(("model", esc(f"{config['model']['file']} sha256 {config['model'].get('sha256', '')}")))
     if config.get("stage_two_run"):
         facts.insert(2, ("fine-tuned from", esc(config["stage_two_run"])))
         facts.insert(3, ("trainable layers", esc(", ".join(config.get("trainable_layers", [])))))

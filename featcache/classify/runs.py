@@ -119,6 +119,12 @@ class FinetuneRun(Run):
         self.row_sets = [record]
         self.image_inputs = [image_input(record)]
         self.image_root = config.get("image_root") or record.get("image_root", "")
+        # A run trained from cached boundary activations can be scored from them (top block +
+        # head only) while that store is there; otherwise its images are decoded.
+        boundary = config.get("boundary") or {}
+        self.boundary = boundary if boundary.get("store") and os.path.isfile(boundary["store"]) else None
+        self.boundary_missing = bool(boundary.get("store")) and self.boundary is None
+        self._top = None
 
     @property
     def label(self) -> str:
@@ -126,7 +132,20 @@ class FinetuneRun(Run):
 
     def proba(self, features, images) -> np.ndarray:
         x = np.asarray(images[self.image_inputs[0]], dtype=np.float32)
-        p = np.asarray(self.model.predict_on_batch(x), dtype=np.float64)
+        return self._two_columns(self.model.predict_on_batch(x))
+
+    def boundary_proba(self, activations: np.ndarray) -> np.ndarray:
+        """The same probabilities from the cached boundary activations (top block + head)."""
+        if self._top is None:
+            from ..extract.backbones import get_backbone
+            from .finetune import top_of_saved_model
+
+            self._top = top_of_saved_model(self.model, get_backbone(self.config["feature_set"]["key"]["backbone"]))
+        return self._two_columns(self._top.predict_on_batch(np.asarray(activations, dtype=np.float32)))
+
+    @staticmethod
+    def _two_columns(p) -> np.ndarray:
+        p = np.asarray(p, dtype=np.float64)
         return np.column_stack([1.0 - p[:, 0], p[:, 0]]) if p.shape[1] == 1 else p
 
 
@@ -191,15 +210,20 @@ class CachedInputs:
     def __init__(self, runs: list[Run], what: str = ""):
         self.runs = runs
         self.row_sets = _unique([r for run in runs for r in run.row_sets], lambda r: (r["store"], r["name"]))
-        self.image_inputs = sorted({i for run in runs for i in run.image_inputs})
-        self.image_root = next((run.image_root for run in runs if run.image_inputs), "")
+        decoding = [run for run in runs if run.image_inputs and not getattr(run, "boundary", None)]
+        self.image_inputs = sorted({i for run in decoding for i in run.image_inputs})
+        self.image_root = next((run.image_root for run in decoding), "")
         self._stack = contextlib.ExitStack()
         self.sets, labels = [], []
+        self.boundaries = {}  # run index -> (boundary feature set, {image digest: row})
         try:
             for record in self.row_sets:
                 self.sets.append(self._open(record))
                 labels.append(f"{self.owner(record)} ({record['name']})" if len(runs) > 1 else record["name"])
             self.aligned: Aligned = align(self.sets, labels, strict=True, what=what)
+            for j, run in enumerate(runs):
+                if getattr(run, "boundary", None):
+                    self.boundaries[j] = self._open_boundary(run)
         except BaseException:
             self._stack.close()
             raise
@@ -216,11 +240,26 @@ class CachedInputs:
         store = record["store"]
         owner = self.owner(record)
         if not os.path.exists(store):
-            raise FeatcacheError(f"{store}: the store of run {owner} is missing (needed for its features and splits)")
+            raise FeatcacheError(f"the run's store {store} is missing (moved or deleted); {owner} needs its cached "
+                                 "features and splits")
         s = self._stack.enter_context(open_store(store))
         if record["name"] not in s.feature_set_names():
             raise FeatcacheError(f"{store}: feature set {record['name']} of run {owner} is gone from this store")
         return s[record["name"]]
+
+    def _open_boundary(self, run):
+        store, name = run.boundary["store"], run.boundary["feature_set"]
+        s = self._stack.enter_context(open_store(store))
+        if name not in s.feature_set_names():
+            raise FeatcacheError(f"{store}: feature set {name} of run {run.run_dir} is gone from this store")
+        fs = s[name]
+        rows = fs.rows()
+        by_digest = dict(zip(fs.column("digests")[rows].tolist(), rows.tolist()))
+        missing = sum(d not in by_digest for d in self.aligned.digests)
+        if missing:
+            raise FeatcacheError(f"{store}: feature set {name} lacks {missing} of the images of run {run.run_dir}; "
+                                 "run the extract command of its boundary again to add them")
+        return fs, by_digest
 
     def __enter__(self):
         return self
@@ -256,6 +295,7 @@ class CachedInputs:
         names = _unique([r for run in self.runs for r in run.feature_sets], lambda r: r["name"])
         row_bytes = sum(int(np.prod(self.sets[self.source[r["name"]]].feature_shape)) * 4 for r in names)
         row_bytes += sum(i.size * i.size * 3 for i in self.image_inputs)
+        row_bytes += sum(int(np.prod(fs.feature_shape)) * 4 for fs, _ in self.boundaries.values())
         chunk = max(1, EVAL_CHUNK_BYTES // max(1, row_bytes))
         k = len(self.runs[0].class_names)
         out = [np.zeros((0, k))] * len(self.runs) if len(positions) == 0 else [[] for _ in self.runs]
@@ -267,7 +307,12 @@ class CachedInputs:
                 features[record["name"]] = read_rows(self.sets[i], self.aligned.rows[i][piece]).astype(np.float32)
             images = self._images(piece)
             for j, run in enumerate(self.runs):
-                out[j].append(run.proba(features, images))
+                if j in self.boundaries:
+                    fs, by_digest = self.boundaries[j]
+                    rows = np.array([by_digest[d] for d in self.aligned.digests[piece]], dtype=np.int64)
+                    out[j].append(run.boundary_proba(read_rows(fs, rows).astype(np.float32)))
+                else:
+                    out[j].append(run.proba(features, images))
         return [o if isinstance(o, np.ndarray) else np.concatenate(o) for o in out]
 
 
@@ -277,7 +322,8 @@ def split_probabilities(run_dir: str, split: str, run: Run | None = None) -> tup
     Paths are relative to the run's image folder (config ``feature_set(s)[..]["image_root"]``),
     sorted; labels index the run's class names; probabilities are (N, K) float64, what
     ``predict`` would give for those images. Heads, fused heads and ensembles of them read only
-    the stores; a fine-tuned run (an end-to-end model) decodes its images, whose content is
+    the stores; a fine-tuned run (an end-to-end model) reads the boundary activations it was
+    trained from when that store is there, and otherwise decodes its images, whose content is
     checked against the digests stored at extraction."""
     from .align import SPLITS
 
