@@ -190,7 +190,8 @@ def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg"
 
 def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str | None = None,
             batch_size: int = 32) -> dict:
-    """Classify image files or folders with the base and head of ``run_dir`` (``featcache predict``).
+    """Classify image files or folders with the base and head of ``run_dir`` (``featcache predict``);
+    ``run_dir`` may also be an exported model (.tflite, .keras, SavedModel folder) with its card.
 
     Returns ``run_dir``, ``head``, ``feature_set``, ``class_names``, ``predictions`` (per image:
     ``path``, ``predicted``, ``probability``, ``top``: [{class, probability}]) and ``failures``."""
@@ -201,15 +202,23 @@ def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str 
     return run_predict(os.fspath(run_dir), [os.fspath(i) for i in images], top_k, weights, batch_size)
 
 
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str | None = None) -> dict:
-    """Write preprocessing + base + head of ``run_dir`` as one Keras model file ``out``
-    (``featcache export``).
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str | None = None, quantize: str = "none",
+           calibration_images: int = 300, evaluate: bool = True, weights: str | None = None) -> dict:
+    """Write preprocessing + base + head of ``run_dir`` as a deployable model ``out``
+    (``featcache export``): a .keras file, a TensorFlow Lite file (``quantize`` none, float16 or
+    int8, calibrated on ``calibration_images`` training images) or a SavedModel folder; the
+    format comes from ``format`` or ``out``'s name. Labels and a model card are written beside
+    it; ``evaluate=False`` (``--no-evaluate``) skips running the exported file over the run's
+    test images.
 
-    Returns ``run_dir``, ``out``, ``input_shape``, ``input``,
-    ``class_names``, ``parameters`` and ``sha256``."""
+    Returns ``run_dir``, ``out``, ``format``, ``quantize``, ``input_shape``, ``input_dtype``,
+    ``input``, ``class_names``, ``parameters``, ``bytes``, ``sha256``, ``labels``, ``card``,
+    ``signatures``, ``calibration``, ``run_test_accuracy``, ``exported_test``, ``warnings`` and
+    ``seconds``."""
     from .classify.export import export as run_export
 
-    return run_export(os.fspath(run_dir), os.fspath(out), weights)
+    return run_export(os.fspath(run_dir), os.fspath(out), weights, format=format, quantize=quantize,
+                      calibration_images_count=calibration_images, evaluate=evaluate)
 
 
 def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: str | os.PathLike | None = None,

@@ -1,5 +1,7 @@
 """Base + head end to end on new images: decode and resize with Pillow exactly as extraction
-did, run the frozen base (rebuilt from the run's recorded key and weights), then the head."""
+did, run the frozen base (rebuilt from the run's recorded key and weights), then the head.
+Other run kinds (fine-tuned) run their end-to-end model; an exported model (.tflite, .keras,
+SavedModel folder) runs as deployed, with the size, resize and class names of its card."""
 from __future__ import annotations
 
 import os
@@ -82,40 +84,67 @@ def list_images(inputs) -> list[str]:
     return paths
 
 
-def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, batch_size: int = 32) -> dict:
-    """Class probabilities for images. Returns {class_names, predictions: [{path, predicted,
-    probability, top: [{class, probability}]}], failures: [{path, reason}]}."""
+def _classifier(run_dir: str, weights: str | None):
+    """(proba(images uint8) -> (N, K), class names, size, resize, description) of a run
+    directory or of an exported model."""
+    from .deployed import format_of
+
+    fmt = format_of(run_dir)
+    if fmt is not None:  # an exported .tflite / .keras file or SavedModel folder, with its card
+        from .deployed import load
+
+        if weights:
+            raise FeatcacheError(f"--weights: {run_dir} is an exported model; its base is inside it")
+        card, runner = load(run_dir, fmt)
+        source = (card.get("feature_sets") or [{}])[0]
+        about = {"head": card.get("run", {}).get("head"), "feature_set": source.get("name"),
+                 "model": {"format": fmt, "quantization": card.get("model", {}).get("quantization")}}
+        return runner.predict_proba, card["class_names"], card["input"]["size"], card["input"]["resize"], about
+    config = rundir.read_config(run_dir)
+    record = config["feature_set"]
+    spec = KeySpec(**record["key"])
+    about = {"head": config["head"], "feature_set": record["name"]}
+    if config["head"] not in ("dense", "logreg"):  # other run kinds: the end-to-end model
+        from .export import build
+
+        _, model = build(run_dir, weights)
+        return (lambda x: np.asarray(model.predict_on_batch(x.astype(np.float32)), np.float64),
+                record["class_names"], spec.input_size, spec.resize, about)
     from ..extract.model import FeatureModel
 
     config, head = rundir.load_head(run_dir)
-    names = config["feature_set"]["class_names"]
-    if top_k < 1:
-        raise FeatcacheError(f"--top-k {top_k}: must be at least 1")
-    top_k = min(top_k, len(names))
-    paths = list_images(inputs)
     recipe = base_recipe(run_dir, config, weights)
-    spec = recipe.spec
     model = FeatureModel(recipe.backbone, spec.input_size, recipe.weights, recipe.layer, spec.pooling,
                          spec.precision, recipe.seed)
+    # Round to the storage dtype like the cache did, so the head sees what it was trained on.
+    return (lambda x: head.predict_proba(model(x).astype(spec.dtype)), record["class_names"], spec.input_size,
+            spec.resize, about)
+
+
+def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, batch_size: int = 32) -> dict:
+    """Class probabilities for images, from a run directory or an exported model (.tflite,
+    .keras, SavedModel folder). Returns {class_names, predictions: [{path, predicted,
+    probability, top: [{class, probability}]}], failures: [{path, reason}]}."""
+    if top_k < 1:
+        raise FeatcacheError(f"--top-k {top_k}: must be at least 1")
+    proba, names, size, resize, about = _classifier(os.fspath(run_dir), weights)
+    top_k = min(top_k, len(names))
+    paths = list_images(inputs)
     predictions, failures = [], []
     for start in range(0, len(paths), batch_size):
         good, images = [], []
         for path in paths[start : start + batch_size]:
             try:
-                images.append(decode_image(read_bytes(path), spec.input_size, spec.resize))
+                images.append(decode_image(read_bytes(path), size, resize))
                 good.append(path)
             except DecodeError as exc:
                 failures.append({"path": path, "reason": str(exc)})
         if not good:
             continue
-        # Round to the storage dtype like the cache did, so the head sees what it was trained on.
-        features = model(np.stack(images)).astype(spec.dtype)
-        proba = head.predict_proba(features)
-        for path, p in zip(good, proba):
+        for path, p in zip(good, proba(np.stack(images))):
             order = np.argsort(-p, kind="stable")[:top_k]
             predictions.append({
                 "path": path, "predicted": names[order[0]], "probability": float(p[order[0]]),
                 "top": [{"class": names[i], "probability": float(p[i])} for i in order],
             })
-    return {"run_dir": run_dir, "head": config["head"], "feature_set": config["feature_set"]["name"],
-            "class_names": names, "predictions": predictions, "failures": failures}
+    return {"run_dir": run_dir, **about, "class_names": names, "predictions": predictions, "failures": failures}
