@@ -25,7 +25,7 @@ from ..errors import FeatcacheError
 
 SIGNATURES = ("serving_default", "serving_bytes")
 # Pillow resampling filter -> tf.image.resize method
-TF_RESIZE = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "lanczos": "lanczos3", "box": "area"}
+TF_RESIZE = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "lanczos": "lanczos3", "box": "box"}
 DRAFT_SUFFIX = "+jpeg-draft"
 
 
@@ -59,7 +59,13 @@ def decode_in_graph(data, size: int, resize: str):
     is_gif = tf.strings.substr(data, 0, 3) == "GIF"
     image = tf.cond(tf.io.is_jpeg(data), jpeg, lambda: tf.cond(is_gif, gif, other))
     image.set_shape([None, None, 3])
-    resized = tf.image.resize(image, [size, size], method=method, antialias=method != "nearest")
+    pixels = tf.cast(image, tf.float32)
+    if method == "box":  # Pillow's box filter: the antialiased box kernel tf.image.resize does not offer
+        scale = tf.constant([size, size], tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)
+        resized = tf.raw_ops.ScaleAndTranslate(images=pixels[None], size=[size, size], scale=scale,
+                                               translation=tf.zeros([2]), kernel_type="box", antialias=True)[0]
+    else:
+        resized = tf.image.resize(pixels, [size, size], method=method, antialias=method != "nearest")
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 

@@ -34,7 +34,7 @@ def _saved_model(model, folder: str) -> None:
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    shape = [None, *(int(d) for d in model.input.shape[1:])]
+    shape = [None, *(int(d) for d in model.inputs[0].shape[1:])]
     archive.add_endpoint("serve", lambda images: model(images, training=False),
                          input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
     archive.write_out(folder, verbose=False)
@@ -91,14 +91,16 @@ _TENSOR_TYPE = re.compile(r"tensor<[^>]*x(bf16|f16)>")
 
 
 def _layer_path(model, scope: str) -> str:
-    """'mobilenet_0.25_32_1/conv1_1/convolution' -> 'mobilenet_0.25_32/conv1': the scope's
+    """'functional_1/mobilenet_0.25_32_1/conv1_1/convolution' -> 'mobilenet_0.25_32/conv1': the scope's
     parts matched to the model's (nested) layer names; TensorFlow appends _1 to scopes."""
     names, current = [], model
     for part in scope.split("/"):
         layers = {layer.name: layer for layer in getattr(current, "layers", [])}
         match = next((c for c in (part, re.sub(r"_\d+$", "", part)) if c in layers), None)
         if match is None:
-            break
+            if names:
+                break
+            continue  # the outer model's own scope (functional_1/...)
         names.append(match)
         current = layers[match]
     return "/".join(names)
