@@ -256,7 +256,9 @@ def test_export_command_text_and_refusals(small, exports, tmp_path):
     assert lines[0].startswith(f"exported {run} -> {target}: input 128x128x3 (RGB float 0..255")
     assert lines[1] == (f"  keras, {os.path.getsize(target) / 2**20:.2f} MiB; labels {target}.labels.txt; "
                         f"model card {target}.card.json")
-    assert "warning: the exported file's test accuracy was not measured: export --no-evaluate" in result.stderr
+    assert result.stderr == ""  # --no-evaluate asked for it: no warning
+    assert json.loads(open(f"{target}.card.json").read())["exported_test"] == {"measured": False,
+                                                                               "reason": "export --no-evaluate"}
     cases = [
         (["--format", "tflite"], tmp_path / "x.keras", f"{tmp_path / 'x.keras'}: the exported file name must end in .tflite"),
         ([], tmp_path / "x.h5", f"{tmp_path / 'x.h5'}: cannot tell the format from the name; end it in .keras or "

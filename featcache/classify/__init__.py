@@ -4,7 +4,10 @@
 - :mod:`.data`: rows of a feature set, in memory or streamed from HDF5 within a budget
 - :mod:`.harness`: ``train`` (one run, a run directory) and ``compare`` (a leaderboard)
 - :mod:`.reports`: metrics, sanity flags, plots;  :mod:`.rundir`: the run directory
-- :mod:`.predict` / :mod:`.export`: base + head on new images, one exported Keras model
+- :mod:`.predict` / :mod:`.export`: base + head on new images (or an exported model); exports
+  (.keras, and through :mod:`.deploy_tflite` / :mod:`.deploy_savedmodel` TensorFlow Lite and
+  SavedModel), each with its :mod:`.model_card`; :mod:`.deployed` runs exported files;
+  :mod:`.run_images`: a run's images (calibration, test measurement, fine-tuning)
 
 Imports are lazy: ``import featcache.classify`` loads neither Keras nor scikit-learn.
 """

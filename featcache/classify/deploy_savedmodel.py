@@ -70,31 +70,33 @@ def decode_in_graph(data, size: int, resize: str):
 
 
 def write(model, out: str, class_names: list[str], size: int, resize: str) -> None:
-    """Write the SavedModel folder ``out`` (which must not exist)."""
-    import keras
+    """Write the SavedModel folder ``out`` (which must not exist).
+
+    A tf.Module holding the model's variables once, saved with tf.saved_model.save: Keras'
+    ExportArchive (Keras 3.15) stores every variable twice, doubling the folder."""
     import tensorflow as tf
 
-    names = tf.constant(class_names)
+    module = tf.Module()
+    module.model_variables = list(model.variables)
+    module.class_names = tf.constant(class_names)
 
     def outputs(probabilities):
-        return {"probabilities": probabilities, "classes": tf.gather(names, tf.argmax(probabilities, axis=1))}
+        return {"probabilities": probabilities,
+                "classes": tf.gather(module.class_names, tf.argmax(probabilities, axis=1))}
 
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
     def from_images(images):
         return outputs(model(images, training=False))
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def from_bytes(image_bytes):
         images = tf.map_fn(lambda data: decode_in_graph(data, size, resize), image_bytes,
                            fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
         return outputs(model(tf.cast(images, tf.float32), training=False))
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", from_images,
-                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
-    archive.add_endpoint("serving_bytes", from_bytes,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    module.serving_default, module.serving_bytes = from_images, from_bytes
     try:
-        archive.write_out(out, verbose=False)
+        tf.saved_model.save(module, out, signatures={"serving_default": from_images, "serving_bytes": from_bytes})
     except Exception as exc:
         raise FeatcacheError(f"{out}: cannot write the SavedModel ({exc.__class__.__name__}: {exc})") from exc
 

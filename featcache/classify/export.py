@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import FeatcacheError
 from . import rundir
 from .predict import base_recipe
+from .run_images import feature_set_record
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications imagenet_utils, caffe mode
 TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torch mode
@@ -183,7 +184,8 @@ def _write_model(model, fmt: str, out: str, config: dict, quantize: str, calibra
     """Write the model file or folder at ``out`` (through a temporary name beside it)."""
     from . import deploy_savedmodel, deploy_tflite
 
-    spec = config["feature_set"]["key"]
+    record = feature_set_record(config)
+    spec = record["key"]
     parent = os.path.dirname(os.path.abspath(out))
     if fmt == "savedmodel":
         import tempfile
@@ -191,7 +193,7 @@ def _write_model(model, fmt: str, out: str, config: dict, quantize: str, calibra
         tmp = tempfile.mkdtemp(prefix=".featcache-export-", dir=parent)
         os.rmdir(tmp)  # the SavedModel writer creates it
         try:
-            deploy_savedmodel.write(model, tmp, config["feature_set"]["class_names"], spec["input_size"], spec["resize"])
+            deploy_savedmodel.write(model, tmp, record["class_names"], spec["input_size"], spec["resize"])
             os.rename(tmp, out)
         finally:
             _remove(tmp)
@@ -234,8 +236,9 @@ def export(run_dir: str, out: str, weights: str | None = None, format: str | Non
     # .keras keeps the extraction's compute precision (bit-for-bit the features the head saw);
     # the deployment formats get a float32 base: TensorFlow Lite has no bf16/fp16 mixed kernels.
     config, model = build(run_dir, weights, precision=None if fmt == "keras" else "fp32")
-    spec = config["feature_set"]["key"]
-    size, resize, names = spec["input_size"], spec["resize"], config["feature_set"]["class_names"]
+    record = feature_set_record(config)
+    spec = record["key"]
+    size, resize, names = spec["input_size"], spec["resize"], record["class_names"]
     calibration, conversion = None, {"format": fmt, "quantization": quantize}
     if quantize == "int8":
         calibration, conversion["calibration"] = calibration_images(config, size, resize, calibration_images_count)
@@ -250,8 +253,9 @@ def export(run_dir: str, out: str, weights: str | None = None, format: str | Non
                                         reference=model if quantize != "none" else None)
         else:
             measured = {"measured": False, "reason": "export --no-evaluate"}
-        precision = {"features_extracted": spec["precision"],
-                     "exported_base": "fp32" if fmt != "keras" and config["head"] != "finetune" else spec["precision"]}
+        # Fine-tuned models were trained with a float32 base whatever the extraction's precision.
+        as_extracted = fmt == "keras" and config["head"] != "finetune"
+        precision = {"features_extracted": spec["precision"], "exported_base": spec["precision"] if as_extracted else "fp32"}
         card = model_card.build(run_dir=run_dir, config=config, fmt=fmt, quantize=quantize, model_path=out,
                                 labels_path=labels_path, size=size, resize=resize, preprocessing=spec["preprocessing"],
                                 precision=precision, conversion=conversion, signatures=signatures or None,
@@ -266,7 +270,7 @@ def export(run_dir: str, out: str, weights: str | None = None, format: str | Non
     if reference and measured["accuracy"] < reference["accuracy"] - 0.01:
         warnings.append(f"{quantize} accuracy {measured['accuracy']:.4f} is more than 1 point below the float "
                         f"model's {reference['accuracy']:.4f} on the same {measured['n']} test images")
-    if not measured["measured"]:
+    if evaluate and not measured["measured"]:
         warnings.append(f"the exported file's test accuracy was not measured: {measured['reason']}")
     dtype = card["input"]["dtype"]
     return {

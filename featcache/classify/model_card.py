@@ -74,8 +74,8 @@ def run_metrics(run_dir: str) -> dict | None:
 def build(*, run_dir: str, config: dict, fmt: str, quantize: str, model_path: str, labels_path: str,
           size: int, resize: str, preprocessing: str, precision: dict, conversion: dict, signatures: dict | None,
           measured: dict) -> dict:
-    names = config["feature_set"]["class_names"] if "feature_set" in config else config["feature_sets"][0]["class_names"]
     records = feature_set_records(config)
+    names = records[0]["class_names"]
     card = {
         "featcache_model_card": CARD_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
