@@ -332,24 +332,25 @@ def predict(run_dir, images, top_k, weights, batch_size, as_json):
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["keras", "tflite", "savedmodel"]),
+@click.option("--format", "format_", type=click.Choice(["keras", "tflite", "savedmodel"]),
               help="keras (one .keras file), tflite (TensorFlow Lite) or savedmodel (a SavedModel folder for "
                    "TensorFlow Serving) [default: from OUT: .keras, .tflite, no extension = savedmodel].")
 @click.option("--quantize", type=click.Choice(["none", "float16", "int8"]), default="none", show_default=True,
               help="tflite: float16 weights, or int8 full-integer quantization (uint8 image input) calibrated on training images.")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=300, show_default=True, metavar="N",
               help="--quantize int8: training images of the run's store to calibrate on (drawn with seed 0).")
-@click.option("--no-evaluate", is_flag=True, help="Do not run the exported file over the run's test images (its card then says so).")
+@click.option("--evaluate/--no-evaluate", default=True, show_default=True,
+              help="Run the exported file over the run's test images and record its accuracy in the card.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def export(run_dir, out, fmt, quantize, calibration_images, no_evaluate, weights, as_json):
+def export(run_dir, out, format_, quantize, calibration_images, evaluate, weights, as_json):
     """Write RUN_DIR (preprocessing + base + head) as a deployable model OUT, with labels and a model card.
 
     The card (OUT.card.json, or model_card.json in a SavedModel folder) records the class names, the
     input, the run's key and metrics, and the test accuracy of the exported file itself, measured by
     running it over the run's test images."""
-    result = api.export(run_dir, out, format=fmt, quantize=quantize, calibration_images=calibration_images,
-                        evaluate=not no_evaluate, weights=weights)
+    result = api.export(run_dir, out, format=format_, quantize=quantize, calibration_images=calibration_images,
+                        evaluate=evaluate, weights=weights)
     if as_json:
         _emit_json(result)
         return
