@@ -21,8 +21,9 @@ import os
 
 from .errors import FeatcacheError
 
-__all__ = ["extract_features", "info", "merge", "bases", "train", "compare", "predict", "export", "finetune",
-           "demo", "FeatcacheError"]
+__all__ = ["extract_features", "info", "merge", "bases", "train", "compare", "search", "report", "predict",
+           "export",
+           "finetune", "demo", "FeatcacheError"]
 
 DEFAULT_SPLIT = "0.8,0.1,0.1"
 DEFAULT_MEMORY_BUDGET_MB = 2048.0
@@ -45,8 +46,8 @@ def _split_fractions(split) -> tuple[float, float, float]:
 def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, base: str = "vgg16",
                      size: int | None = None, weights: str | None = "imagenet", layer: str | None = None,
                      pooling: str = "none", batch_size: int = 32, dtype: str = "float32", precision: str = "auto",
-                     decode_workers: int | None = None, xla: bool = False, decode_processes: bool = False,
-                     resize: str = "bilinear", split: str | tuple = DEFAULT_SPLIT, split_seed: int = 0, seed: int = 0,
+                     decode: str = "auto", decode_workers: int | None = None, xla: bool = False,
+                     decode_processes: bool = False, resize: str = "auto", split: str | tuple = DEFAULT_SPLIT, split_seed: int = 0, seed: int = 0,
                      max_pixels: int = 100_000_000, follow_symlinks: bool = False, unlabeled: bool = False,
                      augment: int = 0,
                      aug_seed: int = 0, progress: bool = True, shard: str | tuple[int, int] | None = None,
@@ -67,7 +68,8 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
     Returns a dict: ``feature_set`` (its name in the store), ``store``, ``shape`` (rows and
     feature shape), ``extracted``, ``reused``, ``failed``, ``failures`` and ``skipped`` (lists of
     ``{path, reason}``), ``warnings``, ``class_names``, ``seconds``, ``hash_seconds``,
-    ``images_per_second``; sharded runs add ``shard``, ``shard_images``, ``status``; Ray runs add
+    ``startup_seconds`` (model build, first compile, first batch), ``images_per_second`` (the
+    steady state after the first batch), ``decode`` and ``resize`` (as resolved); sharded runs add ``shard``, ``shard_images``, ``status``; Ray runs add
     ``merge``, ``shard_dir`` and ``shards``. Images that could not be used are listed, not
     raised: check ``failed``.
     """
@@ -79,7 +81,7 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
     check_scale_options(shard_text, ray, shards, gpus_per_worker, cpus_per_worker)
     config = ExtractConfig(
         base=base, size=size, weights=weights, layer=layer, pooling=pooling, batch_size=batch_size, dtype=dtype,
-        precision=precision, decode_workers=decode_workers, xla=xla, decode_processes=decode_processes,
+        precision=precision, decode=decode, decode_workers=decode_workers, xla=xla, decode_processes=decode_processes,
         resize=resize, split_fractions=_split_fractions(split), split_seed=split_seed, seed=seed,
         max_pixels=max_pixels, follow_symlinks=follow_symlinks, unlabeled=unlabeled, augment=augment, aug_seed=aug_seed,
         progress=progress,
@@ -148,21 +150,23 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
           stream_epochs: int | None = None, seed: int | None = None,
           memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, early_stopping: int | None = None,
           checkpoint: bool = False, reduce_lr: int | None = None, csv_log: bool = False,
-          tensorboard: str | None = None) -> dict:
+          tensorboard: str | None = None, no_report: bool = False) -> dict:
     """Train one head on one feature set of ``store`` and write the run directory ``out``
-    (``featcache train``). Options left at None take the head's default (see the README's
-    head table); an option the chosen head does not take raises.
+    (``featcache train``) with its HTML report ``out/report.html`` (not with ``no_report``).
+    Options left at None take the head's default (see the README's head table); an option the
+    chosen head does not take raises.
 
     Returns ``head``, ``feature_set``, ``untrained`` (the check before training), ``train`` /
     ``validation`` / ``test`` (each ``{n, accuracy, loss}``), ``overfitting``, ``streaming``,
-    ``seconds``, ``cpu_seconds``, ``seconds_total`` and ``run_dir``."""
+    ``seconds``, ``cpu_seconds``, ``seconds_total``, ``run_dir`` and ``report`` (its path, or None)."""
     from .classify.harness import train as run_train
 
     options = _given(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
                      batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
                      stream_epochs=stream_epochs, seed=seed, early_stopping=early_stopping, checkpoint=checkpoint,
                      reduce_lr=reduce_lr, csv_log=csv_log, tensorboard=tensorboard)
-    return run_train(os.fspath(store), feature_set, base, head, os.fspath(out), memory_budget_mb, **options)
+    return run_train(os.fspath(store), feature_set, base, head, os.fspath(out), memory_budget_mb,
+                     report=not no_report, **options)
 
 
 def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg", feature_sets=None,
@@ -170,22 +174,66 @@ def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg"
             l2: float | None = None, optimizer: str | None = None, lr: float | None = None,
             epochs: int | None = None, batch_size: int | None = None, steps_per_execution: int | None = None,
             C: float | None = None, max_iter: int | None = None, stream_epochs: int | None = None,
-            seed: int | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> dict:
+            seed: int | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+            out: str | os.PathLike | None = None, no_report: bool = False) -> dict:
     """A leaderboard of heads x feature sets on the same images and metrics (``featcache compare``).
 
     ``heads`` and ``feature_sets``: comma-separated text or lists (feature sets default to all in
     the store). Ranked by validation accuracy; the test split is reported, never used to rank.
-    With ``cv=K``: K-fold cross-validation on train+validation.
+    With ``cv=K``: K-fold cross-validation on train+validation. ``out``: a new folder keeping
+    each entry as a run directory ``HEAD-FEATURE_SET`` (not with ``cv``), ``leaderboard.json``
+    and (not with ``no_report``) each run's report.html and ``leaderboard.html`` linking them.
 
     Returns ``store``, ``cv``, ``rows`` (images per split), ``rows_left_out`` and ``leaderboard``:
     entries with ``rank``, ``head``, ``feature_set``, ``settings``, ``validation``/``test``/``train``
-    (``{n, accuracy, loss}``) or ``cv`` (means, stds, folds), ``seconds``."""
+    (``{n, accuracy, loss}``) or ``cv`` (means, stds, folds), ``seconds``; with ``out`` also
+    ``out``, ``leaderboard_html`` and per entry ``run_dir`` and ``report``."""
     from .classify.harness import compare as run_compare
 
     options = _given(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
                      batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
                      stream_epochs=stream_epochs, seed=seed)
-    return run_compare(os.fspath(store), _names(heads), _names(feature_sets) or None, cv, memory_budget_mb, **options)
+    return run_compare(os.fspath(store), _names(heads), _names(feature_sets) or None, cv, memory_budget_mb,
+                       out=None if out is None else os.fspath(out), report=not no_report, **options)
+
+
+def report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, split: str | None = None,
+           max_images: int = 100, seed: int = 0) -> dict:
+    """Write one self-contained HTML page of a run (``featcache report``): its facts, metrics,
+    curves, confusion matrix, per-class scores, the images of ``split`` it gets wrong (at most
+    ``max_images`` thumbnails), its most confident right answers and a map of the features
+    (PCA then t-SNE, seeded by ``seed``). ``out`` defaults to ``run_dir/report.html``.
+
+    Returns ``report`` (the path), ``run_dir``, ``head``, ``feature_set``, ``split``, ``images``,
+    ``per_image``, ``mistakes``, ``mistake_thumbnails``, ``right_thumbnails``, ``map_points``,
+    ``map_method``, ``notes`` (what could not be shown, and why), ``bytes``, ``stage_seconds``
+    and ``seconds``."""
+    from .classify.report_html import write_report
+
+    return write_report(os.fspath(run_dir), None if out is None else os.fspath(out), split, max_images, seed)
+
+
+def search(store: str | os.PathLike, *, out: str | os.PathLike, trials: int = 30, timeout: float | None = None,
+           heads: str | list[str] = "dense,logreg", feature_sets=None, cv: int | None = None, study: str | None = None,
+           sampler: str = "tpe", pruner: str = "median", seed: int = 0,
+           memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, log=None) -> dict:
+    """Hyperparameter search with Optuna over heads x feature sets x head settings of ``store``
+    (``featcache search``). ``out`` keeps the study (``study.db``), the leaderboard, the plots and
+    the best trial retrained as the run directory ``out/best``; calling it again resumes the
+    study until it holds ``trials`` finished trials. Trials are ranked on validation loss (or
+    ``cv`` folds); only the top 3 are tested. ``pruner`` may also be an Optuna pruner object;
+    ``log`` hears one line per trial.
+
+    Returns ``store``, ``out``, ``study``, ``storage``, ``resumed``, ``objective``, ``sampler``,
+    ``pruner``, ``rows``, ``trials`` (counts: complete, pruned, fail, running, finished,
+    requested, ran_here, marked_failed), ``stopped``, ``best`` (trial, head, feature_set,
+    params, loss, accuracy, retrained, test, run_dir; None before a trial completes),
+    ``leaderboard``, ``files``, ``notes`` and ``seconds``."""
+    from .classify.search import search as run_search
+
+    return run_search(os.fspath(store), os.fspath(out), trials=trials, timeout=timeout, heads=heads,
+                      feature_sets=feature_sets, cv=cv, study=study, sampler=sampler, pruner=pruner, seed=seed,
+                      memory_budget_mb=memory_budget_mb, log=log)
 
 
 def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str | None = None,
@@ -224,18 +272,20 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str | 
 def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: str | os.PathLike | None = None,
              blocks: int = 1, unfreeze_from: str | None = None, lr: float = 1e-5, epochs: int = 5,
              batch_size: int = 20, augment: str | None = None, aug_seed: int = 0, from_cache: str | None = None,
-             weights: str | None = None, seed: int = 0) -> dict:
+             weights: str | None = None, seed: int = 0, no_report: bool = False) -> dict:
     """Fine-tune the top block of the base with the dense head of a stage-two run
     (``featcache finetune``); ``image_dir`` defaults to the folder recorded in the run, and
-    ``from_cache`` trains from cached boundary activations instead of images.
+    ``from_cache`` trains from cached boundary activations instead of images. Writes the run
+    directory ``out`` with its HTML report (not with ``no_report``).
 
     Returns ``feature_set``, ``source``, ``trainable_layers``, ``before`` and ``train`` /
-    ``validation`` / ``test`` metrics, ``epochs``, ``seconds`` and ``run_dir``."""
+    ``validation`` / ``test`` metrics, ``epochs``, ``seconds``, ``run_dir`` and ``report``."""
     from .classify.finetune import finetune as run_finetune
 
     return run_finetune(None if image_dir is None else os.fspath(image_dir), os.fspath(run_dir), os.fspath(out),
                         blocks=blocks, unfreeze_from=unfreeze_from, lr=lr, epochs=epochs, batch_size=batch_size,
-                        augment=augment, aug_seed=aug_seed, from_cache=from_cache, weights=weights, seed=seed)
+                        augment=augment, aug_seed=aug_seed, from_cache=from_cache, weights=weights, seed=seed,
+                        report=not no_report)
 
 
 def demo(*, workdir: str | os.PathLike = "featcache-demo", per_class: int = 100, seed: int = 0, log=None) -> dict:
@@ -243,7 +293,8 @@ def demo(*, workdir: str | os.PathLike = "featcache-demo", per_class: int = 100,
     step.
 
     Returns ``workdir``, ``images``, ``store``, ``extract``, ``leaderboard``, ``best``,
-    ``model``, ``plots`` and ``seconds``."""
+    ``model``, ``plots``, ``report`` (the best run's HTML report: ``path``, ``split``, ``images``,
+    ``mistakes``) and ``seconds``."""
     from .demo_job import run_demo
 
     return run_demo(os.fspath(workdir), per_class, seed, log=log)

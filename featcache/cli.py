@@ -68,10 +68,16 @@ def cli(ctx, debug):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Compute precision of the base (part of the cache key). auto: fp16 on a GPU of compute capability >= 7.0; "
                    "bf16 on a CPU with AVX512_BF16/AMX for vgg16/vgg19; fp32 otherwise (depthwise bases lose fidelity in bf16).")
-@click.option("--decode-workers", type=click.IntRange(min=1), help="Image decoding threads (or processes) [default: min(4, CPU cores)].")
+@click.option("--decode", type=click.Choice(["auto", "threads", "processes", "gpu"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded. auto: gpu where nvImageCodec is installed and a GPU is visible; processes on 8+ cores "
+                   "(4+ beside a GPU); threads otherwise.")
+@click.option("--decode-workers", type=click.IntRange(min=1), help="Decoding threads or processes [default: threads min(4, cores), processes cores - 1].")
 @click.option("--xla", is_flag=True, help="Compile the model step with XLA (TensorFlow; measured slower on CPUs, try it on GPUs).")
-@click.option("--decode-processes", is_flag=True, help="Decode in worker processes instead of threads (many cores feeding a GPU).")
-@click.option("--resize", default="bilinear", show_default=True, help="Resize method (nearest, bilinear, bicubic, lanczos, box; +jpeg-draft for DCT downscale).")
+@click.option("--decode-processes", is_flag=True, help="The same as --decode processes.")
+@click.option("--resize", default="auto", show_default=True,
+              help="Resize method (part of the cache key): nearest, bilinear, bicubic, lanczos, box (Pillow; +jpeg-draft lets libjpeg "
+                   "downscale first), gpu-bilinear (--decode gpu's filter). auto: gpu-bilinear with --decode gpu, "
+                   "bilinear+jpeg-draft on 8+ cores or beside a GPU, bilinear otherwise.")
 @click.option("--split", default=api.DEFAULT_SPLIT, show_default=True, help="train,validation,test fractions when the folder has no split folders.")
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random init (--weights none).")
@@ -119,6 +125,9 @@ def _print_extract(result: dict) -> None:
         f"  extracted {result['extracted']}, reused {result['reused']}, failed {result['failed']} "
         f"in {result['seconds']:.1f} s ({result['images_per_second']:.1f} images/s)"
     )
+    if result["extracted"] and "startup_seconds" in result:  # a single run (--ray sums up many)
+        click.echo(f"  start-up {result['startup_seconds']:.1f} s (model build, first compile, first batch), "
+                   f"images/s counted after it; decoding: {result['decode']}, resize {result['resize']}")
     for item in result["failures"]:
         click.echo(f"  failed: {_safe(item['path'])}: {_safe(item['reason'])}", err=True)
     for item in result["skipped"]:
@@ -197,7 +206,8 @@ def demo(workdir, per_class, seed, as_json):
 
     Draws four texture classes (train/validation/test folders), extracts raw pixels and
     MobileNet alpha 0.25 features (ImageNet weights bundled with featcache), trains logistic
-    regression and the dense head, prints a leaderboard and exports the best model.
+    regression and the dense head, prints a leaderboard, exports the best model
+    and writes its HTML report.
     A second run reuses the images and the cached features."""
     from .demo_job import format_report
 
@@ -252,11 +262,12 @@ def _fmt(value, spec=".4f") -> str:
 @click.option("--reduce-lr", type=click.IntRange(min=1), metavar="PATIENCE", help="dense: learning rate / 10 after PATIENCE epochs without validation improvement.")
 @click.option("--csv-log", is_flag=True, help="dense: write history.csv epoch by epoch while training (written at the end anyway).")
 @click.option("--tensorboard", type=click.Path(file_okay=False), metavar="DIR", help="dense: TensorBoard log folder (needs the tensorboard package).")
+@click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **options):
+def train(store, feature_set, base, head, out, memory_budget_mb, no_report, as_json, **options):
     """Train a head on a feature set of STORE; write the run directory --out."""
     result = api.train(store, out=out, feature_set=feature_set, base=base, head=head,
-                       memory_budget_mb=memory_budget_mb, **options)
+                       memory_budget_mb=memory_budget_mb, no_report=no_report, **options)
     if as_json:
         _emit_json(result)
         return
@@ -268,6 +279,8 @@ def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **opti
         m = result[split]
         click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(m['accuracy'])} loss {_fmt(m['loss'])}")
     click.echo(f"  trained in {result['seconds']:.1f} s; run directory {result['run_dir']}")
+    if result.get("report"):
+        click.echo(f"  report {result['report']}")
     if u["flag"]:
         click.echo(f"  warning: {u['reason']}", err=True)
     if result["overfitting"]["flag"]:
@@ -280,14 +293,25 @@ def train(store, feature_set, base, head, out, memory_budget_mb, as_json, **opti
 @click.option("--feature-sets", help="Comma-separated feature set names [default: all in STORE].")
 @click.option("--cv", type=click.IntRange(min=2), metavar="K", help="K-fold stratified cross-validation on train+validation instead of the fixed split.")
 @_head_options
+@click.option("--out", type=click.Path(), help="New folder: each entry as a run directory HEAD-FEATURE_SET (not with --cv), "
+              "leaderboard.json, and leaderboard.html linking each run's report.html.")
+@click.option("--no-report", is_flag=True, help="With --out: no HTML (run directories and leaderboard.json only).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def compare(store, heads, feature_sets, cv, memory_budget_mb, as_json, **options):
+def compare(store, heads, feature_sets, cv, memory_budget_mb, out, no_report, as_json, **options):
     """Leaderboard of heads x feature sets of STORE on the same images and metrics."""
     result = api.compare(store, heads=heads, feature_sets=feature_sets, cv=cv, memory_budget_mb=memory_budget_mb,
-                         **options)
+                         out=out, no_report=no_report, **options)
     if as_json:
         _emit_json(result)
         return
+    _print_leaderboard(store, result, cv)
+    if result.get("leaderboard_html"):
+        click.echo(f"leaderboard {result['leaderboard_html']}")
+    elif out:
+        click.echo(f"runs and leaderboard.json in {out}")
+
+
+def _print_leaderboard(store, result, cv):
     rows = result["rows"]
     click.echo(f"{store}: train {rows['train']}, validation {rows['validation']}, test {rows['test']} images"
                + (f" ({result['rows_left_out']} rows not in every feature set left out)" if result["rows_left_out"] else ""))
@@ -304,6 +328,56 @@ def compare(store, heads, feature_sets, cv, memory_budget_mb, as_json, **options
         v, t = e["validation"], e["test"]
         click.echo(f"{e['rank']:<3} {e['head']:<7} {e['feature_set']:<{w}} {_fmt(v['accuracy']):>8} {_fmt(v['loss']):>8} "
                    f"{_fmt(t['accuracy']):>8} {_fmt(t['loss']):>9} {e['seconds']:>8.1f}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", type=click.Path(), required=True, metavar="DIR",
+              help="Search folder: study.db, leaderboard, plots, best/. The same command resumes the search in it.")
+@click.option("--trials", type=int, default=30, show_default=True, help="Finished (complete or pruned) trials the study should hold, earlier runs' included.")
+@click.option("--timeout", type=float, metavar="S", help="Start no new trial after S seconds of this run.")
+@click.option("--heads", default="dense,logreg", show_default=True, help="Comma-separated heads to search.")
+@click.option("--feature-sets", help="Comma-separated feature set names [default: all in STORE].")
+@click.option("--cv", type=click.IntRange(min=2), metavar="K", help="Rank trials by K-fold cross-validation of train+validation instead of the validation split.")
+@click.option("--study", help="Study name in DIR/study.db [default: the one there, or 'search' for a new one].")
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True, help="Optuna sampler (TPE: Bayesian optimisation).")
+@click.option("--pruner", type=click.Choice(["median", "none"]), default="median", show_default=True, help="Stop dense trials whose validation loss is worse than the median at the same epoch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler and of every trial's head.")
+@click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=api.DEFAULT_MEMORY_BUDGET_MB,
+              show_default=True, help="MB. Train+validation features (float32) above this stream from the store in chunks.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def search(store, as_json, **options):
+    """Search heads, feature sets and head settings of STORE with Optuna (resumable).
+
+    Trials are ranked on validation loss (or --cv); only the top trials are tested, and the
+    best is retrained as an ordinary run directory DIR/best."""
+    result = api.search(store, log=lambda text: click.echo(_safe(text), err=True), **options)
+    if as_json:
+        _emit_json(result)
+        return
+    t = result["trials"]
+    click.echo(f"study {result['study']!r} in {result['storage'].removeprefix('sqlite:///')}: {t['finished']} of "
+               f"{t['requested']} trials finished ({t['complete']} complete, {t['pruned']} pruned), {t['fail']} failed; "
+               f"{t['ran_here']} run now in {result['seconds']:.1f} s" + (" (stopped by --timeout)" if result["stopped"] == "timeout" else ""))
+    ranked = [r for r in result["leaderboard"] if r["rank"] is not None][:10]
+    if ranked:
+        w = max(len("feature set"), *(len(r["feature_set"]) for r in ranked))
+        metric = "cv loss" if options.get("cv") else "val loss"
+        click.echo(f"{'#':<3} {'trial':>5} {'head':<7} {'feature set':<{w}} {metric:>8} {'accuracy':>8} {'test acc':>8} {'seconds':>8}")
+        for r in ranked:
+            test = (r["test"] or {}).get("accuracy")
+            click.echo(f"{r['rank']:<3} {r['trial']:>5} {r['head']:<7} {r['feature_set']:<{w}} {_fmt(r['loss']):>8} "
+                       f"{_fmt(r['accuracy']):>8} {_fmt(test):>8} {r['seconds']:>8.1f}")
+    best = result["best"]
+    if best:
+        settings = ", ".join(f"{k}={v}" for k, v in best["params"].items())
+        click.echo(f"best: trial {best['trial']} ({best['head']}, {settings})")
+        click.echo(f"  test accuracy {_fmt(best['test']['accuracy'])} loss {_fmt(best['test']['loss'])}; run directory {best['run_dir']}")
+    for key, path in result["files"].items():
+        if key != "best_run":
+            click.echo(f"  {key.replace('_', ' '):<18} {path}")
+    for note in result["notes"]:
+        click.echo(f"  note: {_safe(note)}", err=True)
 
 
 @cli.command()
@@ -374,6 +448,32 @@ def export(run_dir, out, format_, quantize, calibration_images, evaluate, weight
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="The HTML file [default: RUN_DIR/report.html, replaced if there].")
+@click.option("--split", type=click.Choice(["test", "validation", "train"]), help="Split whose mistakes and map are shown [default: test, or validation if test is empty].")
+@click.option("--max-images", type=click.IntRange(min=0), default=100, show_default=True, help="Thumbnails of mistakes at most (the rest are listed by path).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the map (PCA and t-SNE).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def report(run_dir, out, split, max_images, seed, as_json):
+    """Write one self-contained HTML page of RUN_DIR: metrics, mistakes, a map of the features."""
+    result = api.report(run_dir, out=out, split=split, max_images=max_images, seed=seed)
+    if as_json:
+        _emit_json(result)
+        return
+    _print_report(result)
+
+
+def _print_report(result: dict) -> None:
+    if result["per_image"]:
+        click.echo(f"report {result['report']}: {result['mistakes']} mistakes of {result['images']} {result['split']} images "
+                   f"({result['mistake_thumbnails']} thumbnails), map of {result['map_points']} points")
+    else:
+        click.echo(f"report {result['report']}: recorded metrics only")
+    for note in result["notes"]:
+        click.echo(f"  note: {_safe(note)}", err=True)
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="[IMAGE_DIR] RUN_DIR")
 @click.option("--out", type=click.Path(), required=True, help="New run directory of the fine-tuned model.")
 @click.option("--blocks", type=click.IntRange(min=1), default=1, show_default=True, help="Top blocks to unfreeze (the registry names one).")
@@ -386,15 +486,16 @@ def export(run_dir, out, format_, quantize, calibration_images, evaluate, weight
 @click.option("--from-cache", type=click.Path(), metavar="STORE.h5", help="Train from the boundary activations in this store (extract --layer BOUNDARY); no images decoded.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of shuffling and dropout.")
+@click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def finetune(paths, out, as_json, **options):
+def finetune(paths, out, no_report, as_json, **options):
     """Fine-tune the top block of the base with the dense head of a stage-two RUN_DIR.
 
     IMAGE_DIR defaults to the image folder recorded in the run; with --from-cache no images are read."""
     if len(paths) > 2:
         raise FeatcacheError("finetune: expected [IMAGE_DIR] RUN_DIR")
     image_dir, run_dir = (None, paths[0]) if len(paths) == 1 else paths
-    result = api.finetune(run_dir, out=out, image_dir=image_dir, **options)
+    result = api.finetune(run_dir, out=out, image_dir=image_dir, no_report=no_report, **options)
     if as_json:
         _emit_json(result)
         return
@@ -405,6 +506,8 @@ def finetune(paths, out, as_json, **options):
         click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(b.get('accuracy'))} -> {_fmt(m['accuracy'])} "
                    f"loss {_fmt(b.get('loss'))} -> {_fmt(m['loss'])}")
     click.echo(f"  {result['epochs']} epochs in {result['seconds']:.1f} s; run directory {result['run_dir']}")
+    if result.get("report"):
+        click.echo(f"  report {result['report']}")
 
 
 def main():

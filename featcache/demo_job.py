@@ -235,7 +235,7 @@ def _quiet(log):
 
 def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, seed: int = DEFAULT_SEED,
              log=None) -> dict:
-    """Draw the images (or reuse them), extract, train, compare, export. Returns a summary
+    """Draw the images (or reuse them), extract, train, compare, export, report the best run. Returns a summary
     dict; ``log`` (a callable taking one line) hears about each step as it starts."""
     import sklearn.linear_model  # noqa: F401  (loads scipy's BLAS now, so threadpool_limits sees it)
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
@@ -272,7 +272,7 @@ def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, see
         # busy machine OpenBLAS threads spinning against TensorFlow's turned the 0.2 s pixel
         # fit into 5-15 s. (Keras' head runs on TensorFlow's own pool: unaffected.)
         with threadpool_limits(1, user_api="blas"):
-            summary = train(store, extracted[base]["feature_set"], head=head, out=run_dir, **options)
+            summary = train(store, extracted[base]["feature_set"], head=head, out=run_dir, report=False, **options)
         rows.append({
             "name": name,
             "feature_set": summary["feature_set"],
@@ -295,6 +295,10 @@ def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, see
     log(f"export: {best['name']} -> {model_path}")
     exported = export_best(best["run_dir"], model_path)
 
+    from .classify.report_html import write_report
+
+    log(f"report: {best['name']} -> {os.path.join(best['run_dir'], 'report.html')}")
+    report = write_report(best["run_dir"])
     plots = {name: os.path.abspath(os.path.join(best["run_dir"], name))
              for name in ("curves.png", "confusion_matrix.png")
              if os.path.isfile(os.path.join(best["run_dir"], name))}
@@ -313,6 +317,8 @@ def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, see
         "model": os.path.abspath(model_path),
         "model_input": {"shape": exported["input_shape"], "values": exported["input"]},
         "plots": plots,
+        "report": {"path": os.path.abspath(report["report"]), "split": report["split"], "images": report["images"],
+                   "mistakes": report["mistakes"]},
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -347,7 +353,10 @@ def format_report(result: dict) -> str:
     lines += [""]
     for name, path in result["plots"].items():
         lines.append(f"plot      {_shown(path)}")
+    r = result["report"]
     lines += [
+        f"report    {_shown(r['path'])}  (open in a browser: {r['mistakes']} mistakes of {r['images']} {r['split']} "
+        "images, a map of the features)",
         f"run       {_shown(best['run_dir'])}  (config, metrics, model of {best['name']})",
         f"model     {_shown(result['model'])}  (keras.models.load_model: {tuple(result['model_input']['shape'])} "
         f"RGB 0..255 in, {len(result['classes'])} class probabilities out)",

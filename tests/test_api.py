@@ -15,7 +15,8 @@ from featcache.cli import cli
 
 # command -> API function
 COMMANDS = {"extract": "extract_features", "info": "info", "merge": "merge", "bases": "bases", "train": "train",
-            "compare": "compare", "predict": "predict", "export": "export", "finetune": "finetune", "demo": "demo"}
+            "compare": "compare", "search": "search", "report": "report", "predict": "predict",
+            "export": "export", "finetune": "finetune", "demo": "demo"}
 # Options that shape only the command's own output or exit status.
 CLI_ONLY = {"as_json", "strict", "no_progress"}
 # CLI parameter name -> API parameter name, where they differ.
@@ -97,7 +98,14 @@ def test_api_results_equal_what_json_prints(tree, tmp_path):
     cli_run = json.loads(run("train", cli_store, "--head", "logreg", "--pool", "avg", "--out", tmp_path / "r1",
                              "--json").stdout)
     api_run = featcache.train(api_store, head="logreg", pool="avg", out=tmp_path / "r2")
-    assert _without_timings({**api_run, "run_dir": None}) == _without_timings({**cli_run, "run_dir": None})
+    assert _without_timings({**api_run, "run_dir": None, "report": None}) == _without_timings(
+        {**cli_run, "run_dir": None, "report": None})
+    assert api_run["report"] == str(tmp_path / "r2" / "report.html")
+    cli_report = json.loads(run("report", tmp_path / "r1", "--out", tmp_path / "r1.html", "--json").stdout)
+    api_report = featcache.report(tmp_path / "r1", out=tmp_path / "r1-api.html")
+    assert _without_timings({**api_report, "report": None, "bytes": None}) == _without_timings(
+        {**cli_report, "report": None, "bytes": None})
+    assert cli_report["mistakes"] == 0 and cli_report["map_points"] == 6  # 3 test images per class
 
     cli_cmp = json.loads(run("compare", cli_store, "--heads", "logreg", "--json").stdout)
     api_cmp = featcache.compare(api_store, heads=["logreg"])

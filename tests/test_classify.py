@@ -151,7 +151,8 @@ def test_run_dir_contents_and_records(pixels, tmp_path):
     out = tmp_path / "run"
     result = train(pixels["store"], pixels["fs"], head="dense", out=str(out), **{**FAST_DENSE, "epochs": 4})
     assert sorted(os.listdir(out)) == ["config.json", "confusion_matrix.png", "curves.png", "history.csv",
-                                       "metrics.json", "model.keras"]
+                                       "metrics.json", "model.keras", "report.html"]
+    assert result["report"] == str(out / "report.html")
     config = json.loads((out / "config.json").read_text())
     assert config["head"] == "dense" and config["seed"] == 0 and config["settings"]["epochs"] == 4
     assert config["model"] == {"file": "model.keras", "sha256": rundir.sha256_file(str(out / "model.keras"))}
@@ -179,7 +180,7 @@ def test_logreg_run_dir_and_tampered_joblib_is_refused(pixels, tmp_path, monkeyp
     out = tmp_path / "run"
     train(pixels["store"], pixels["fs"], head="logreg", out=str(out))
     assert sorted(os.listdir(out)) == ["config.json", "confusion_matrix.png", "history.csv", "metrics.json",
-                                       "model.joblib"]
+                                       "model.joblib", "report.html"]
     config, head = rundir.load_head(str(out))
     assert config["model"]["sha256"] == rundir.sha256_file(str(out / "model.joblib"))
     assert head.pipeline is not None
@@ -195,6 +196,12 @@ def test_logreg_run_dir_and_tampered_joblib_is_refused(pixels, tmp_path, monkeyp
     with pytest.raises(FeatcacheError, match=r"model.joblib: sha256 [0-9a-f]{64} does not match [0-9a-f]{64} "
                                              r"recorded in config.json; refusing to load"):
         rundir.load_head(str(out))
+    # The report still shows what the run directory holds, and says why there is no more.
+    from featcache.classify.report_html import write_report
+
+    summary = write_report(str(out), str(tmp_path / "report.html"))
+    assert summary["per_image"] is False
+    assert any("does not match" in note and "refusing to load" in note for note in summary["notes"])
 
 
 # -- streaming -----------------------------------------------------------------------------------

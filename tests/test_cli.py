@@ -76,7 +76,8 @@ def test_help_and_info_do_not_import_tensorflow():
         "import sys; from click.testing import CliRunner; from featcache.cli import cli; "
         "r = CliRunner().invoke(cli, ['--help']); r2 = CliRunner().invoke(cli, ['bases']); "
         "assert r.exit_code == 0 and r2.exit_code == 0; "
-        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported'"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported'; "
+        "assert 'optuna' not in sys.modules and 'sklearn' not in sys.modules, 'optuna or sklearn imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": ""})
 

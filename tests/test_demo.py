@@ -58,7 +58,12 @@ def test_demo_reduced_json_and_rerun_reuses_cache(tmp_path):
     # Files: plots and run of the best head, the exported model, the store, the samples sheet.
     assert "confusion_matrix.png" in out["plots"]
     assert ("curves.png" in out["plots"]) == out["best"].endswith("+dense")  # logreg has no epochs to plot
-    for path in [*out["plots"].values(), out["model"], out["store"], out["samples"]]:
+    # The best run's HTML report, named in the output.
+    report = out["report"]
+    assert report["path"] == os.path.join(rows[out["best"]]["run_dir"], "report.html")
+    assert report["split"] == "test" and report["images"] == 16
+    assert report["mistakes"] == round((1 - rows[out["best"]]["test_accuracy"]) * 16)
+    for path in [*out["plots"].values(), out["model"], out["store"], out["samples"], report["path"]]:
         assert os.path.isfile(path) and os.path.getsize(path) > 0, path
     best = rows[out["best"]]
     with open(os.path.join(best["run_dir"], "config.json")) as f:  # reusable after featcache is reinstalled
@@ -106,6 +111,8 @@ def test_demo_text_output(tmp_path, monkeypatch):
              "seconds": 0.3, "run_dir": str(tmp_path / "d" / "runs" / "pixels+logreg")}],
         "model": str(tmp_path / "d" / "model.keras"), "model_input": {"shape": [128, 128, 3], "values": ""},
         "plots": {"curves.png": str(tmp_path / "d" / "runs" / "mobilenet_0.25+dense" / "curves.png")},
+        "report": {"path": str(tmp_path / "d" / "runs" / "mobilenet_0.25+dense" / "report.html"), "split": "test",
+                   "images": 80, "mistakes": 0},
         "seconds": 31.0,
     }
     monkeypatch.chdir(tmp_path)
@@ -115,6 +122,7 @@ def test_demo_text_output(tmp_path, monkeypatch):
     assert "  2    pixels+logreg               0.225    0.300      0.3" in text
     assert "plot      d/runs/mobilenet_0.25+dense/curves.png" in text
     assert "model     d/model.keras" in text and "test = 80 held-out images" in text
+    assert "report    d/runs/mobilenet_0.25+dense/report.html  (open in a browser: 0 mistakes of 80 test images" in text
 
 
 def test_demo_help_via_python_m():

@@ -139,6 +139,47 @@ def _check_predict_and_tflite_export(setup, run, model):
     assert np.abs(got - expected).max() < 1e-4
 
 
+def _card_probabilities(path):
+    from test_report import check_self_contained
+
+    page = check_self_contained(path.read_text(encoding="utf-8"))
+    return {c["data-path"]: (c["data-predicted"], float(c["data-probability"]))
+            for c in page.cards("wrong") + page.cards("right")}
+
+
+def test_finetune_report_from_cache_and_from_images(setup, tmp_path):
+    """The report at the end of finetune uses the probabilities training computed; `featcache
+    report` recomputes them from the saved end-to-end model: its top part on the cached boundary
+    activations (--from-cache runs) or the whole model on the decoded images."""
+    runner = CliRunner()
+    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "ftc"), "--epochs", "1", "--lr", "1e-4",
+                            "--from-cache", setup["store"], "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["report"] == str(tmp_path / "ftc" / "report.html")
+    at_training = _card_probabilities(tmp_path / "ftc" / "report.html")
+    assert len(at_training) == 6  # 3 test images per class, all shown (mistakes or right answers)
+    r = runner.invoke(cli, ["report", str(tmp_path / "ftc"), "--out", str(tmp_path / "again.html"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["per_image"] and summary["notes"] == [] and summary["map_points"] == 6
+    again = _card_probabilities(tmp_path / "again.html")
+    assert again.keys() == at_training.keys()
+    for path, (predicted, probability) in again.items():
+        assert predicted == at_training[path][0] and probability == pytest.approx(at_training[path][1], abs=1e-4)
+
+    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "fti"), "--epochs", "1", "--no-report"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "fti" / "report.html").exists()
+    assert not any(line.startswith("  report ") for line in r.stdout.splitlines())
+    r = runner.invoke(cli, ["report", str(tmp_path / "fti"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    metrics = json.loads((tmp_path / "fti" / "metrics.json").read_text())
+    assert (summary["images"], summary["map_points"], summary["notes"]) == (6, 6, [])
+    assert summary["mistakes"] == round((1 - metrics["test"]["accuracy"]) * 6)
+    assert "on the images of" in (tmp_path / "fti" / "report.html").read_text(encoding="utf-8")
+
+
 def test_finetune_with_augmentation(setup):
     r = CliRunner().invoke(cli, ["finetune", setup["run"], "--out", str(setup["root"] / "fta"), "--epochs", "1",
                                  "--augment", "flip,rotation,zoom,translation,contrast", "--aug-seed", "3", "--json"])

@@ -3,17 +3,21 @@
 - :mod:`.heads`: the heads (``dense`` Keras, ``logreg`` scikit-learn), one interface
 - :mod:`.data`: rows of a feature set, in memory or streamed from HDF5 within a budget
 - :mod:`.harness`: ``train`` (one run, a run directory) and ``compare`` (a leaderboard)
+- :mod:`.search`: ``search`` (Optuna over heads x feature sets x settings; :mod:`.study` keeps
+  the study resumable and shareable, :mod:`.leaderboard` writes what it found)
 - :mod:`.reports`: metrics, sanity flags, plots;  :mod:`.rundir`: the run directory
 - :mod:`.predict` / :mod:`.export`: base + head on new images (or an exported model); exports
   (.keras, and through :mod:`.deploy_tflite` / :mod:`.deploy_savedmodel` TensorFlow Lite and
   SavedModel), each with its :mod:`.model_card`; :mod:`.deployed` runs exported files;
   :mod:`.run_images`: a run's images (calibration, test measurement, fine-tuning)
+- :mod:`.report_html`: the HTML report of a run (data from :mod:`.report_data`, pictures from
+  :mod:`.report_figures`); :mod:`.leaderboard_html`: leaderboard pages; :mod:`.html_page`: their page
 
 Imports are lazy: ``import featcache.classify`` loads neither Keras nor scikit-learn.
 """
 
 # predict() and export() live in the submodules of the same names (featcache.classify.predict.predict).
-__all__ = ["train", "compare", "make_head", "HEADS"]
+__all__ = ["train", "compare", "search", "make_head", "HEADS"]
 
 
 def __getattr__(name):
@@ -21,6 +25,10 @@ def __getattr__(name):
         from . import harness
 
         return getattr(harness, name)
+    if name == "search":
+        from .search import search
+
+        return search
     if name in ("make_head", "HEADS"):
         from . import heads
 

@@ -195,8 +195,9 @@ def _proba(model, x, binary: bool, batch: int = 64) -> np.ndarray:
 
 def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unfreeze_from: str | None = None,
              lr: float = 1e-5, epochs: int = 5, batch_size: int = 20, augment: str | None = None, aug_seed: int = 0,
-             from_cache: str | None = None, weights: str | None = None, seed: int = 0) -> dict:
-    """Fine-tune the run's base top block + head; writes the run directory ``out``."""
+             from_cache: str | None = None, weights: str | None = None, seed: int = 0, report: bool = True) -> dict:
+    """Fine-tune the run's base top block + head; writes the run directory ``out`` and, unless
+    ``report`` is False, its HTML report ``out/report.html``."""
     import keras
 
     from ..extract.augment import make_layers, parse_recipe
@@ -253,7 +254,8 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
     fit_seconds, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     history = {key: [float(v) for v in values] for key, values in history.history.items()}
     names = record["class_names"]
-    evaluated = {s: reports.metrics(labels[i], _proba(model, x[i], binary), names) for s, i in part.items() if len(i)}
+    probas = {s: _proba(model, x[i], binary) for s, i in part.items() if len(i)}
+    evaluated = {s: reports.metrics(labels[part[s]], p, names) for s, p in probas.items()}
 
     # The saved model: end to end (images in), binary as (N, 2) like `featcache export`.
     from .export import _two_class
@@ -294,6 +296,20 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
         reports.plot_confusion(evaluated[shown]["confusion_matrix"], names, os.path.join(out, rundir.CONFUSION),
                                f"{title}, {shown} split")
 
+    report_path = None
+    if report:  # from the probabilities just computed: no second pass over the images
+        from .report_data import SplitPredictions
+        from .report_html import write_report
+
+        shown = "test" if len(part["test"]) else "validation"
+        given = None
+        if shown in probas:
+            source = (f"the fine-tuned top block and head on the cached boundary activations of {from_cache}"
+                      if from_cache else f"the fine-tuned model on the images of {image_dir}")
+            given = SplitPredictions(shown, list(names), paths[part[shown]], labels[part[shown]], probas[shown],
+                                     image_dir, source)
+        report_path = write_report(out, split=shown, predictions=given)["report"]
+
     def summary(m):
         return {"n": m["n"], "accuracy": m["accuracy"], "loss": m["loss"]} if m else {"n": 0, "accuracy": None, "loss": None}
 
@@ -304,5 +320,5 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
         **{s: summary(evaluated.get(s)) for s in SPLITS}, "overfitting": overfitting,
         "epochs": epochs, "epoch_seconds": [round(t, 3) for t in timer.seconds],
         "seconds": round(fit_seconds, 3), "data_seconds": round(data_seconds, 3),
-        "seconds_total": round(time.perf_counter() - started, 3),
+        "report": report_path, "seconds_total": round(time.perf_counter() - started, 3),
     }

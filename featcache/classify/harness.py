@@ -23,6 +23,20 @@ def require_labelled(fs: FeatureSet, store: str) -> FeatureSet:
     return fs
 
 
+def labelled_sets(s, store: str, names: list[str] | None, command: str) -> list[FeatureSet]:
+    """The named feature sets (each must be labelled), or every labelled set of the store:
+    unlabeled ones (features for reuse, not training) are left out unless named."""
+    if names:
+        return [require_labelled(s[name], store) for name in names]
+    every = [s[name] for name in s.feature_set_names()]
+    sets = [fs for fs in every if fs.labelled]
+    if every and not sets:
+        require_labelled(every[0], store)
+    if not sets:
+        raise FeatcacheError(f"{store}: no feature sets to {command}")
+    return sets
+
+
 def check_training_rows(train: data.Rows, class_names: list[str], what: str) -> None:
     """A head cannot learn from an empty split, one class, or a class it never sees."""
     if len(train) == 0:
@@ -39,8 +53,9 @@ def check_training_rows(train: data.Rows, class_names: list[str], what: str) -> 
 
 
 def fit_and_evaluate(head: Head, fs: FeatureSet, splits: dict[str, data.Rows], budget_mb: float,
-                     run_dir: str | None = None, what: str = "") -> dict:
-    """Untrained check, fit, evaluation of every split: the core every command shares."""
+                     run_dir: str | None = None, what: str = "", callbacks=()) -> dict:
+    """Untrained check, fit, evaluation of every split: the core every command shares.
+    ``callbacks``: more Keras callbacks for heads trained in epochs (search's pruning)."""
     names = fs.class_names
     k = len(names)
     train, validation = splits["train"], splits.get("validation")
@@ -55,7 +70,7 @@ def fit_and_evaluate(head: Head, fs: FeatureSet, splits: dict[str, data.Rows], b
     untrained["split"] = probe.name
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    history = head.fit(train, validation, plan, run_dir)
+    history = head.fit(train, validation, plan, run_dir, callbacks)
     fit_seconds = time.perf_counter() - started
     # CPU seconds of all threads: a check on wall-clock timings taken on a busy machine.
     fit_cpu_seconds = time.process_time() - cpu_started
@@ -72,6 +87,7 @@ def fit_and_evaluate(head: Head, fs: FeatureSet, splits: dict[str, data.Rows], b
         "untrained": untrained,
         "metrics": evaluated,
         "overfitting": reports.overfitting(history, evaluated["train"]["accuracy"], val_acc),
+        "epochs_run": len(history.get("loss", [])),
         "fit_seconds": fit_seconds,
         "fit_cpu_seconds": fit_cpu_seconds,
     }
@@ -83,8 +99,10 @@ def _summary(m: dict | None) -> dict:
 
 
 def train(store: str, feature_set: str | None = None, base: str | None = None, head: str = "dense",
-          out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, **head_options) -> dict:
-    """Train one head on one feature set; with ``out``, write the run directory.
+          out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, report: bool = True,
+          **head_options) -> dict:
+    """Train one head on one feature set; with ``out``, write the run directory and (unless
+    ``report`` is False) its HTML report, ``out/report.html``.
 
     Returns the summary printed by ``featcache train --json``."""
     started = time.perf_counter()
@@ -110,6 +128,7 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
     }
     if run_dir:
         _write_run(run_dir, head_obj, record, result, summary)
+    summary["report"] = _report(run_dir) if run_dir and report else None
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
 
@@ -133,18 +152,26 @@ def _write_run(run_dir: str, head: Head, record: dict, result: dict, summary: di
                                os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{record['name']}")
 
 
+def _report(run_dir: str) -> str:
+    """The run's report.html (see report_html.write_report); the run is complete without it."""
+    from .report_html import write_report
+
+    return write_report(run_dir)["report"]
+
+
 # -- compare ---------------------------------------------------------------------------------
 
 
-def _common_rows(sets: list[FeatureSet]) -> tuple[list[dict[str, np.ndarray]], int]:
+def common_rows(sets: list[FeatureSet], command: str = "compare") -> tuple[list[dict[str, np.ndarray]], int]:
     """Per feature set, the rows of each split restricted to images present in every set, so
-    every leaderboard entry sees exactly the same images. Returns (rows per set, rows dropped)."""
+    every leaderboard entry (compare) or trial (search) sees exactly the same images.
+    Returns (rows per set, rows dropped)."""
     names = sets[0].class_names
     keyed = []
     for fs in sets:
         if fs.class_names != names:
             raise FeatcacheError(f"feature sets {sets[0].name} and {fs.name} have different classes "
-                                 f"({names} vs {fs.class_names}); compare needs the same images")
+                                 f"({names} vs {fs.class_names}); {command} needs the same images")
         rows = fs.rows()
         keys = [f"{p}\0{d}" for p, d in zip(fs.column("paths")[rows], fs.column("digests")[rows])]
         keyed.append((fs, dict(zip(keys, rows))))
@@ -162,7 +189,8 @@ def _common_rows(sets: list[FeatureSet]) -> tuple[list[dict[str, np.ndarray]], i
         elif not (np.array_equal(splits, reference[0]) and np.array_equal(labels, reference[1])):
             moved = int(np.sum((splits != reference[0]) | (labels != reference[1])))
             raise FeatcacheError(f"feature sets {reference[2]} and {fs.name} give {moved} images a different split "
-                                 "or label (extracted with different --split/--split-seed?); compare needs the same split")
+                                 "or label (extracted with different --split/--split-seed?); "
+                                 f"{command} needs the same split")
         per_set.append({split: np.sort(rows[splits == split]) for split in SPLITS})
     return per_set, dropped
 
@@ -173,12 +201,18 @@ def _head_options(head_name: str, options: dict) -> dict:
 
 
 def compare(store: str, heads: list[str], feature_sets: list[str] | None = None, cv: int | None = None,
-            memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, **options) -> dict:
+            memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, out: str | None = None, report: bool = True,
+            **options) -> dict:
     """Leaderboard over heads x feature sets: same rows, same metrics.
 
     Without ``cv``: fit on train, score validation and test; ranked by validation accuracy
     (the test split is reported, never used to rank). With ``cv=K``: StratifiedKFold on
-    train+validation, mean and std of accuracy and loss over the folds; test is not touched."""
+    train+validation, mean and std of accuracy and loss over the folds; test is not touched.
+
+    ``out``: a new folder that keeps each entry as a run directory ``out/HEAD-FEATURE_SET``
+    (without ``cv``; a run directory like train's, with its report.html unless ``report`` is
+    False), the result as ``out/leaderboard.json`` and, unless ``report`` is False, a page
+    ``out/leaderboard.html`` linking each entry's report."""
     for name in heads:
         if name not in HEADS:
             raise FeatcacheError(f"--heads: unknown head {name!r}; choose from {', '.join(HEADS)}")
@@ -187,45 +221,45 @@ def compare(store: str, heads: list[str], feature_sets: list[str] | None = None,
         raise FeatcacheError(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: no compared head takes it")
     if cv is not None and cv < 2:
         raise FeatcacheError(f"--cv {cv}: needs at least 2 folds")
+    if not report and not out:
+        raise FeatcacheError("--no-report: only with --out (compare writes reports only into --out)")
     started = time.perf_counter()
+    if out:
+        rundir.prepare(out)
     with open_store(store) as s:
-        if feature_sets:
-            sets = [require_labelled(s[name], store) for name in feature_sets]
-        else:  # every labelled set; unlabeled ones (features for reuse, not training) are left out
-            every = [s[name] for name in s.feature_set_names()]
-            sets = [fs for fs in every if fs.labelled]
-            if every and not sets:
-                require_labelled(every[0], store)
-        if not sets:
-            raise FeatcacheError(f"{store}: no feature sets to compare")
-        per_set, dropped = _common_rows(sets)
+        sets = labelled_sets(s, store, feature_sets, "compare")
+        per_set, dropped = common_rows(sets)
         entries = []
         for fs, rows in zip(sets, per_set):
             for head_name in heads:
                 opts = _head_options(head_name, options)
                 entry = {"head": head_name, "feature_set": fs.name, "settings": make_head(head_name, **opts).config}
-                if cv:
-                    entry.update(_cross_validate(head_name, opts, fs, rows, cv, memory_budget_mb))
-                else:
-                    splits = {split: data.Rows.of(fs, rows[split], split) for split in SPLITS}
-                    result = fit_and_evaluate(make_head(head_name, **opts), fs, splits, memory_budget_mb,
-                                              what=f"{fs.name} ({head_name})")
-                    entry.update({
-                        "validation": _summary(result["metrics"].get("validation")),
-                        "test": _summary(result["metrics"].get("test")),
-                        "train": _summary(result["metrics"].get("train")),
-                        "untrained_flag": result["untrained"]["flag"],
-                        "overfitting": result["overfitting"]["flag"],
-                        "streaming": result["plan"].streaming,
-                        "seconds": round(result["fit_seconds"], 3),
-                    })
+                run_dir = rundir.prepare(os.path.join(out, f"{head_name}-{fs.name}")) if out and not cv else None
+                entry.update(score_head(head_name, opts, fs, rows, memory_budget_mb, cv, run_dir=run_dir, store=store))
                 entries.append(entry)
         counts = {split: int(len(per_set[0][split])) for split in SPLITS}
     entries.sort(key=_rank_key(bool(cv)))
     for rank, entry in enumerate(entries, 1):
         entry["rank"] = rank
-    return {"store": store, "cv": cv, "rows": counts, "rows_left_out": dropped,
-            "leaderboard": entries, "seconds": round(time.perf_counter() - started, 3)}
+    result = {"store": store, "cv": cv, "rows": counts, "rows_left_out": dropped,
+              "leaderboard": entries, "seconds": round(time.perf_counter() - started, 3)}
+    if out:
+        _keep_leaderboard(result, out, report)
+    return result
+
+
+def _keep_leaderboard(result: dict, out: str, report: bool) -> None:
+    """compare --out: each run's report, leaderboard.html linking them, leaderboard.json."""
+    links = []
+    for entry in result["leaderboard"]:
+        entry["report"] = _report(entry["run_dir"]) if report and entry.get("run_dir") else None
+        links.append(os.path.relpath(entry["report"], out) if entry["report"] else None)
+    if report:
+        from .leaderboard_html import compare_leaderboard
+
+        result["leaderboard_html"] = compare_leaderboard(result, out, links)
+    result["out"] = out
+    rundir.write_json(os.path.join(out, "leaderboard.json"), result)
 
 
 def _rank_key(cv: bool):
@@ -239,7 +273,49 @@ def _rank_key(cv: bool):
     return key
 
 
-def _cross_validate(head_name: str, opts: dict, fs: FeatureSet, rows: dict, k: int, budget_mb: float) -> dict:
+def score_head(head_name: str, opts: dict, fs: FeatureSet, rows: dict[str, np.ndarray], budget_mb: float,
+               cv: int | None = None, scored=SPLITS, views: bool = False, callbacks=None,
+               run_dir: str | None = None, store: str | None = None) -> dict:
+    """One head configuration on given rows (split -> row indices): fit on train and score the
+    ``scored`` splits, or with ``cv=K`` K-fold cross-validation on train+validation (test
+    untouched). What compare lists per entry and search records per trial.
+
+    ``views``: training rows carry their cached augmented views, as ``train`` uses them.
+    ``callbacks(fold)``: extra Keras callbacks for one fit (fold index, None without cv).
+    ``run_dir`` (without cv): keep the fit as a run directory like train's (``store``: its path)."""
+    extra = callbacks or (lambda fold: ())
+    if cv:
+        return _cross_validate(head_name, opts, fs, rows, cv, budget_mb, views, extra)
+    splits = {split: _rows(fs, rows[split], split, views) for split in scored}
+    head = make_head(head_name, **opts)
+    result = fit_and_evaluate(head, fs, splits, budget_mb, run_dir, what=f"{fs.name} ({head_name})",
+                              callbacks=extra(None))
+    kept = {}
+    if run_dir:
+        _write_run(run_dir, head, rundir.feature_set_record(fs, store), result, {})
+        kept = {"run_dir": run_dir}
+    return {
+        **kept,
+        **{split: _summary(result["metrics"].get(split)) for split in ("validation", "test", "train") if split in scored},
+        "untrained_flag": result["untrained"]["flag"],
+        "overfitting": result["overfitting"]["flag"],
+        "streaming": result["plan"].streaming,
+        "epochs_run": result["epochs_run"],
+        "seconds": round(result["fit_seconds"], 3),
+    }
+
+
+def _rows(fs: FeatureSet, rows: np.ndarray, split: str, views: bool) -> data.Rows:
+    out = data.Rows.of(fs, rows, split)
+    if views and split == "train":  # only training images have augmented views
+        from ..extract.augment import view_rows
+
+        out.views = view_rows(fs, out.rows)
+    return out
+
+
+def cv_folds(fs: FeatureSet, rows: dict[str, np.ndarray], k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """StratifiedKFold (seeded) of train+validation: [(fit rows, held-out rows)] per fold."""
     from sklearn.model_selection import StratifiedKFold
 
     pool = np.sort(np.concatenate([rows["train"], rows["validation"]]))
@@ -248,14 +324,19 @@ def _cross_validate(head_name: str, opts: dict, fs: FeatureSet, rows: dict, k: i
     if counts.min() < k:
         raise FeatcacheError(f"--cv {k}: class {fs.class_names[int(counts.argmin())]!r} has only {int(counts.min())} "
                              f"train+validation rows in {fs.name}; use fewer folds")
+    return [(pool[fit], pool[held]) for fit, held in StratifiedKFold(k, shuffle=True, random_state=seed).split(pool, labels)]
+
+
+def _cross_validate(head_name: str, opts: dict, fs: FeatureSet, rows: dict, k: int, budget_mb: float,
+                    views: bool = False, callbacks=lambda fold: ()) -> dict:
     folds = []
     seed = int(opts.get("seed", 0) or 0)
-    for i, (fit_idx, val_idx) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(pool, labels)):
-        splits = {"train": data.Rows.of(fs, pool[fit_idx], "train"),
-                  "validation": data.Rows.of(fs, pool[val_idx], "validation")}
+    for i, (fit_rows, held_rows) in enumerate(cv_folds(fs, rows, k, seed)):
+        splits = {"train": _rows(fs, fit_rows, "train", views), "validation": data.Rows.of(fs, held_rows, "validation")}
         result = fit_and_evaluate(make_head(head_name, **opts), fs, splits, budget_mb,
-                                  what=f"{fs.name} ({head_name}, fold {i + 1})")
-        folds.append({**_summary(result["metrics"]["validation"]), "seconds": round(result["fit_seconds"], 3)})
+                                  what=f"{fs.name} ({head_name}, fold {i + 1})", callbacks=callbacks(i))
+        folds.append({**_summary(result["metrics"]["validation"]), "epochs_run": result["epochs_run"],
+                      "seconds": round(result["fit_seconds"], 3)})
     acc = np.array([f["accuracy"] for f in folds])
     loss = np.array([f["loss"] for f in folds])
     return {"cv": {"k": k, "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()),

@@ -74,8 +74,10 @@ class Head:
             return np.zeros((0, self.num_classes))
         return np.concatenate([self.predict_proba(x) for x, _ in rows.chunks(eval_chunk_rows(rows, plan))])
 
-    def fit(self, train: Rows, validation: Rows | None, plan: Plan, run_dir: str | None = None) -> dict:
-        """Train; returns the history: {metric: [value per epoch]}."""
+    def fit(self, train: Rows, validation: Rows | None, plan: Plan, run_dir: str | None = None,
+            callbacks=()) -> dict:
+        """Train; returns the history: {metric: [value per epoch]}. ``callbacks``: more Keras
+        callbacks (e.g. search's pruning), for heads trained in epochs; others ignore them."""
         raise NotImplementedError
 
     def save(self, run_dir: str) -> str:
@@ -155,11 +157,19 @@ class DenseHead(Head):
             "sgd": keras.optimizers.SGD, "nadam": keras.optimizers.Nadam, "adagrad": keras.optimizers.Adagrad,
         }[c["optimizer"]](learning_rate=c["lr"])
         loss = "binary_crossentropy" if self.binary else "sparse_categorical_crossentropy"
-        self.model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
+        metrics = ["accuracy"]
+        if c["l2"]:
+            # With a penalty, Keras' loss is log loss + L2: record the log loss alone as well
+            # (what the heads are scored on, and what search prunes on).
+            metrics.append((keras.metrics.BinaryCrossentropy if self.binary
+                            else keras.metrics.SparseCategoricalCrossentropy)(name="log_loss"))
+        self.model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                            steps_per_execution=c["steps_per_execution"])
 
     def _targets(self, y: np.ndarray) -> np.ndarray:
-        return y.astype(np.float32) if self.binary else y.astype(np.int32)
+        # Binary targets as (N, 1) like the sigmoid output: the loss would align the ranks
+        # itself, the log_loss metric does not.
+        return y.astype(np.float32).reshape(-1, 1) if self.binary else y.astype(np.int32)
 
     def _callbacks(self, run_dir: str | None, has_validation: bool) -> list:
         import keras
@@ -193,10 +203,10 @@ class DenseHead(Head):
             callbacks.append(keras.callbacks.TensorBoard(log_dir=c["tensorboard"]))
         return callbacks
 
-    def fit(self, train, validation, plan, run_dir=None) -> dict:
+    def fit(self, train, validation, plan, run_dir=None, callbacks=()) -> dict:
         c = self.config
         has_validation = validation is not None and len(validation) > 0
-        callbacks = self._callbacks(run_dir, has_validation)
+        callbacks = self._callbacks(run_dir, has_validation) + list(callbacks)
         batch = c["batch_size"]
         if train.views is not None:
             # Cached augmentation: one view per image per epoch (see extract/augment.py).
@@ -284,7 +294,7 @@ class LogRegHead(Head):
             return np.full((len(x), self.num_classes), 1.0 / self.num_classes)
         return np.asarray(self.pipeline.predict_proba(self._prepare(x)), dtype=np.float64)
 
-    def fit(self, train, validation, plan, run_dir=None) -> dict:
+    def fit(self, train, validation, plan, run_dir=None, callbacks=()) -> dict:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import Pipeline

@@ -10,6 +10,7 @@ Layout::
     curves.png         loss and accuracy, train vs validation (heads with >= 2 epochs)
     confusion_matrix.png
     best.keras         with --checkpoint: the best model by validation loss
+    report.html        the self-contained HTML report (report_html.py; --no-report skips it)
 
 The model file's sha256 is checked before any load: a joblib file is a pickle, and loading a
 changed one would run whatever it contains. (The check guards against swapped, corrupted or

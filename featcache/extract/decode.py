@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .resize import DRAFT_SUFFIX, GPU_RESIZE, check_resize, resize_array  # noqa: F401 (check_resize re-exported)
+
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -19,7 +21,6 @@ RESAMPLING = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-DRAFT_SUFFIX = "+jpeg-draft"  # resize names ending in this let libjpeg downscale by DCT first
 DEFAULT_MAX_PIXELS = 100_000_000
 # The formats Pillow may decode: photos (JPEG includes MPO) and common web and scan formats.
 # Others are never tried, whatever a file's name or first bytes say (EPS would start Ghostscript).
@@ -29,14 +30,6 @@ _OPEN_LOCK = threading.Lock()
 
 class DecodeError(Exception):
     """An image that cannot be used; the message is the reason shown to the user."""
-
-
-def check_resize(resize: str) -> None:
-    from ..errors import FeatcacheError
-
-    if resize.removesuffix(DRAFT_SUFFIX) not in RESAMPLING:
-        choices = ", ".join(list(RESAMPLING) + [f"bilinear{DRAFT_SUFFIX}"])
-        raise FeatcacheError(f"unknown resize method {resize!r}; choose from {choices}")
 
 
 def _os_reason(exc: OSError) -> str:
@@ -122,11 +115,11 @@ def _open_header(data: bytes) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def decode_image(data: bytes, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode image bytes to a (size, size, 3) uint8 array, EXIF orientation applied.
-
-    Raises DecodeError with a readable reason for anything that is not a usable image.
-    """
+def _decode(data: bytes, max_pixels: int, draft: int | None, finish):
+    """Open image bytes as RGB (first frame, EXIF orientation applied) and return
+    ``finish(image)``; every failure, in ``finish`` too (Pillow decodes lazily), becomes a
+    DecodeError with a readable reason. ``draft``: let libjpeg downscale by DCT to at least
+    this side first."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     fmt = "image"
@@ -141,13 +134,11 @@ def decode_image(data: bytes, size: int, resize: str = "bilinear", max_pixels: i
                     f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
                     f"{max_pixels:,} (--max-pixels); refused before decoding"
                 )
-            if resize.endswith(DRAFT_SUFFIX) and img.format == "JPEG":
-                img.draft("RGB", (size, size))  # DCT-domain downscale, never below size
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))  # DCT-domain downscale, never below draft
             img.seek(0)  # animated images: the first frame
             img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-            img = img.resize((size, size), RESAMPLING[resize.removesuffix(DRAFT_SUFFIX)])
-            return np.asarray(img, dtype=np.uint8)
+            return finish(_to_rgb(img))
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -161,6 +152,29 @@ def decode_image(data: bytes, size: int, resize: str = "bilinear", max_pixels: i
         raise DecodeError(f"corrupt {fmt} data ({text or exc.__class__.__name__})") from None
     except Exception as exc:  # anything a decoder trips over in a broken file: report, never stop the run
         raise DecodeError(f"cannot decode {fmt} ({exc.__class__.__name__}: {exc})") from None
+
+
+def decode_image(data: bytes, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes to a (size, size, 3) uint8 array, EXIF orientation applied.
+
+    Raises DecodeError with a readable reason for anything that is not a usable image.
+    """
+    if resize == GPU_RESIZE:  # the GPU path's own filter, for the files it leaves to the CPU
+        return _decode(data, max_pixels, None, lambda img: resize_array(np.asarray(img, dtype=np.uint8), size))
+    method = RESAMPLING[resize.removesuffix(DRAFT_SUFFIX)]
+    return _decode(data, max_pixels, size if resize.endswith(DRAFT_SUFFIX) else None,
+                   lambda img: np.asarray(img.resize((size, size), method), dtype=np.uint8))
+
+
+def thumbnail_image(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB thumbnail whose longer side is at most ``side``, aspect kept, EXIF orientation
+    applied (what a person saw in a viewer). DecodeError with the reason otherwise."""
+
+    def shrink(img):
+        img.thumbnail((side, side), Image.Resampling.LANCZOS)
+        return img
+
+    return _decode(data, max_pixels, side, shrink)
 
 
 def decode_file(path: str, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 
 from ..errors import FeatcacheError
@@ -181,3 +182,33 @@ def _discover_unlabeled(root: str, follow_symlinks: bool, asked: bool) -> Listin
             "or images to extract unlabeled)")
     entries = [ImageEntry(rel, UNLABELED, NO_SPLIT) for rel in sorted(relpaths)]
     return Listing(root, [], entries, "unlabeled", skipped, [])
+
+
+# -- shards: which images belong to shard I of N (see sharding.py) ------------------------------
+
+SHARD_SALT = "featcache-shard"
+_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"3/8"`` -> (3, 8); shards are numbered from 0."""
+    match = _SHARD_RE.match(text or "")
+    if not match:
+        raise FeatcacheError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/8")
+    return check_shard((int(match.group(1)), int(match.group(2))))
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise FeatcacheError(f"--shard {index}/{count}: expected I/N with 0 <= I < N (shards are numbered from 0)")
+    return index, count
+
+
+def shard_of(relpath: str, count: int) -> int:
+    digest = hashlib.sha256(f"{SHARD_SALT}:{relpath}".encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def select_shard(entries: list[ImageEntry], index: int, count: int) -> list[ImageEntry]:
+    return [e for e in entries if shard_of(e.relpath, count) == index]

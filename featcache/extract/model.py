@@ -231,20 +231,30 @@ class FeatureModel:
     With the TensorFlow backend the whole step (cast, preprocess_input, base, pooling) is one
     tf.function with a uint8 signature (``jit_compile`` turns on XLA); with JAX it is one
     jax.jit; other backends use ``predict_on_batch``. Nothing here assumes a CPU: the backend
-    places the work on its default device."""
+    places the work on its default device, and the images may already be there (a JAX or
+    TensorFlow array from GPU decoding).
+
+    :meth:`dispatch` starts a batch and :meth:`fetch` brings its features to the host, so a
+    caller can start the next batch before fetching the last (on a GPU the device never waits
+    for the host). ``pad_rows``: short batches are padded to this many rows, so a compiled
+    step (JAX, XLA) sees one shape per run; without it, the largest batch seen so far."""
 
     def __init__(self, backbone: Backbone, size: int, weights: WeightsSource, layer: str | None = None,
-                 pooling: str = "none", precision: str = "fp32", seed: int = 0, jit_compile: bool = False):
+                 pooling: str = "none", precision: str = "fp32", seed: int = 0, jit_compile: bool = False,
+                 pad_rows: int | None = None):
         if pooling not in POOLINGS:
             raise FeatcacheError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
         self.backbone, self.size, self.pooling = backbone, size, pooling
+        self.pad_rows = pad_rows
         self.precision = resolve_precision(precision, backbone)
+        self._pad = False  # pad short batches (a compiled step: one shape per run)
         if backbone.constructor is None:  # pixels: the resized image is the feature, no TF needed
             if layer not in (None, "output"):
                 raise FeatcacheError("the pixels base has no layers (leave --layer out)")
             shape = (size, size, 3)
             self.output_shape = (3,) if pooling != "none" else shape
-            self._call = lambda x: _pool(x.astype(np.float32) / 255.0, pooling, np)
+            self._dispatch = lambda x: _pool(np.asarray(x).astype(np.float32) / 255.0, pooling, np)
+            self._fetch = np.asarray
             return
         import keras
 
@@ -253,15 +263,20 @@ class FeatureModel:
         self.output_shape = out if pooling == "none" or len(out) != 3 else (out[-1],)
         backend = keras.backend.backend()
         if backend == "tensorflow":
-            self._call = self._tensorflow_call(preprocess_function(backbone), jit_compile)
+            self._dispatch = self._tensorflow_step(preprocess_function(backbone), jit_compile)
+            self._fetch = lambda y: y.numpy()
+            self._pad = jit_compile  # XLA compiles per shape; plain TF runs any batch size as is
         elif backend == "jax":
-            self._call = self._jax_call(preprocess_function(backbone))
+            self._dispatch = self._jax_step(preprocess_function(backbone))
+            self._fetch = np.asarray
+            self._pad = True
         else:
             preprocess = preprocess_function(backbone)
-            self._call = lambda x: _pool(np.asarray(
-                self.model.predict_on_batch(preprocess(x.astype(np.float32))), np.float32), pooling, np)
+            self._dispatch = lambda x: _pool(np.asarray(
+                self.model.predict_on_batch(preprocess(np.asarray(x).astype(np.float32))), np.float32), pooling, np)
+            self._fetch = np.asarray
 
-    def _tensorflow_call(self, preprocess, jit_compile: bool):
+    def _tensorflow_step(self, preprocess, jit_compile: bool):
         import tensorflow as tf
 
         model, size, pooling = self.model, self.size, self.pooling
@@ -273,9 +288,9 @@ class FeatureModel:
             return _pool(y, pooling, _TfPool)
 
         self._run = run
-        return lambda x: run(x).numpy()
+        return run
 
-    def _jax_call(self, preprocess):
+    def _jax_step(self, preprocess):
         import jax
         import jax.numpy as jnp
 
@@ -287,26 +302,36 @@ class FeatureModel:
             y, _ = model.stateless_call(*state, preprocess(images.astype(jnp.float32)), training=False)
             return _pool(y.astype(jnp.float32), pooling, jnp)
 
-        rows = [0]
+        return lambda x: run(state, x)
 
-        def call(x):
-            # Pad a short (last) batch to the largest batch seen: one compiled shape, no recompiling.
-            n = len(x)
-            rows[0] = max(rows[0], n)
-            if n < rows[0]:
-                x = np.concatenate([x, np.zeros((rows[0] - n, *x.shape[1:]), x.dtype)])
-            return np.asarray(run(state, x))[:n]
+    def _padded(self, images):
+        n = len(images)
+        rows = self.pad_rows = max(self.pad_rows or 0, n)
+        if not self._pad or n == rows:
+            return images
+        if isinstance(images, np.ndarray):
+            return np.concatenate([images, np.zeros((rows - n, *images.shape[1:]), images.dtype)])
+        import keras  # a device array (GPU decoding): pad where it lies
 
-        return call
+        return keras.ops.pad(images, [(0, rows - n), (0, 0), (0, 0), (0, 0)])
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = self._call(images)
+    def dispatch(self, images):
+        """Start the model on a batch; returns a handle for :meth:`fetch`."""
+        return self._dispatch(self._padded(images)), len(images)
+
+    def fetch(self, handle) -> np.ndarray:
+        """The float32 features of a dispatched batch, on the host."""
+        out, n = handle
+        out = self._fetch(out)[:n]
         if self.precision != "fp32" and not np.isfinite(out).all():
             # fp16 overflows above 65504; say so rather than store inf/nan features.
             raise FeatcacheError(
                 f"{self.backbone.name} features overflowed to inf/nan under --precision {self.precision}; "
                 "use --precision fp32 (or bf16)")
         return out
+
+    def __call__(self, images) -> np.ndarray:
+        return self.fetch(self.dispatch(images))
 
 
 class _TfPool:

@@ -1,6 +1,8 @@
 """Sharded extraction: which images belong to shard I of N, and the shard task itself.
 
-An image belongs to shard ``sha256("featcache-shard:" + relpath) mod N``: the same family of
+An image belongs to shard ``sha256("featcache-shard:" + relpath) mod N``
+(:func:`~featcache.extract.discover.shard_of`, kept in discover so that the pipeline, which this
+module runs, does not import this module back): the same family of
 hash as the split (:func:`~featcache.extract.discover.hash_split`) with its own salt, so
 shards and splits are independent, and adding images never moves existing ones to another
 shard. Every shard lists the whole folder (class names and label indices come from the full
@@ -17,42 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 
 from ..cache.key import feature_set_key
 from ..cache.shards import begin_shard, check_shard_identity, commit_shard, committed_record, marker_path
 from ..cache.store import Store
 from ..errors import FeatcacheError
-from .discover import ImageEntry, Listing, discover
-
-SHARD_SALT = "featcache-shard"
-_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"3/8"`` -> (3, 8); shards are numbered from 0."""
-    match = _SHARD_RE.match(text or "")
-    if not match:
-        raise FeatcacheError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/8")
-    return check_shard((int(match.group(1)), int(match.group(2))))
-
-
-def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
-    index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise FeatcacheError(f"--shard {index}/{count}: expected I/N with 0 <= I < N (shards are numbered from 0)")
-    return index, count
-
-
-def shard_of(relpath: str, count: int) -> int:
-    digest = hashlib.sha256(f"{SHARD_SALT}:{relpath}".encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") % count
-
-
-def select_shard(entries: list[ImageEntry], index: int, count: int) -> list[ImageEntry]:
-    return [e for e in entries if shard_of(e.relpath, count) == index]
-
+# shard selection lives in discover (the pipeline needs it; this module needs the pipeline)
+from .discover import SHARD_SALT, ImageEntry, Listing, check_shard, discover, parse_shard, select_shard, shard_of  # noqa: F401
 
 def shard_store_name(index: int, count: int) -> str:
     """The recommended file name of a shard store, e.g. ``shard-0003-of-0008.h5``."""

@@ -1,0 +1,47 @@
+"""A batch of decoded images on its way to the model, and the producer-thread plumbing the
+decoders (:mod:`.feeder`, :mod:`.gpu_decode`) share."""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+THREAD_PREFETCH_BATCHES = 2  # decoded batches waiting for the model: enough to hide decode, memory stays flat
+
+
+@dataclass
+class Batch:
+    """One batch for the model: the images that decoded, in listing order, and the failures."""
+
+    entries: list
+    digests: list[str]
+    images: object  # (n, size, size, 3) uint8: numpy, or a device array (GPU decoding)
+    failed: list[tuple[str, str]]
+    release: Callable[[], None] = field(default=lambda: None)  # the images' buffer may be reused
+
+
+def collect(batch_pairs, results, images_of) -> Batch:
+    """A Batch from (entry, digest) pairs and per-image (ok, reason) results."""
+    good = [i for i, reason in enumerate(results) if reason is None]
+    failed = [(batch_pairs[i][0].relpath, reason) for i, reason in enumerate(results) if reason is not None]
+    return Batch([batch_pairs[i][0] for i in good], [batch_pairs[i][1] for i in good], images_of(good), failed)
+
+
+def drain(out: queue.Queue, stop: threading.Event, thread: threading.Thread):
+    """Yield a producer thread's items until None; stop it (and unblock it) when the consumer leaves."""
+    thread.start()
+    try:
+        while (item := out.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock the producer if it waits on a full queue
+            try:
+                item = out.get(timeout=0.1)
+                if isinstance(item, Batch):
+                    item.release()
+            except queue.Empty:
+                pass

@@ -1,0 +1,153 @@
+"""What an extraction run is asked to do: its options, how ``auto`` values resolve, its cache key."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+from ..cache.key import KeySpec
+from ..errors import FeatcacheError
+from .backbones import check_size, get_backbone
+from .decode import DEFAULT_MAX_PIXELS
+from .discover import DEFAULT_FRACTIONS, Listing
+from .model import POOLINGS, gpu_compute_capability, resolve_precision
+from .resize import GPU_RESIZE, resolve_resize
+from .weights import resolve_weights
+
+STORAGE_DTYPES = ("float32", "float16")
+DECODERS = ("auto", "threads", "processes", "gpu")
+# Decoding processes pay for themselves once the model outruns a few decoding threads: on many
+# cores, or beside a GPU. Below this, threads (the model is the limit; nothing to gain).
+PROCESS_MIN_CORES = 8
+PROCESS_MIN_CORES_WITH_GPU = 4
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that decides the features (the key) plus how the run goes."""
+
+    base: str = "vgg16"
+    size: int | None = None
+    weights: str | None = "imagenet"
+    layer: str | None = None
+    pooling: str = "none"
+    dtype: str = "float32"
+    precision: str = "auto"  # resolved per device and base (model.resolve_precision) before keying
+    resize: str = "auto"  # resolved per machine and decoder (resize.resolve_resize) before keying
+    batch_size: int = 32
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    split_seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    follow_symlinks: bool = False
+    decode_workers: int | None = None
+    xla: bool = False  # jit_compile the model step (not in the key: float rounding only)
+    decode: str = "auto"  # threads, processes or gpu (see resolve_decode); not in the key, the resize is
+    decode_processes: bool = False  # the older spelling of decode="processes"
+    progress: bool = True
+    augment: int = 0  # K augmented views per training image (0: none); see extract/augment.py
+    aug_seed: int = 0  # seed of the augmented views (in the key with the recipe and K)
+    unlabeled: bool = False  # list every image below the folder, without classes (a flat folder is always so)
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_decode_installed() -> bool:
+    """nvImageCodec is importable (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_decode(config: ExtractConfig) -> str:
+    """How images are decoded: ``config.decode`` itself, or for ``auto``:
+
+    * ``gpu`` where nvImageCodec is installed (``featcache[gpu-decode]``) and a GPU is visible;
+    * ``processes`` on PROCESS_MIN_CORES cores or more (PROCESS_MIN_CORES_WITH_GPU beside a GPU);
+    * ``threads`` otherwise.
+    """
+    if config.decode not in DECODERS:
+        raise FeatcacheError(f"unknown decoder {config.decode!r}; choose from {', '.join(DECODERS)}")
+    if config.decode_processes:
+        if config.decode not in ("auto", "processes"):
+            raise FeatcacheError(f"--decode-processes and --decode {config.decode}: choose one")
+        return "processes"
+    if config.decode != "auto":
+        return config.decode
+    gpu = gpu_compute_capability() is not None
+    if gpu and gpu_decode_installed():
+        return "gpu"
+    cores = os.cpu_count() or 1
+    return "processes" if cores >= (PROCESS_MIN_CORES_WITH_GPU if gpu else PROCESS_MIN_CORES) else "threads"
+
+
+def decoding_is_the_limit() -> bool:
+    """Many cores, or a GPU running the model: the machines where ``auto`` picks the faster resize."""
+    cores = os.cpu_count() or 1
+    return cores >= PROCESS_MIN_CORES or gpu_compute_capability() is not None
+
+
+def run_resize(config: ExtractConfig, decode: str | None = None) -> str:
+    """The resize method of a run, resolved (never ``auto``)."""
+    decode = decode or resolve_decode(config)
+    fast = config.resize == "auto" and decode != "gpu" and decoding_is_the_limit()
+    return resolve_resize(config.resize, decode, fast)
+
+
+def check_decoder(decode: str, resize: str) -> None:
+    """GPU decoding: the library, a GPU and a backend that takes DLPack arrays, or one clear line."""
+    if decode != "gpu":
+        return
+    from .gpu_decode import check_gpu_decoding
+
+    if resize != GPU_RESIZE:
+        raise FeatcacheError(f"--decode gpu resizes on the GPU ({GPU_RESIZE}); leave --resize out or pass "
+                             f"--resize {GPU_RESIZE} (not {resize})")
+    check_gpu_decoding()
+
+
+def key_spec(config: ExtractConfig) -> KeySpec:
+    """The cache key fields of a run (no I/O beyond hashing a local weights file)."""
+    backbone = get_backbone(config.base)
+    if config.pooling not in POOLINGS:
+        raise FeatcacheError(f"unknown pooling {config.pooling!r}; choose from {', '.join(POOLINGS)}")
+    if config.dtype not in STORAGE_DTYPES:
+        raise FeatcacheError(f"unknown storage dtype {config.dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    size = config.size or backbone.default_size
+    check_size(backbone, size)
+    return KeySpec(
+        backbone=backbone.name,
+        weights=resolve_weights(backbone, config.weights, config.seed, size).identity,
+        input_size=size,
+        resize=run_resize(config),
+        preprocessing=backbone.preprocessing,
+        layer=config.layer or "output",
+        pooling=config.pooling,
+        dtype=config.dtype,
+        precision=resolve_precision(config.precision, backbone),
+        augment=_augment_field(config),
+    )
+
+
+def _augment_field(config: ExtractConfig) -> str:
+    if not config.augment:
+        return "none"
+    from .augment import DEFAULT_STRENGTHS, augment_key
+
+    if config.augment < 0:
+        raise FeatcacheError(f"--augment {config.augment}: must be 0 (none) or more views")
+    return augment_key(dict(DEFAULT_STRENGTHS), config.aug_seed, config.augment)
+
+
+def listing_attrs(listing: Listing, config: ExtractConfig, image_dir: str) -> dict:
+    """Feature-set attributes that describe the listing a run saw (not part of the key)."""
+    backbone = get_backbone(config.base)
+    return {
+        "split_source": listing.split_source,
+        "split_fractions": list(config.split_fractions),
+        "split_seed": config.split_seed,
+        "image_root": os.path.abspath(image_dir),
+        # The key holds only the weights' hash; stage two needs the argument to rebuild the base.
+        "weights_arg": resolve_weights(backbone, config.weights, config.seed).arg,
+    }

@@ -1,0 +1,247 @@
+"""JPEG decoding on the GPU (``--decode gpu``): nvImageCodec decodes, the Keras backend resizes.
+
+Why nvImageCodec: it decodes batches of JPEGs with nvJPEG (the GPU's hardware JPEG decoder
+where there is one, CUDA otherwise), applies EXIF orientation, and hands each image over
+through DLPack, which JAX, TensorFlow and torch all take without a copy through host memory.
+(``torchvision.io.decode_jpeg`` serves the torch backend only; DALI is a large framework of
+its own.) It has no resize, so the images are resized where they lie, by the backend, with the
+``gpu-bilinear`` filter of :mod:`.resize` (two small matmuls per image, the weights cached on
+the device), and stacked into the batch the model takes: nothing goes back to the host.
+
+Files that are not JPEG (by their first bytes), JPEGs that are not 1- or 3-channel (CMYK),
+that are larger than ``--max-pixels``, or that nvImageCodec cannot decode go through the CPU
+path (Pillow, with the same ``gpu-bilinear`` filter), which decodes them or reports why not,
+as any run does. Their rows are uploaded and joined to the batch.
+
+A compiled resize exists per distinct image size (JAX compiles one small function for each),
+so a folder of a few camera sizes pays for a few compiles; one of many thousand sizes pays
+for many.
+"""
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import FeatcacheError
+from .decode import DecodeError, decode_image, read_bytes
+from .batches import THREAD_PREFETCH_BATCHES, collect, drain
+from .resize import GPU_RESIZE, triangle_weights
+
+NVIMGCODEC_MISSING = ("--decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
+                      "(nvidia-nvimgcodec-cu12[nvjpeg]; on CUDA 13 nvidia-nvimgcodec-cu13[nvjpeg])")
+JPEG_MAGIC = b"\xff\xd8\xff"
+BACKENDS = ("jax", "tensorflow")
+
+
+def import_nvimgcodec():
+    """The nvImageCodec module, or one clear line that says what to install."""
+    try:
+        from nvidia import nvimgcodec
+    except (ImportError, OSError):  # OSError: the wheel is there but a CUDA library it needs is not
+        raise FeatcacheError(NVIMGCODEC_MISSING) from None
+    return nvimgcodec
+
+
+def gpu_visible() -> bool:
+    from .model import gpu_compute_capability
+
+    return gpu_compute_capability() is not None
+
+
+def check_gpu_decoding() -> None:
+    """nvImageCodec, a Keras backend that takes DLPack device arrays, and a GPU; or one clear line."""
+    import_nvimgcodec()
+    import keras
+
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise FeatcacheError(f"--decode gpu hands images to Keras on JAX or TensorFlow, not {backend}; "
+                             "set KERAS_BACKEND=jax (or tensorflow), or use --decode processes")
+    if not gpu_visible():
+        raise FeatcacheError(f"--decode gpu: no CUDA GPU is visible to Keras ({backend}); "
+                             "use --decode processes (or threads)")
+
+
+class _JaxOps:
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        self.jnp, self.jax = jnp, jax
+
+        @jax.jit
+        def resize(image, wy, wx):
+            x = jnp.einsum("sh,hwc->swc", wy, image.astype(jnp.float32))
+            x = jnp.einsum("tw,swc->stc", wx, x)
+            x = jnp.broadcast_to(x, (*x.shape[:2], 3))  # grayscale: the same value in R, G and B
+            return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
+
+        self._resize = resize
+
+    def from_dlpack(self, image):
+        return self.jax.dlpack.from_dlpack(image)
+
+    def upload(self, array: np.ndarray):
+        return self.jax.device_put(array)
+
+    def weights(self, n_in: int, n_out: int):
+        return self.jax.device_put(triangle_weights(n_in, n_out))
+
+    def resize(self, image, wy, wx):
+        return self._resize(image, wy, wx)
+
+    def concatenate(self, parts):
+        return parts[0] if len(parts) == 1 else self.jnp.concatenate(parts)
+
+    def stack(self, images):
+        return self.jnp.stack(images)
+
+
+class _TensorflowOps:
+    def __init__(self):
+        import tensorflow as tf
+
+        self.tf = tf
+
+        @tf.function(reduce_retracing=True)
+        def resize(image, wy, wx):
+            x = tf.einsum("sh,hwc->swc", wy, tf.cast(image, tf.float32))
+            x = tf.einsum("tw,swc->stc", wx, x)
+            x = tf.broadcast_to(x, tf.concat([tf.shape(x)[:2], [3]], 0))  # grayscale to RGB
+            return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+
+        self._resize = resize
+
+    def from_dlpack(self, image):
+        return self.tf.experimental.dlpack.from_dlpack(image.__dlpack__())
+
+    def upload(self, array: np.ndarray):
+        return self.tf.constant(array)
+
+    def weights(self, n_in: int, n_out: int):
+        return self.tf.constant(triangle_weights(n_in, n_out))
+
+    def resize(self, image, wy, wx):
+        return self._resize(image, wy, wx)
+
+    def concatenate(self, parts):
+        return parts[0] if len(parts) == 1 else self.tf.concat(parts, 0)
+
+    def stack(self, images):
+        return self.tf.stack(images)
+
+
+def backend_ops():
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return _JaxOps()
+    if backend == "tensorflow":
+        return _TensorflowOps()
+    raise FeatcacheError(f"--decode gpu hands images to Keras on JAX or TensorFlow, not {backend}")
+
+
+class GpuDecoder:
+    """Decodes a batch of files into one (n, size, size, 3) uint8 device array, in the backend's type."""
+
+    def __init__(self, size: int, max_pixels: int, workers: int):
+        nv = import_nvimgcodec()
+        self.nv, self.size, self.max_pixels = nv, size, max_pixels
+        # Fancy (smooth) chroma upsampling, as libjpeg does it: closer to the CPU path's pixels.
+        self.decoder = nv.Decoder(options=":fancy_upsampling=1")
+        self.params = nv.DecodeParams(apply_exif_orientation=True, color_spec=nv.ColorSpec.SRGB)
+        self.ops = backend_ops()
+        self.cpu = ThreadPoolExecutor(workers)  # files left to the CPU path
+        self.on_gpu = self.on_cpu = 0  # images decoded on each side (reported by the run)
+
+    @functools.lru_cache(maxsize=256)
+    def _weights(self, n_in: int):
+        return self.ops.weights(n_in, self.size)
+
+    def _gpu_candidate(self, data: bytes):
+        """A CodeStream for a JPEG the GPU should decode, or None (the CPU path takes it)."""
+        if not data.startswith(JPEG_MAGIC):
+            return None
+        try:
+            stream = self.nv.CodeStream(data)
+            if stream.num_channels not in (1, 3) or stream.width * stream.height > self.max_pixels:
+                return None  # CMYK/YCCK; or too large: the CPU path reports the refusal from the header
+        except Exception:  # noqa: BLE001 (a header nvImageCodec cannot parse: Pillow says why)
+            return None
+        return stream
+
+    def _cpu_decode(self, data):
+        if isinstance(data, DecodeError):
+            return None, str(data)
+        try:
+            return decode_image(data, self.size, GPU_RESIZE, self.max_pixels), None
+        except DecodeError as exc:
+            return None, str(exc)
+
+    def decode(self, paths: list[str]):
+        """([index into paths, in the order of the batch's rows], device images, {index: reason})."""
+        datas = []
+        for path in paths:
+            try:
+                datas.append(read_bytes(path))
+            except DecodeError as exc:
+                datas.append(exc)
+        streams = {i: s for i, d in enumerate(datas) if isinstance(d, bytes) and (s := self._gpu_candidate(d)) is not None}
+        order, rows = [], []
+        if streams:
+            try:
+                decoded = self.decoder.decode(list(streams.values()), params=self.params)
+            except Exception:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
+                decoded = [None] * len(streams)
+            for i, image in zip(list(streams), decoded):
+                if image is None:
+                    continue  # rejected by nvImageCodec: the CPU path decodes it or says why
+                h, w = image.shape[:2]
+                rows.append(self.ops.resize(self.ops.from_dlpack(image), self._weights(h), self._weights(w)))
+                order.append(i)
+        left = [i for i in range(len(paths)) if i not in set(order)]
+        reasons, host = {}, []
+        for i, (image, reason) in zip(left, self.cpu.map(self._cpu_decode, [datas[i] for i in left])):
+            if image is None:
+                reasons[i] = reason
+            else:
+                host.append(image)
+                order.append(i)
+        self.on_gpu += len(rows)
+        self.on_cpu += len(host)
+        parts = ([self.ops.stack(rows)] if rows else []) + ([self.ops.upload(np.stack(host))] if host else [])
+        images = self.ops.concatenate(parts) if parts else np.zeros((0, self.size, self.size, 3), np.uint8)
+        return order, images, reasons
+
+    def close(self) -> None:
+        self.cpu.shutdown(wait=True, cancel_futures=True)
+
+
+def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: int, decoder: GpuDecoder | None = None):
+    """Yield :class:`~.batches.Batch` es decoded on the GPU, THREAD_PREFETCH_BATCHES ahead, in a thread."""
+    decoder = decoder or GpuDecoder(size, max_pixels, workers)
+    out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for start in range(0, len(todo), rows):
+                if stop.is_set():
+                    return
+                pairs = todo[start : start + rows]
+                order, images, reasons = decoder.decode([listing.path(e) for e, _ in pairs])
+                ok = collect([pairs[i] for i in order], [None] * len(order), lambda good: images)
+                ok.failed = [(pairs[i][0].relpath, reason) for i, reason in sorted(reasons.items())]
+                out.put(ok)
+        except BaseException as exc:  # surface decoder crashes in the main thread
+            out.put(exc)
+        finally:
+            decoder.close()
+            out.put(None)
+
+    return drain(out, stop, threading.Thread(target=produce, name="featcache-gpu-decode", daemon=True))

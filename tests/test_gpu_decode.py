@@ -1,0 +1,171 @@
+"""GPU JPEG decoding (``--decode gpu``) as far as a machine without a GPU can check it: the error
+lines, the routing of files to the CPU path, the key, and the ``gpu-bilinear`` arithmetic.
+
+The routing test puts a stand-in for nvImageCodec in its place (Pillow decodes; the images are
+handed over through DLPack as nvImageCodec does, here on the CPU), so everything featcache
+does around the decoder runs for real: CodeStream checks, DLPack into the Keras backend, the
+resize on the backend, the CPU path for rejected files, joining both into one batch."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import types
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageOps
+
+from conftest import CATS_DOGS, class_image, write_tree
+from featcache import open_store
+from featcache.cli import cli
+from featcache.extract import gpu_decode
+from featcache.extract.config import ExtractConfig, key_spec
+from featcache.extract.decode import decode_image
+from featcache.extract.pipeline import extract
+from featcache.extract.resize import resize_array, triangle_weights
+
+PIXELS = dict(base="pixels", size=16, progress=False, batch_size=4)
+
+
+def test_without_nvimagecodec_one_line_says_what_to_install(tmp_path):
+    if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.nvimgcodec"):
+        pytest.skip("nvImageCodec is installed here")
+    tree = write_tree(tmp_path / "i", per_class=1)
+    out = CliRunner().invoke(cli, ["extract", str(tree), str(tmp_path / "s.h5"), "--base", "pixels", "--decode", "gpu"])
+    assert out.exit_code == 1
+    assert out.stderr == ("error: --decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
+                          "(nvidia-nvimgcodec-cu12[nvjpeg]; on CUDA 13 nvidia-nvimgcodec-cu13[nvjpeg])\n")
+    assert not (tmp_path / "s.h5").exists()  # refused before the store was touched
+
+
+class FakeCodeStream:
+    """What featcache reads of nvimgcodec.CodeStream: the header's size and channels."""
+
+    def __init__(self, data: bytes):
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only, as nvImageCodec does
+            self.width, self.height = img.size
+            self.num_channels = len(img.getbands())
+        self.data = data
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    """A copy at a 64-byte boundary, as device allocations are (TensorFlow requires it of DLPack input)."""
+    buffer = np.empty(array.nbytes + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    out = buffer[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
+class FakeDecoder:
+    given: list[bytes] = []
+    refuse: set[bytes] = set()
+    options = None
+
+    def __init__(self, options=None):
+        FakeDecoder.options = options
+
+    def decode(self, streams, params=None):
+        assert params == {"apply_exif_orientation": True, "color_spec": "srgb"}
+        out = []
+        for stream in streams:
+            FakeDecoder.given.append(stream.data)
+            try:
+                assert stream.data not in FakeDecoder.refuse
+                img = ImageOps.exif_transpose(Image.open(io.BytesIO(stream.data))).convert("RGB")
+                out.append(aligned(np.asarray(img)))  # an array with __dlpack__, like nvimgcodec.Image
+            except Exception:  # nvImageCodec answers None for an image it cannot decode
+                out.append(None)
+        return out
+
+
+FAKE = types.SimpleNamespace(Decoder=FakeDecoder, CodeStream=FakeCodeStream,
+                             DecodeParams=lambda **kwargs: kwargs, ColorSpec=types.SimpleNamespace(SRGB="srgb"))
+
+
+def test_no_gpu_visible_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_decode, "import_nvimgcodec", lambda: FAKE)
+    monkeypatch.setattr(gpu_decode, "gpu_visible", lambda: False)
+    tree = write_tree(tmp_path / "i", per_class=1)
+    out = CliRunner().invoke(cli, ["extract", str(tree), str(tmp_path / "s.h5"), "--base", "pixels", "--decode", "gpu"])
+    assert out.exit_code == 1 and out.stderr == (
+        "error: --decode gpu: no CUDA GPU is visible to Keras (tensorflow); use --decode processes (or threads)\n")
+    pillow = CliRunner().invoke(cli, ["extract", str(tree), str(tmp_path / "s.h5"), "--base", "pixels", "--decode", "gpu",
+                                      "--resize", "bilinear"])
+    assert pillow.exit_code == 1 and pillow.stderr == (
+        "error: --decode gpu resizes on the GPU (gpu-bilinear); leave --resize out or pass --resize gpu-bilinear "
+        "(not bilinear)\n")
+
+
+def jpeg(img: Image.Image, **save) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=92, **save)
+    return out.getvalue()
+
+
+def test_non_jpeg_and_rejected_files_take_the_cpu_path_and_failures_are_reported(tmp_path, monkeypatch):
+    tree = write_tree(tmp_path / "i", per_class=3)  # 6 JPEGs of 48x40
+    cats, dogs = tree / "cats", tree / "dogs"
+    refused = jpeg(class_image(0, 50, size=(64, 48)))
+    (cats / "refused.jpg").write_bytes(refused)  # a JPEG the GPU decoder will not take: Pillow does
+    whole = jpeg(class_image(1, 51, size=(120, 90)))
+    (cats / "truncated.jpg").write_bytes(whole[: len(whole) // 2])  # the header is fine, the data ends early
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(dogs / "really_png.jpg", "PNG")
+    (dogs / "cmyk.jpg").write_bytes(jpeg(Image.new("CMYK", (24, 24), (0, 255, 255, 0))))
+    rotated = Image.new("RGB", (40, 20), (0, 0, 0))
+    rotated.paste((255, 255, 255), (0, 0, 20, 20))  # stored: left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: white on top
+    (dogs / "rotated.jpg").write_bytes(jpeg(rotated, exif=exif))
+    (dogs / "gray.jpg").write_bytes(jpeg(Image.new("L", (32, 32), 100)))
+
+    monkeypatch.setattr(gpu_decode, "import_nvimgcodec", lambda: FAKE)
+    monkeypatch.setattr(gpu_decode, "gpu_visible", lambda: True)
+    FakeDecoder.given, FakeDecoder.refuse = [], {refused}
+    on_gpu = extract(str(tree), str(tmp_path / "g.h5"), ExtractConfig(**PIXELS, decode="gpu"))
+    on_cpu = extract(str(tree), str(tmp_path / "c.h5"), ExtractConfig(**PIXELS, decode="threads", resize="gpu-bilinear"))
+
+    # the GPU decoder saw exactly the JPEGs of 1 or 3 channels; PNG and CMYK went straight to the CPU
+    jpegs = {p.relative_to(tree).as_posix() for p in tree.rglob("*.jpg")} - {"dogs/really_png.jpg", "dogs/cmyk.jpg"}
+    assert sorted(FakeDecoder.given) == sorted((tree / p).read_bytes() for p in jpegs)
+    assert FakeDecoder.options == ":fancy_upsampling=1"
+    assert on_gpu["decode"] == "gpu" and on_gpu["resize"] == "gpu-bilinear"
+    assert on_gpu["feature_set"] == on_cpu["feature_set"]  # gpu-bilinear: one key value, whichever side decoded
+    with open_store(tmp_path / "g.h5") as s:
+        fs = s[on_gpu["feature_set"]]
+        assert fs.spec.resize == "gpu-bilinear" == key_spec(ExtractConfig(**PIXELS, decode="gpu")).resize
+        gpu_rows = dict(zip(fs.column("paths")[fs.rows()], fs.read(fs.rows())))
+        assert dict(fs.failures()) == {"cats/truncated.jpg": "truncated image data (JPEG file ends early)"}
+    with open_store(tmp_path / "c.h5") as s:
+        fs = s[on_cpu["feature_set"]]
+        cpu_rows = dict(zip(fs.column("paths")[fs.rows()], fs.read(fs.rows())))
+        assert dict(fs.failures()) == {"cats/truncated.jpg": "truncated image data (JPEG file ends early)"}
+    assert on_gpu["extracted"] == on_cpu["extracted"] == 11 and gpu_rows.keys() == cpu_rows.keys()
+    for path in gpu_rows:  # the same filter on the backend as in numpy: at most a rounding step apart
+        np.testing.assert_allclose(gpu_rows[path], cpu_rows[path], atol=1.01 / 255, err_msg=path)
+    upright = gpu_rows["dogs/rotated.jpg"]
+    assert upright[:4].min() > 0.85 and upright[-4:].max() < 0.15  # EXIF orientation applied: white on top
+    assert np.allclose(gpu_rows["dogs/gray.jpg"], 100 / 255, atol=2 / 255)  # grayscale: R = G = B
+
+
+def test_triangle_weights_are_pillows_bilinear_coefficients():
+    w = triangle_weights(375, 150)
+    assert w.shape == (150, 375) and np.allclose(w.sum(axis=1), 1.0)
+    assert (w > 0).sum(axis=1).max() <= 6  # support 2.5 input pixels each side: antialiased
+    up = triangle_weights(4, 8)  # upscaling: plain linear interpolation between neighbours
+    assert (up > 0).sum(axis=1).max() == 2 and np.allclose(up[0], [1, 0, 0, 0])
+
+
+def test_gpu_bilinear_stays_within_rounding_of_pillow_bilinear():
+    photos = sorted((CATS_DOGS / "train" / "cats").glob("*.jpg"))[:8] if CATS_DOGS.exists() else []
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in photos] or [np.asarray(class_image(0, i, (200, 150)))
+                                                                           for i in range(4)]
+    for image in images:
+        ours = resize_array(image, 150).astype(int)
+        pillow = np.asarray(Image.fromarray(image).resize((150, 150), Image.Resampling.BILINEAR)).astype(int)
+        assert np.abs(ours - pillow).max() <= 2 and np.abs(ours - pillow).mean() < 0.3
+    tiny = np.full((1, 1, 3), 77, np.uint8)
+    assert (resize_array(tiny, 5) == 77).all()
+    data = jpeg(class_image(1, 3, size=(90, 60)))
+    assert decode_image(data, 32, "gpu-bilinear").shape == (32, 32, 3)
