@@ -175,7 +175,7 @@ def end_to_end_augmented(images: str, store: str, plain_set: str, weights: str, 
 
     from featcache.cache.store import open_store
     from featcache.classify import reports
-    from featcache.classify.export import preprocessing
+    from featcache.classify.end_to_end import preprocessing
     from featcache.classify.finetune import _decode_all, _proba
     from featcache.classify.heads import make_head
     from featcache.extract.augment import make_layers

@@ -240,10 +240,12 @@ def search(store: str | os.PathLike, *, out: str | os.PathLike, trials: int = 30
 def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str | None = None,
             batch_size: int = 32) -> dict:
     """Classify image files or folders with the base and head of ``run_dir`` (``featcache predict``);
-    any kind of run: a head, a fused head, a fine-tuned model or an ensemble.
+    any kind of run: a head, a fused head, a fine-tuned model or an ensemble. ``run_dir`` may
+    also be an exported model (.tflite, .keras, SavedModel folder) with its card.
 
-    Returns ``run_dir``, ``kind``, ``head``, ``model`` (a description), ``feature_set``, ``class_names``, ``predictions`` (per image:
-    ``path``, ``predicted``, ``probability``, ``top``: [{class, probability}]) and ``failures``."""
+    Returns ``run_dir``, ``kind``, ``head``, ``model`` (a description), ``feature_set``,
+    ``class_names``, ``predictions`` (per image: ``path``, ``predicted``, ``probability``,
+    ``top``: [{class, probability}]) and ``failures``."""
     from .classify.predict import predict as run_predict
 
     if isinstance(images, (str, os.PathLike)):
@@ -251,16 +253,25 @@ def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str 
     return run_predict(os.fspath(run_dir), [os.fspath(i) for i in images], top_k, weights, batch_size)
 
 
-def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights: str | None = None) -> dict:
-    """Write preprocessing + base + head of ``run_dir`` as one Keras model file ``out``
-    (``featcache export``); any kind of run (every base of a fused head or ensemble once).
+def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str | None = None, quantize: str = "none",
+           calibration_images: int = 300, evaluate: bool = True, weights: str | None = None) -> dict:
+    """Write preprocessing + bases + heads of ``run_dir`` (any kind of run; every base of a fused
+    head or ensemble once) as a deployable model ``out`` (``featcache export``): a .keras file,
+    a TensorFlow Lite file (``quantize`` none, float16 or int8, calibrated on
+    ``calibration_images`` training images) or a SavedModel folder; the format comes from
+    ``format`` or ``out``'s name. Labels and a model card are written beside
+    it; ``evaluate=False`` (``--no-evaluate``) skips running the exported file over the run's
+    test images.
 
-    Returns ``run_dir``, ``out``, ``kind``, ``inputs`` (``name``, ``shape``, ``values`` of each
-    image input: one per distinct size), ``input_shape`` and ``input`` (of the first),
-    ``class_names``, ``parameters`` and ``sha256``."""
+    Returns ``run_dir``, ``out``, ``kind``, ``format``, ``quantize``, ``input_shape``,
+    ``input_dtype``, ``input``, ``inputs`` (``name``, ``shape``, ``values`` of each image input:
+    one per distinct size, .keras only), ``class_names``, ``parameters``, ``bytes``, ``sha256``,
+    ``labels``, ``card``, ``signatures``, ``calibration``, ``run_test_accuracy``,
+    ``exported_test``, ``warnings`` and ``seconds``."""
     from .classify.export import export as run_export
 
-    return run_export(os.fspath(run_dir), os.fspath(out), weights)
+    return run_export(os.fspath(run_dir), os.fspath(out), weights, format=format, quantize=quantize,
+                      calibration_images_count=calibration_images, evaluate=evaluate)
 
 
 def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: str | os.PathLike | None = None,

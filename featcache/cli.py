@@ -390,7 +390,10 @@ def search(store, as_json, **options):
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def predict(run_dir, images, top_k, weights, batch_size, as_json):
-    """Classify IMAGES (files or folders) with the base and head of RUN_DIR."""
+    """Classify IMAGES (files or folders) with the base and head of RUN_DIR.
+
+    RUN_DIR may also be an exported model (a .tflite or .keras file, or a SavedModel folder,
+    with its model card beside it): then it runs as deployed."""
     result = api.predict(run_dir, list(images), top_k=top_k, weights=weights, batch_size=batch_size)
     if as_json:
         _emit_json(result)
@@ -405,11 +408,25 @@ def predict(run_dir, images, top_k, weights, batch_size, as_json):
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.argument("out", type=click.Path())
+@click.option("--format", "format_", type=click.Choice(["keras", "tflite", "savedmodel"]),
+              help="keras (one .keras file), tflite (TensorFlow Lite) or savedmodel (a SavedModel folder for "
+                   "TensorFlow Serving) [default: from OUT: .keras, .tflite, no extension = savedmodel].")
+@click.option("--quantize", type=click.Choice(["none", "float16", "int8"]), default="none", show_default=True,
+              help="tflite: float16 weights, or int8 full-integer quantization (uint8 image input) calibrated on training images.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=300, show_default=True, metavar="N",
+              help="--quantize int8: training images of the run's store to calibrate on (drawn with seed 0).")
+@click.option("--evaluate/--no-evaluate", default=True, show_default=True,
+              help="Run the exported file over the run's test images and record its accuracy in the card.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def export(run_dir, out, weights, as_json):
-    """Write preprocessing + base + head of RUN_DIR as one Keras model OUT (.keras)."""
-    result = api.export(run_dir, out, weights=weights)
+def export(run_dir, out, format_, quantize, calibration_images, evaluate, weights, as_json):
+    """Write RUN_DIR (preprocessing + base + head) as a deployable model OUT, with labels and a model card.
+
+    The card (OUT.card.json, or model_card.json in a SavedModel folder) records the class names, the
+    input, the run's key and metrics, and the test accuracy of the exported file itself, measured by
+    running it over the run's test images."""
+    result = api.export(run_dir, out, format=format_, quantize=quantize, calibration_images=calibration_images,
+                        evaluate=evaluate, weights=weights)
     if as_json:
         _emit_json(result)
         return
@@ -422,6 +439,20 @@ def export(run_dir, out, weights, as_json):
             f" ({inputs[0]['values'].split(' (')[0]}, each resized by Pillow as extracted)"
     click.echo(f"exported {run_dir} -> {out}: {shown}, "
                f"output probabilities of {', '.join(map(_safe, result['class_names']))}")
+    kind = result["format"] + (f" {result['quantize']}" if result["quantize"] != "none" else "")
+    click.echo(f"  {kind}, {result['bytes'] / 2**20:.2f} MiB; labels {result['labels']}; model card {result['card']}")
+    test = result["exported_test"]
+    if test["measured"]:
+        line = f"  test accuracy of the exported model {test['accuracy']:.4f} (n={test['n']})"
+        if result["run_test_accuracy"] is not None:
+            line += f"; the run's {result['run_test_accuracy']:.4f}"
+        reference = test.get("float_model")
+        if reference:
+            line += (f"; float model on the same images {reference['accuracy']:.4f}, "
+                     f"top-1 agreement {reference['top1_agreement']:.4f}")
+        click.echo(line)
+    for warning in result["warnings"]:
+        click.echo(f"  warning: {_safe(warning)}", err=True)
 
 
 @cli.command()

@@ -367,10 +367,12 @@ def format_report(result: dict) -> str:
 
 
 def export_best(run_dir: str, out: str) -> dict:
-    """The run as one Keras model file (featcache.classify.export); replaces the previous
-    demo's export, since exports themselves are never overwritten."""
+    """The run as one Keras model file with its labels and card (featcache.classify.export);
+    replaces the previous demo's export, since exports themselves are never overwritten."""
     from .classify.export import export
+    from .classify.model_card import companion_paths
 
-    if os.path.isfile(out):
-        os.remove(out)
+    for path in (out, *companion_paths(out, "keras")):
+        if os.path.isfile(path):
+            os.remove(path)
     return export(run_dir, out)

@@ -4,7 +4,9 @@ TensorFlow's C++ side prints notices (oneDNN, absl) while it is imported, before
 logging is configured, so TF_CPP_MIN_LOG_LEVEL cannot hide them. The CLI installs this
 import hook: the first ``import tensorflow`` runs with file descriptor 2 pointed at
 /dev/null, and is restored right after, so errors and progress bars still show. The
-library itself never does this.
+library itself never does this at import; it uses :func:`stderr_to_devnull` only around the
+TensorFlow Lite converter and interpreter set-up, whose C++ diagnostics (tens of KB for one
+unsupported op, a delegate notice per interpreter) it reports itself.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import sys
 
 
 @contextlib.contextmanager
-def _stderr_to_devnull():
+def stderr_to_devnull():
+    """File descriptor 2 to /dev/null for the block: C++ libraries write there directly."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -40,7 +43,7 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         exec_module = spec.loader.exec_module
 
         def quiet_exec_module(module):
-            with _stderr_to_devnull():
+            with stderr_to_devnull():
                 exec_module(module)
 
         spec.loader.exec_module = quiet_exec_module

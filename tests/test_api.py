@@ -20,7 +20,7 @@ COMMANDS = {"extract": "extract_features", "info": "info", "merge": "merge", "ba
 # Options that shape only the command's own output or exit status.
 CLI_ONLY = {"as_json", "strict", "no_progress"}
 # CLI parameter name -> API parameter name, where they differ.
-RENAMED = {"ray_address": "ray", "paths": "run_dir"}
+RENAMED = {"ray_address": "ray", "paths": "run_dir", "format_": "format"}
 
 
 def test_every_command_has_an_api_function_exported_from_featcache():

@@ -423,7 +423,7 @@ def test_export_of_multiclass_logreg(pixels, tmp_path, options):
 def test_preprocessing_layers_equal_keras_preprocess_input():
     import keras
 
-    from featcache.classify.export import preprocessing
+    from featcache.classify.end_to_end import preprocessing
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
     for flavour, module in (("tf", "mobilenet_v2"), ("caffe", "vgg16"), ("torch", "densenet")):

@@ -117,6 +117,26 @@ def test_finetune_from_images_and_from_cache(setup):
         assert p.shape == (4, 2) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
         config = json.loads((root / name / "config.json").read_text())
         assert config["head"] == "finetune" and (root / name / "history.csv").exists()
+        if name == "ftc":
+            _check_predict_and_tflite_export(setup, str(root / name), model)
+
+
+def _check_predict_and_tflite_export(setup, run, model):
+    """predict runs a fine-tuned run's end-to-end model, and its .tflite export equals it."""
+    from featcache.classify.deployed import TFLiteModel
+    from featcache.classify.export import export
+
+    paths = [str(p) for p in setup["paths"]]
+    result = predict(run, paths, top_k=2)
+    assert result["head"] == "finetune" and len(result["predictions"]) == len(paths)
+    p_dogs = np.array([next(t["probability"] for t in p["top"] if t["class"] == "dogs") for p in result["predictions"]])
+    expected = np.asarray(model.predict(setup["images"].astype(np.float32), verbose=0))
+    np.testing.assert_allclose(p_dogs, expected[:, 1], atol=1e-5)
+    out = setup["root"] / "ftc.tflite"
+    info = export(run, str(out))
+    assert info["exported_test"]["measured"] and info["exported_test"]["n"] == 6
+    got = TFLiteModel(str(out)).predict_proba(setup["images"])
+    assert np.abs(got - expected).max() < 1e-4
 
 
 def _card_probabilities(path):

@@ -6,7 +6,10 @@
 - :mod:`.search`: ``search`` (Optuna over heads x feature sets x settings; :mod:`.study` keeps
   the study resumable and shareable, :mod:`.leaderboard` writes what it found)
 - :mod:`.reports`: metrics, sanity flags, plots;  :mod:`.rundir`: the run directory
-- :mod:`.predict` / :mod:`.export`: base + head on new images, one exported Keras model
+- :mod:`.predict` / :mod:`.export`: base + head on new images (or an exported model); exports
+  (.keras, and through :mod:`.deploy_tflite` / :mod:`.deploy_savedmodel` TensorFlow Lite and
+  SavedModel), each with its :mod:`.model_card`; :mod:`.deployed` runs exported files;
+  :mod:`.run_images`: a run's images (calibration, test measurement, fine-tuning)
 - :mod:`.report_html`: the HTML report of a run (data from :mod:`.report_data`, pictures from
   :mod:`.report_figures`); :mod:`.leaderboard_html`: leaderboard pages; :mod:`.html_page`: their page
 - :mod:`.runs`: any run directory (head, fused, finetune, ensemble) as one object, and

@@ -1,217 +1,198 @@
-"""One Keras model from any run: preprocessing, frozen bases, pooling and heads.
+"""``featcache export``: a run's end-to-end model (end_to_end.py) written as a .keras file, a
+TensorFlow Lite file or a SavedModel folder, each with its labels and model card, then run
+over the run's test images to measure what was written.
 
-:func:`build` is the single place that builds the end-to-end model of a run of any kind
-(head, fused, finetune, ensemble; see runs.py); converters take what it returns as it is.
-Built from built-in layers only (no Lambda), so plain ``keras.models.load_model`` loads it in
-its default safe mode. Output: (N, K) class probabilities, the same as ``featcache predict``.
-
-Inputs: (size, size, 3) float RGB images already decoded and resized, values 0..255 (what
-``predict`` gets from Pillow), one input per distinct (size, resize) among the feature sets
-the run reads: named ``image`` when there is one (every single-base run), else
-``image_<size>`` in increasing size. Resizing stays outside the model on purpose: Pillow's
-antialiased resize is what the features were cached from, and no Keras layer reproduces it
-exactly, so one input per size keeps the model equal to ``predict``. Every distinct base
-network (backbone, weights, size, resize, preprocessing, precision) is built once, as a
-sub-model named ``base_<backbone>_<size>`` with one output per cached layer; ensemble members
-are sub-models ``member_<i>_<kind>`` whose outputs are scaled by their weights
-(``Rescaling``) and summed (``Add``).
+Every run kind exports as .keras (a run reading images at several sizes gets one input per
+size); TensorFlow Lite and SavedModel exports take one image input, so they serve every run
+whose feature sets share one image size and resize method.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
 import numpy as np
 
 from ..errors import FeatcacheError
-from . import rundir
+from .end_to_end import build
 
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications imagenet_utils, caffe mode
-TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torch mode
+# -- writing an export ----------------------------------------------------------------------------
 
-
-def _fixed_dense(keras, x, kernel, bias, name, activation=None):
-    """A frozen Dense layer with given weights: how fixed linear maps are written without Lambda."""
-    layer = keras.layers.Dense(kernel.shape[1], activation=activation, name=name, trainable=False)
-    y = layer(x)
-    layer.set_weights([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)])
-    return y
+FORMATS = ("keras", "tflite", "savedmodel")
+SUFFIX_FORMATS = {".keras": "keras", ".tflite": "tflite", "": "savedmodel"}
+DEFAULT_CALIBRATION_IMAGES = 300
 
 
-def preprocessing(keras, x, flavour: str):
-    """keras.applications preprocess_input modes as layers (inputs: RGB 0..255)."""
-    if flavour == "tf":  # x / 127.5 - 1
-        return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess_tf")(x)
-    if flavour == "caffe":  # RGB -> BGR, minus the ImageNet mean: one fixed 3x3 map on the channel axis
-        return _fixed_dense(keras, x, np.eye(3)[::-1], -np.array(CAFFE_MEAN_BGR), "preprocess_caffe")
-    if flavour == "torch":  # x / 255, then (x - mean) / std
-        x = keras.layers.Rescaling(1 / 255.0, name="preprocess_scale")(x)
-        return keras.layers.Normalization(mean=TORCH_MEAN, variance=np.square(TORCH_STD).tolist(),
-                                          name="preprocess_torch")(x)
-    if flavour == "scale01":  # the pixels base
-        return keras.layers.Rescaling(1 / 255.0, name="preprocess_scale01")(x)
-    if flavour == "none":  # the rescaling layers are inside the base
-        return x
-    raise FeatcacheError(f"preprocessing {flavour!r}: cannot be exported")
+def export_format(out: str, fmt: str | None) -> str:
+    """The format asked for, or the one OUT's name implies (.keras, .tflite, no extension: a
+    SavedModel folder), checked against each other."""
+    suffix = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
+    if fmt is None:
+        if suffix not in SUFFIX_FORMATS:
+            raise FeatcacheError(f"{out}: cannot tell the format from the name; end it in .keras or .tflite, or give "
+                                 "--format savedmodel (a SavedModel is a folder)")
+        return SUFFIX_FORMATS[suffix]
+    if fmt not in FORMATS:
+        raise FeatcacheError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    if fmt in ("keras", "tflite") and suffix != "." + fmt:
+        raise FeatcacheError(f"{out}: the exported file name must end in .{fmt}")
+    if fmt == "savedmodel" and suffix in (".keras", ".tflite"):
+        raise FeatcacheError(f"{out}: a SavedModel is a folder; name it without the {suffix} extension")
+    return fmt
 
 
-def _pool(keras, x, pooling: str, name: str):
-    if pooling == "none" or len(x.shape) != 4:
-        return x
-    layer = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-    return layer(name=name)(x)
-
-
-def _two_class(keras, p, prefix: str = ""):
-    """(N, 1) sigmoid -> (N, 2) [1 - p, p], as predict reports binary heads."""
-    return _fixed_dense(keras, p, np.array([[-1.0, 1.0]]), np.array([1.0, 0.0]), prefix + "two_class")
-
-
-def _logreg_layers(keras, x, head, prefix: str = ""):
-    """StandardScaler + linear classifier folded into Dense layers (computed in float64). A
-    fused head's inputs are pooled or flattened each, then concatenated in order."""
-    from sklearn.linear_model import LogisticRegression
-
-    parts = x if isinstance(x, (list, tuple)) else [x]
-    vectors = []
-    for i, (part, shape) in enumerate(zip(parts, head.parts)):
-        suffix = f"_{i}" if head.fused else ""
-        part = _pool(keras, part, head.part_pool(shape), f"{prefix}head_pool{suffix}")
-        if len(part.shape) > 2:
-            part = keras.layers.Flatten(name=f"{prefix}head_flatten{suffix}")(part)
-        vectors.append(part)
-    x = vectors[0] if len(vectors) == 1 else keras.layers.Concatenate(name=f"{prefix}head_concat")(vectors)
-    scaler, clf = head.pipeline[0], head.pipeline[-1]
-    w = clf.coef_ / scaler.scale_  # (C, F): logits = (x - mean) / scale @ coef.T + b
-    b = clf.intercept_ - w @ scaler.mean_
-    if w.shape[0] == 1:  # binary: sigmoid of one logit
-        return _two_class(keras, _fixed_dense(keras, x, w.T, b, f"{prefix}logreg", activation="sigmoid"), prefix)
-    if isinstance(clf, LogisticRegression):  # multinomial: softmax
-        return _fixed_dense(keras, x, w.T, b, f"{prefix}logreg", activation="softmax")
-    # SGDClassifier (streamed training) is one-vs-rest: p_k = sigmoid(z_k) / sum_j sigmoid(z_j)
-    # = softmax(log sigmoid(z)), and log sigmoid(z) = -softplus(-z).
-    z = _fixed_dense(keras, x, -w.T, -b, f"{prefix}logreg_neg_logits", activation="softplus")
-    k = w.shape[0]
-    return _fixed_dense(keras, z, -np.eye(k), np.zeros(k), f"{prefix}logreg_ovr", activation="softmax")
-
-
-# -- the end-to-end model of any run ------------------------------------------------------------
-
-
-def input_names(sizes: list) -> dict:
-    """{ImageInput: Keras input name}: ``image`` when a run reads one image size, else
-    ``image_<size>`` (``image_<size>_<resize>`` where one size comes with two resize methods)."""
-    if len(sizes) == 1:
-        return {sizes[0]: "image"}
-    clash = {s.size for s in sizes if sum(t.size == s.size for t in sizes) > 1}
-    return {s: f"image_{s.size}" + (f"_{s.resize.replace('+', '_')}" if s.size in clash else "") for s in sizes}
-
-
-def _feature_tensors(keras, run, recipes: dict, images: dict) -> dict:
-    """{feature-set name: tensor}: each distinct base network built once (one sub-model with
-    its preprocessing and an output per cached layer), then each set's extraction pooling."""
-    from ..extract.model import build_frozen_base
-    from .runs import ImageInput
-
-    groups: dict[tuple, list[dict]] = {}
-    for record in run.feature_sets:
-        groups.setdefault(recipes[record["name"]].network, []).append(record)
-    tensors, used = {}, set()
-    for records in groups.values():
-        recipe = recipes[records[0]["name"]]
-        spec = recipe.spec
-        layers = list(dict.fromkeys(recipes[r["name"]].spec.layer for r in records))
-        image = keras.Input((spec.input_size, spec.input_size, 3), name="image")
-        x = preprocessing(keras, image, spec.preprocessing)
-        if recipe.backbone.is_network:
-            base = build_frozen_base(recipe.backbone, spec.input_size, recipe.weights, layers, spec.precision,
-                                     recipe.seed)
-            outputs = base(x)
-            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-        else:  # pixels: the preprocessed image is the feature
-            outputs = [x]
-        name = f"base_{spec.backbone}_{spec.input_size}".replace(".", "_")
-        while name in used:
-            name += "_"
-        used.add(name)
-        block = keras.Model(image, outputs, name=name)
-        out = block(images[ImageInput(spec.input_size, spec.resize)])
-        out = list(out) if isinstance(out, (list, tuple)) else [out]
-        by_layer = dict(zip(layers, out))
-        for record in records:
-            r = recipes[record["name"]].spec
-            pool_name = "feature_pool" if len(run.feature_sets) == 1 else f"feature_pool_{len(tensors)}"
-            tensors[record["name"]] = _pool(keras, by_layer[r.layer], r.pooling, pool_name)
-    return tensors
-
-
-def _probabilities(keras, run, features: dict, images: dict, prefix: str = ""):
-    """The (N, K) probabilities tensor of ``run`` on the given feature and image tensors."""
-    if run.kind in ("head", "fused"):
-        head = run.head
-        x = run.head_input(features)
-        if run.config["head"] == "dense":
-            y = head.model(x)
-            return _two_class(keras, y, prefix) if head.binary else y
-        return _logreg_layers(keras, x, head, prefix)
-    if run.kind == "finetune":
-        return run.model(images[run.image_inputs[0]])  # saved with (N, K) outputs, images in
-    if run.kind == "ensemble":
-        weighted = []
-        for i, (member, weight) in enumerate(zip(run.members, run.weights)):
-            # Each member in a sub-model of its own, so the layer names of members never clash.
-            names = [r["name"] for r in member.feature_sets]
-            f_in = {n: keras.Input(tuple(features[n].shape[1:]), name=f"features_{j}") for j, n in enumerate(names)}
-            i_in = {s: keras.Input((s.size, s.size, 3), name=f"image_{j}") for j, s in enumerate(member.image_inputs)}
-            sub = keras.Model([*f_in.values(), *i_in.values()], _probabilities(keras, member, f_in, i_in),
-                              name=f"member_{i}_{member.kind}")
-            p = sub([*(features[n] for n in names), *(images[s] for s in member.image_inputs)])
-            weighted.append(keras.layers.Rescaling(float(weight), name=f"weight_{i}")(p))
-        return keras.layers.Add(name="weighted_average")(weighted)
-    raise FeatcacheError(f"{run.run_dir}: cannot export a {run.kind} run")
-
-
-def build(run_dir: str, weights: str | None = None):
-    """(config, keras.Model) of any run: images in (one input per distinct (size, resize) the
-    run reads, named by :func:`input_names`), class probabilities out. Not saved."""
-    run, model, _ = _build(run_dir, weights)
-    return run.config, model
-
-
-def _build(run_dir: str, weights: str | None):
-    import keras
-
-    from .recipe import recipes_for
-    from .runs import ImageInput, load_run
-
-    run = load_run(run_dir)
-    recipes = recipes_for(run.feature_sets, run_dir, weights)
-    sizes = sorted({ImageInput(r.spec.input_size, r.spec.resize) for r in recipes.values()} | set(run.image_inputs))
-    names = input_names(sizes)
-    images = {s: keras.Input((s.size, s.size, 3), name=names[s]) for s in sizes}
-    features = _feature_tensors(keras, run, recipes, images)
-    outputs = _probabilities(keras, run, features, images)
-    inputs = [images[s] for s in sizes]
-    model = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name="featcache_" + run.kind)
-    model.trainable = False
-    return run, model, [(names[s], s) for s in sizes]
-
-
-def export(run_dir: str, out: str, weights: str | None = None) -> dict:
-    out = os.fspath(out)
-    if not out.endswith(".keras"):
-        raise FeatcacheError(f"{out}: the exported file name must end in .keras")
-    if os.path.exists(out):
-        raise FeatcacheError(f"{out}: exists; choose another file name (exports are never overwritten)")
-    parent = os.path.dirname(os.path.abspath(out))
+def _check_targets(paths) -> None:
+    for path in paths:
+        if os.path.lexists(path):
+            raise FeatcacheError(f"{path}: exists; choose another file name (exports are never overwritten)")
+    parent = os.path.dirname(os.path.abspath(paths[0]))
     if not os.path.isdir(parent):
-        raise FeatcacheError(f"{out}: folder {parent} does not exist")
-    run, model, sizes = _build(run_dir, weights)
-    model.save(out)
-    inputs = [{"name": name, "shape": [s.size, s.size, 3],
-               "values": f"RGB float 0..255, decoded and resized (Pillow, {s.resize})"} for name, s in sizes]
+        raise FeatcacheError(f"{paths[0]}: folder {parent} does not exist")
+
+
+def calibration_images(config: dict, size: int, resize: str, count: int, seed: int = 0):
+    """(images, record): ``count`` training images of the run's store, drawn with ``seed``,
+    decoded as extract decoded them."""
+    from .run_images import decode_paths, split_images
+
+    if count < 1:
+        raise FeatcacheError(f"--calibration-images {count}: must be at least 1")
+    try:
+        paths, _ = split_images(config, "train")
+    except FeatcacheError as exc:
+        raise FeatcacheError(f"--quantize int8: calibration needs the run's training images: {exc}") from None
+    if not paths:
+        raise FeatcacheError("--quantize int8: the run's training split is empty; nothing to calibrate on")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(paths), min(count, len(paths)), replace=False))
+    images, good, failures = decode_paths([paths[i] for i in chosen], size, resize)
+    if not len(good):
+        first = failures[0]
+        raise FeatcacheError(f"--quantize int8: none of the {len(chosen)} calibration images could be read "
+                             f"(first: {first['path']}: {first['reason']})")
+    return images, {"split": "train", "requested": count, "images": int(len(good)), "unreadable": len(failures),
+                    "seed": seed, "decoded_like_extract": True, "input_range_pinned": [0, 255]}
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _write_model(model, fmt: str, out: str, names: list[str], size: int, resize: str, quantize: str, calibration,
+                 run_dir: str) -> dict:
+    """Write the model file or folder at ``out`` (through a temporary name beside it)."""
+    from . import deploy_savedmodel, deploy_tflite
+
+    parent = os.path.dirname(os.path.abspath(out))
+    if fmt == "savedmodel":
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix=".featcache-export-", dir=parent)
+        os.rmdir(tmp)  # the SavedModel writer creates it
+        try:
+            deploy_savedmodel.write(model, tmp, names, size, resize)
+            os.rename(tmp, out)
+        finally:
+            _remove(tmp)
+        return deploy_savedmodel.signatures_record()
+    tmp = out + ".partial"
+    try:
+        if fmt == "keras":
+            model.save(tmp + ".keras")  # Keras wants the extension
+            os.rename(tmp + ".keras", tmp)
+        else:
+            content = deploy_tflite.convert(model, quantize, calibration, what=run_dir)
+            with open(tmp, "wb") as f:
+                f.write(content)
+        os.rename(tmp, out)
+    finally:
+        _remove(tmp)
+        _remove(tmp + ".keras")
+    return {}
+
+
+def export(run_dir: str, out: str, weights: str | None = None, format: str | None = None, quantize: str = "none",
+           calibration_images_count: int = DEFAULT_CALIBRATION_IMAGES, evaluate: bool = True) -> dict:
+    """Write the run as a deployable model ``out`` (format from --format or the name), its
+    labels and its model card; measure the written file on the run's test split."""
+    from . import deployed, model_card
+    from .deploy_tflite import QUANTIZATIONS
+
+    started = time.perf_counter()
+    out = os.fspath(out).rstrip("/" + os.sep) or os.fspath(out)
+    fmt = export_format(out, format)
+    if quantize not in QUANTIZATIONS:
+        raise FeatcacheError(f"--quantize {quantize!r}: choose from {', '.join(QUANTIZATIONS)}")
+    if quantize != "none" and fmt != "tflite":
+        raise FeatcacheError(f"--quantize {quantize}: only for TensorFlow Lite exports (.tflite)")
+    card_path, labels_path = model_card.companion_paths(out, fmt)
+    _check_targets([out] + ([card_path, labels_path] if fmt != "savedmodel" else []))
+    if not os.path.isdir(run_dir):
+        raise FeatcacheError(f"{run_dir}: no such run directory")
+
+    # .keras keeps the extraction's compute precision (bit-for-bit the features the head saw);
+    # the deployment formats get a float32 base: TensorFlow Lite has no bf16/fp16 mixed kernels.
+    run, model, inputs = build(run_dir, weights, precision=None if fmt == "keras" else "fp32")
+    if fmt != "keras" and len(inputs) > 1:
+        sizes = ", ".join(f"{s.size}x{s.size} ({s.resize})" for _, s in inputs)
+        raise FeatcacheError(f"{run_dir}: this {run.kind} run reads images at {len(inputs)} sizes ({sizes}); "
+                             f"{fmt} exports take one image input, so export it as .keras (one input per size)")
+    size, resize = inputs[0][1].size, inputs[0][1].resize
+    names, records = run.class_names, run.feature_sets or run.row_sets
+    # The run's images (test split to measure, train split to calibrate): those of its rows.
+    images_of = {"feature_set": {**run.row_sets[0], "image_root": run.image_root or run.row_sets[0].get("image_root")}}
+    extracted = sorted({r["key"]["precision"] for r in records})
+    calibration, conversion = None, {"format": fmt, "quantization": quantize}
+    if quantize == "int8":
+        calibration, conversion["calibration"] = calibration_images(images_of, size, resize, calibration_images_count)
+    written = [out]
+    try:
+        signatures = _write_model(model, fmt, out, names, size, resize, quantize, calibration, run_dir)
+        written += [labels_path, card_path]
+        model_card.write_labels(labels_path, names)
+        if evaluate:
+            runner = deployed.load_runner(out, fmt)
+            measured = deployed.measure(runner, images_of, [(s.size, s.resize) for _, s in inputs], names,
+                                        reference=model if quantize != "none" else None)
+        else:
+            measured = {"measured": False, "reason": "export --no-evaluate"}
+        # Fine-tuned models were trained with a float32 base whatever the extraction's precision.
+        as_extracted = fmt == "keras" and run.kind != "finetune"
+        precision = {"features_extracted": "+".join(extracted),
+                     "exported_base": "+".join(extracted) if as_extracted else "fp32"}
+        card = model_card.build(run_dir=run_dir, config=run.config, records=records,
+                                inputs=[{"name": name, "size": s.size, "resize": s.resize} for name, s in inputs], fmt=fmt, quantize=quantize, model_path=out,
+                                labels_path=labels_path, size=size, resize=resize, preprocessing="+".join(dict.fromkeys(r["key"]["preprocessing"] for r in records)),
+                                precision=precision, conversion=conversion, signatures=signatures or None,
+                                measured=measured)
+        model_card.write(card_path, card)
+    except BaseException:
+        for path in written:  # no half export: the model without its card and labels
+            _remove(path)
+        raise
+    warnings = []
+    reference = measured.get("float_model")
+    if reference and measured["accuracy"] < reference["accuracy"] - 0.01:
+        warnings.append(f"{quantize} accuracy {measured['accuracy']:.4f} is more than 1 point below the float "
+                        f"model's {reference['accuracy']:.4f} on the same {measured['n']} test images")
+    if evaluate and not measured["measured"]:
+        warnings.append(f"the exported file's test accuracy was not measured: {measured['reason']}")
+    dtype = card["input"]["dtype"]
     return {
-        "run_dir": run_dir, "out": out, "kind": run.kind,
-        "input_shape": inputs[0]["shape"], "input": inputs[0]["values"], "inputs": inputs,
-        "class_names": run.class_names, "parameters": int(model.count_params()),
-        "sha256": rundir.sha256_file(out),
+        "run_dir": run_dir, "out": out, "kind": run.kind, "format": fmt, "quantize": quantize,
+        "input_shape": [size, size, 3], "input_dtype": dtype,
+        "inputs": [{"name": name, "shape": [s.size, s.size, 3],
+                    "values": f"RGB {'float' if dtype == 'float32' else dtype} 0..255, decoded and resized (Pillow, {s.resize})"}
+                   for name, s in inputs],
+        "input": f"RGB {'float' if dtype == 'float32' else dtype} 0..255, decoded and resized (Pillow, {resize})",
+        "class_names": names, "parameters": int(model.count_params()),
+        "bytes": card["model"]["bytes"], "sha256": card["model"]["sha256"],
+        "labels": labels_path, "card": card_path, "signatures": sorted(signatures) if signatures else None,
+        "calibration": conversion.get("calibration"),
+        "run_test_accuracy": (card["run_test_metrics"] or {}).get("accuracy"),
+        "exported_test": {k: v for k, v in measured.items() if k not in ("confusion_matrix", "per_class")},
+        "warnings": warnings, "seconds": round(time.perf_counter() - started, 3),
     }

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,6 +29,7 @@ from ..cache.key import KeySpec
 from ..cache.store import open_store
 from ..errors import FeatcacheError
 from . import reports, rundir
+from .run_images import decode_all as _decode_all, rows_of_run as _rows_of_run
 
 SPLITS = ("train", "validation", "test")
 
@@ -114,7 +114,7 @@ def build_models(recipe, head, blocks: int = 1, unfreeze: str = "top", augment_l
 
     from ..extract.backbones import top_block_model
     from ..extract.model import build_frozen_base
-    from .export import _pool, preprocessing
+    from .end_to_end import _pool, preprocessing
 
     backbone, spec = recipe.backbone, recipe.spec
     mode, layer_from = parse_unfreeze(unfreeze)
@@ -189,35 +189,6 @@ def top_of_saved_model(full, backbone):
     for layer in full.layers[full.layers.index(base) + 1:]:
         x = layer(x)
     return keras.Model(inputs, x, name="featcache_finetune_top")
-
-
-def _rows_of_run(config: dict):
-    """paths, digests, labels, splits of the stage-two feature set's active rows."""
-    record = config["feature_set"]
-    store = record["store"]
-    if not os.path.exists(store):
-        raise FeatcacheError(f"{store}: the store of the stage-two run is missing (needed for its rows and splits)")
-    with open_store(store) as s:
-        if record["name"] not in s.feature_set_names():
-            raise FeatcacheError(f"{store}: feature set {record['name']} of the stage-two run is gone")
-        fs = s[record["name"]]
-        rows = fs.rows()
-        return (fs.column("paths")[rows], fs.column("digests")[rows], fs.column("labels")[rows].astype(np.int64),
-                fs.column("splits")[rows])
-
-
-def _decode_all(image_dir: str, paths, size: int, resize: str, workers: int = 4) -> np.ndarray:
-    from ..extract.decode import decode_file
-
-    def one(path):
-        image, reason = decode_file(os.path.join(image_dir, path), size, resize)
-        if image is None:
-            raise FeatcacheError(f"{os.path.join(image_dir, path)}: {reason}")
-        return image
-
-    with ThreadPoolExecutor(workers) as pool:
-        images = list(pool.map(one, paths))
-    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
 
 
 def find_boundary_set(store: str, spec: KeySpec, boundary: str, image_root: str, weights_arg: str = "none"):
@@ -351,7 +322,7 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
     evaluated = {s: reports.metrics(labels[part[s]], p, names) for s, p in probas.items()}
 
     # The saved model: end to end (images in), binary as (N, 2) like `featcache export`.
-    from .export import _two_class
+    from .end_to_end import _two_class
 
     final = models.full
     if binary:

@@ -1,6 +1,8 @@
 """Any run end to end on new images: decode and resize with Pillow exactly as extraction did,
 run every frozen base the run reads (rebuilt from the recorded keys and weights), then the
-run's heads (or its fine-tuned model, or its weighted members: see runs.py)."""
+run's heads (or its fine-tuned model, or its weighted members: see runs.py). An exported model
+(.tflite, .keras, SavedModel folder) runs as deployed, with the size, resize and class names of
+its card."""
 from __future__ import annotations
 
 import os
@@ -51,21 +53,52 @@ def feature_models(run, recipes: dict) -> dict:
     return out
 
 
+class _Exported:
+    """An exported model with its card, behind the same two calls predict makes on a run."""
+
+    def __init__(self, path: str, fmt: str, weights: str | None):
+        from .deployed import load
+        from .runs import ImageInput
+
+        if weights:
+            raise FeatcacheError(f"--weights: {path} is an exported model; its base is inside it")
+        card, self.runner = load(path, fmt)
+        self.class_names = card["class_names"]
+        self.inputs = [ImageInput(int(i["size"]), str(i["resize"])) for i in card.get("inputs") or [card["input"]]]
+        source = (card.get("feature_sets") or [{}])[0]
+        self.about = {"kind": "exported", "head": card.get("run", {}).get("head"), "feature_set": source.get("name"),
+                      "model": {"format": fmt, "quantization": card.get("model", {}).get("quantization")}}
+
+    def proba(self, features, images):
+        arrays = [images[i] for i in self.inputs]
+        return self.runner.predict_proba(arrays[0] if len(arrays) == 1 else arrays)
+
+
 def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, batch_size: int = 32) -> dict:
-    """Class probabilities for images, from any kind of run (head, fused, fine-tuned, ensemble).
-    Returns {class_names, predictions: [{path, predicted, probability, top: [{class,
-    probability}]}], failures: [{path, reason}]}."""
+    """Class probabilities for images, from any kind of run (head, fused, fine-tuned, ensemble)
+    or an exported model (.tflite, .keras, SavedModel folder). Returns {class_names,
+    predictions: [{path, predicted, probability, top: [{class, probability}]}], failures:
+    [{path, reason}]}."""
+    from .deployed import format_of
     from .recipe import recipes_for
     from .runs import load_run
 
-    run = load_run(run_dir)
-    names = run.class_names
+    run_dir = os.fspath(run_dir)
     if top_k < 1:
         raise FeatcacheError(f"--top-k {top_k}: must be at least 1")
+    fmt = format_of(run_dir)
+    if fmt is not None:
+        run = _Exported(run_dir, fmt, weights)
+        models, sizes, about = {}, sorted(set(run.inputs)), run.about
+    else:
+        run = load_run(run_dir)
+        models = feature_models(run, recipes_for(run.feature_sets, run_dir, weights))
+        sizes = sorted({m[2] for m in models.values()} | set(run.image_inputs))
+        about = {"kind": run.kind, "head": run.config["head"], "model": run.label,
+                 "feature_set": "+".join(r["name"] for r in run.feature_sets) or run.row_sets[0]["name"]}
+    names = run.class_names
     top_k = min(top_k, len(names))
     paths = list_images(inputs)
-    models = feature_models(run, recipes_for(run.feature_sets, run_dir, weights))
-    sizes = sorted({m[2] for m in models.values()} | set(run.image_inputs))
     predictions, failures = [], []
     for start in range(0, len(paths), batch_size):
         good, images = [], {size: [] for size in sizes}
@@ -91,6 +124,4 @@ def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, ba
                 "path": path, "predicted": names[order[0]], "probability": float(p[order[0]]),
                 "top": [{"class": names[i], "probability": float(p[i])} for i in order],
             })
-    return {"run_dir": run_dir, "kind": run.kind, "head": run.config["head"], "model": run.label,
-            "feature_set": "+".join(r["name"] for r in run.feature_sets) or run.row_sets[0]["name"],
-            "class_names": names, "predictions": predictions, "failures": failures}
+    return {"run_dir": run_dir, **about, "class_names": names, "predictions": predictions, "failures": failures}
