@@ -40,6 +40,7 @@ from ..errors import FeatcacheError
 from .damage import READ_ERRORS, StoreDamaged, reason
 
 METADATA_READ_ATTEMPTS = 28  # back-off 2**28 ns in all (~0.27 s); HDF5's SWMR default is 100
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
 RESERVE_MARGIN = 1 << 20  # metadata a batch may add beyond its chunks (B-tree nodes, heaps, headers)
 _STALE_FLAG = ("h5clear", "not already open for SWMR writing")  # HDF5's words for a left-over write mark
 
@@ -143,7 +144,11 @@ def check_is_hdf5(path: str) -> None:
             head = fh.read(8)
     except OSError as exc:
         raise FeatcacheError(f"{path}: cannot read the store ({os_reason(exc)})") from None
-    if head and not h5py.is_hdf5(path):
+    if head == SIGNATURE:
+        return  # HDF5, whatever state the rest is in
+    if head and SIGNATURE.startswith(head):
+        raise StoreDamaged(path, "file", f"truncated: it holds {len(head)} bytes")
+    if head and not h5py.is_hdf5(path):  # (HDF5 may also start after a user block)
         raise FeatcacheError(f"{path}: not an HDF5 file (refusing to touch it; choose another store path)")
 
 
@@ -225,7 +230,7 @@ def marked_open_for_write(path: str) -> bool:
             head = fh.read(12)
     except OSError:
         return False
-    return len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] in (2, 3) and head[11] != 0
+    return len(head) == 12 and head[:8] == SIGNATURE and head[8] in (2, 3) and head[11] != 0
 
 
 def left_by_killed_writer(path: str, lock_held: bool = False) -> bool:
@@ -253,6 +258,8 @@ def open_for_read(path: str, lock_held: bool = False, attempts: int = METADATA_R
     if not os.path.exists(path):
         raise FeatcacheError(f"{path}: no such store")
     check_is_hdf5(path)
+    if os.path.getsize(path) == 0:
+        raise StoreDamaged(path, "file", "empty (0 bytes)")
     for attempt in range(2):
         try:
             file = open_swmr(path, attempts)

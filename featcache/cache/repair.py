@@ -20,6 +20,7 @@ import numpy as np
 from .. import __version__
 from ..errors import FeatcacheError
 from . import torn
+from .damage import StoreDamaged
 from .hdf5 import check_is_hdf5, open_for_read, os_reason
 from .key import FORMAT_VERSION
 from .layout import (COMMITTED, PATHS, ROW_COLUMNS, append_failures, append_rows, create_feature_set_group,
@@ -34,7 +35,10 @@ def repair(store: str) -> dict:
     store = os.fspath(store)
     if not os.path.exists(store):
         raise FeatcacheError(f"{store}: no such store")
-    check_is_hdf5(store)
+    try:
+        check_is_hdf5(store)
+    except StoreDamaged:
+        pass  # cut short within its signature: scanned (and repaired) as a file with nothing in it
     started = time.perf_counter()
     lock = writer_lock(store)
     try:
@@ -107,7 +111,7 @@ def _copy_set(source: h5py.File, s: SetScan, root: h5py.Group, torn_ok: bool) ->
     g = create_feature_set_group(root, s.name)
     feats = src["features"]
     out = g.create_dataset("features", shape=(len(keep), *feats.shape[1:]), maxshape=(None, *feats.shape[1:]),
-                           chunks=feats.chunks or (64, *feats.shape[1:]), dtype=feats.dtype, fletcher32=True)
+                           chunks=feats.chunks or (64, *feats.shape[1:]), dtype=feats.dtype)
     step = out.chunks[0]
     done = 0
     for a in range(0, s.rows, feats.chunks[0] if feats.chunks else step):
@@ -116,7 +120,7 @@ def _copy_set(source: h5py.File, s: SetScan, root: h5py.Group, torn_ok: bool) ->
         if len(rows):
             out[done : done + len(rows)] = torn.read(feats, a, b, s.rows, torn_ok, live=False)[rows - a]
             done += len(rows)
-    create_row_columns(g)
+    create_row_columns(g, crc=False)  # the CRC column, if the store had one, is copied below
     listing = {name: s.columns.get(name, np.zeros(s.rows, dtype))[keep]  # a missing one: every row set aside
                for name, dtype in (("labels", "int32"), ("splits", "S10"), ("active", "uint8"))}
     columns = {
@@ -126,7 +130,7 @@ def _copy_set(source: h5py.File, s: SetScan, root: h5py.Group, torn_ok: bool) ->
         "digests": s.columns["digests"][keep],
     }
     append_rows(g, columns, s.columns[PATHS][keep].tolist())
-    for name in sorted(set(s.columns) - {*ROW_COLUMNS, PATHS}):  # views of cached augmentation
+    for name in sorted(set(s.columns) - {*ROW_COLUMNS, PATHS}):  # the features' CRC, views of cached augmentation
         create_row_column(g, name, s.columns[name].dtype.str)
         g[name].resize(len(keep), axis=0)
         g[name][:] = s.columns[name][keep]

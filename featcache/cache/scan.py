@@ -15,6 +15,7 @@ inactive, and the next extract, which re-derives those three from the folder for
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import h5py
@@ -26,7 +27,8 @@ from .checks import bad_values
 from .damage import StoreDamaged
 from .hdf5 import METADATA_READ_ATTEMPTS, check_length, left_by_killed_writer, open_for_read, writer_running
 from .key import feature_set_key
-from .layout import COMMITTED, FAILURE_COLUMNS, GROUP, PATHS, ROW_COLUMNS, ROW_DATASETS, check_format, read_spec
+from .layout import (COMMITTED, CRC, FAILURE_COLUMNS, GROUP, PATHS, ROW_COLUMNS, ROW_DATASETS, check_format,
+                     features_crc, read_spec)
 from .virtual import check_sources, sources
 
 NEEDED = ("features", "digests")  # with the paths and any extra per-row column: a row without them is lost
@@ -81,6 +83,7 @@ class SetScan:
         if start is None:
             self.damage.append(Damage(what, reason, file=file))
             return
+        start, stop = int(start), int(stop)
         self.damage.append(Damage(what, reason, (start, stop), file))
         (self.lost if lose else self.set_aside)[start:stop] = True
 
@@ -145,7 +148,7 @@ def _scan_set(f: h5py.File, name: str, path: str, torn_ok: bool, live: bool) -> 
         with damage.guard(path, "datasets", name):
             lengths = {n: group[n].shape[0] for n in members if isinstance(group[n], h5py.Dataset)}
             s.virtual = group["features"].is_virtual
-            s.checksums = all(group[n].fletcher32 for n in members if n != "features" or not s.virtual)
+            s.checksums = CRC in members and all(group[n].fletcher32 for n in members if n != "features")
             extras = [n for n in sorted(members) if n not in _STANDARD and len(group[n].shape) == 1]
     except StoreDamaged as exc:
         s.unreadable = f"its datasets: {exc.reason}"
@@ -170,11 +173,11 @@ def _scan_set(f: h5py.File, name: str, path: str, torn_ok: bool, live: bool) -> 
         if lengths[n] < s.rows:
             s.mark(f"{n} dataset", f"holds {lengths[n]} of the {s.rows} committed rows", lengths[n], s.rows,
                    lose=n not in RELISTED)
-    _scan_features(s, group, path, torn_ok, live)
     n_classes = _class_count(s)
     for n in (*ROW_COLUMNS, *extras):
         if n in lengths:
             s.columns[n] = _scan_column(s, group[n], n, n_classes, torn_ok, live, lose=n not in RELISTED)
+    _scan_features(s, group, path, torn_ok, live)
     s.columns[PATHS] = _scan_text(s, group, PATHS, s.rows, torn_ok, live)
     _check_active(s)
     s.failures = _read_failures(s, group, path, n_failures, torn_ok, live)
@@ -203,8 +206,14 @@ def _read_pieces(s: SetScan, ds: h5py.Dataset, name: str, stop: int, boundary: i
     """Yield (start, stop, values or None, reason) for each chunk below ``stop``; torn chunks
     (see torn.py) are read raw and noted."""
     stop = min(stop, ds.shape[0])
+    file_size = os.path.getsize(ds.file.filename)
     for a, b in _chunks(ds, stop):
         try:
+            if ds.chunks and not ds.is_virtual:  # past the end of a truncated file HDF5 reads zeros
+                where = ds.id.get_chunk_info_by_coord((a,) + (0,) * (len(ds.shape) - 1))
+                if where.byte_offset is not None and where.byte_offset + where.size > file_size:
+                    yield a, b, None, "past the end of the truncated file"
+                    continue
             values = damage.read(ds, slice(a, b), live)
             yield a, b, values if keep else None, None
         except damage.READ_ERRORS as exc:
@@ -226,11 +235,17 @@ def _scan_features(s: SetScan, group: h5py.Group, path: str, torn_ok: bool, live
         except FeatcacheError as exc:
             s.mark("features", str(exc), 0, s.rows)
             return
-    for a, b, _, reason in _read_pieces(s, ds, "features", s.rows, s.rows, torn_ok, live, keep=False):
-        if reason is None:
-            continue
-        shard = next((p for p in parts if p.first <= a < p.first + p.rows), None)
-        s.mark("features", reason, a, b, file=shard.path if shard else None)
+    crc = s.columns.get(CRC)
+    unknown = s.lost.copy()  # rows whose CRC (or digest, path) is damaged: lost already
+    def shard(row):  # the shard file a merged store's row is read from
+        return next((p.path for p in parts if p.first <= row < p.first + p.rows), None)
+
+    for a, b, values, reason in _read_pieces(s, ds, "features", s.rows, s.rows, torn_ok, live, keep=crc is not None):
+        if reason is not None:
+            s.mark("features", reason, a, b, file=shard(a))
+        elif crc is not None:
+            for row in np.flatnonzero((features_crc(values) != crc[a:b]) & ~unknown[a:b]):
+                s.mark("features", "checksum mismatch", a + row, a + row + 1, file=shard(a + row))
 
 
 def _scan_column(s: SetScan, ds: h5py.Dataset, name: str, n_classes: int, torn_ok: bool, live: bool,

@@ -34,7 +34,7 @@ from ..errors import FeatcacheError
 from . import text
 from .hdf5 import check_is_hdf5
 from .key import FORMAT_VERSION
-from .layout import (GROUP, PATHS, ROW_COLUMNS, SPLITS, append_failures, append_rows, create_feature_set_group,
+from .layout import (CRC, GROUP, PATHS, ROW_COLUMNS, SPLITS, append_failures, append_rows, create_feature_set_group,
                      create_row_columns, require_root, writer_lock)
 from .store import Store
 
@@ -275,6 +275,7 @@ def _read_shard_set(path: str, store: Store, name: str, record: dict):
     return {
         "rows": rows,
         "columns": {c: fs.column(c) for c in ROW_COLUMNS},
+        "crc": fs.column(CRC) if fs.has_crc else None,
         "paths": fs.column(PATHS),
         "failures": fs.failures(),
         "attrs": {k: _attr_value(v) for k, v in fs.attrs.items()},  # for comparing
@@ -383,9 +384,13 @@ def _write_merged_set(root: h5py.Group, name: str, parts: list[tuple[str, dict]]
     paths = np.concatenate([p["paths"] for _, p in parts]).tolist()
     failures = [f for _, p in parts for f in p["failures"]]
     # one chunk per column: nothing is appended to a merged store
+    checked = all(p["crc"] is not None for _, p in parts)  # the shards' CRCs check the virtual features
     create_row_columns(g, rows=max(total, 1), text_bytes=max(len("".join(paths).encode()), 1),
-                       failures=max(len(failures), 1))
-    append_rows(g, {c: np.concatenate([p["columns"][c] for _, p in parts]) for c in ROW_COLUMNS}, paths)
+                       failures=max(len(failures), 1), crc=checked)
+    columns = {c: np.concatenate([p["columns"][c] for _, p in parts]) for c in ROW_COLUMNS}
+    if checked:
+        columns[CRC] = np.concatenate([p["crc"] for _, p in parts])
+    append_rows(g, columns, paths)
     append_failures(g, failures)
     g["committed"][:] = [total, len(failures), int(first["raw_attrs"].get("listing_generation", 0))]
     for key, value in first["raw_attrs"].items():

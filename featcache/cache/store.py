@@ -36,8 +36,8 @@ from .checks import check_active_rows, check_column, check_counter
 from .damage import StoreDamaged, guard, row_range
 from .hdf5 import METADATA_READ_ATTEMPTS, left_by_killed_writer, open_for_read, open_swmr, writer_running
 from .key import KeySpec, feature_set_key
-from .layout import (COMMITTED, FAILURE_COLUMNS, GROUP, PATHS, ROW_COLUMNS, ROW_DATASETS, SPLITS, check_format,
-                     extra_row_columns, read_spec)
+from .layout import (COMMITTED, CRC, FAILURE_COLUMNS, GROUP, PATHS, ROW_COLUMNS, ROW_DATASETS, SPLITS, check_format,
+                     extra_row_columns, features_crc, read_spec)
 from .virtual import check_sources, sources
 
 
@@ -77,7 +77,8 @@ class FeatureSet:
         with self.guard("datasets"):
             for member in group:
                 group[member].refresh()
-            short = [n for n in ROW_DATASETS if group[n].shape[0] < self.n_committed]
+            self.has_crc = CRC in group
+            short = [n for n in (*ROW_DATASETS, *([CRC] if self.has_crc else [])) if group[n].shape[0] < self.n_committed]
             if text.count(group, FAILURE_COLUMNS[0]) < self.n_failures:
                 short.append(text.names(FAILURE_COLUMNS[0])[1])
             self.is_virtual = group["features"].is_virtual
@@ -102,11 +103,10 @@ class FeatureSet:
         return guard(self.path, what, self.name)
 
     def _columns_checksummed(self) -> bool:
-        names = [*ROW_DATASETS, text.names(PATHS)[0]]
-        if not self.is_virtual:
-            names.append("features")
+        """Every row column has Fletcher-32 and the features have their CRC column."""
+        names = [n for n in (*ROW_DATASETS, text.names(PATHS)[0]) if n != "features"]
         with self.guard("datasets"):
-            return all(self.group[n].fletcher32 for n in names)
+            return self.has_crc and all(self.group[n].fletcher32 for n in names)
 
     @property
     def class_names(self) -> list[str]:
@@ -172,6 +172,7 @@ class FeatureSet:
         if rows[0] < 0 or rows[-1] >= self.n_committed:
             raise FeatcacheError(f"{self.path}: feature set {self.name}: rows {rows[0]}..{rows[-1]} are not "
                                  f"all among its {self.n_committed} committed rows")
+        crc = self._crc() if self.has_crc else None
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         start = 0
         for run in np.split(rows, breaks):
@@ -179,21 +180,33 @@ class FeatureSet:
                 out[start : start + len(run)] = self._read(features, int(run[0]), int(run[-1]) + 1, self.n_committed)
             except damage.READ_ERRORS as exc:
                 raise self._damaged_rows(int(run[0]), int(run[-1]) + 1, exc) from None
+            if crc is not None:
+                bad = run[features_crc(out[start : start + len(run)]) != crc[run]]
+                if len(bad):
+                    raise self._damaged_rows(int(bad[0]), int(bad[-1]) + 1, None)
             start += len(run)
         return out
 
-    def _damaged_rows(self, start: int, stop: int, exc: BaseException) -> StoreDamaged:
-        """The error for a failed read of rows [start, stop): narrowed to the first damaged chunk,
-        and to the shard file it lies in for a merged store."""
-        for first, last in damaged_chunks(self.features, start, stop, first_only=True):
+    def _crc(self) -> np.ndarray:
+        if getattr(self, "_crc_values", None) is None:  # read once: streaming reads many pieces
+            self._crc_values = self.column(CRC)
+        return self._crc_values
+
+    def _damaged_rows(self, start: int, stop: int, exc: BaseException | None) -> StoreDamaged:
+        """The error for a failed read of rows [start, stop) (``exc`` None: their CRC did not
+        match): narrowed to the first damaged chunk, and to the shard file it lies in for a
+        merged store."""
+        pieces = [(start, stop)] if exc is None else damaged_chunks(self.features, start, stop, first_only=True)
+        reason = "checksum mismatch" if exc is None else damage.reason(exc)
+        for first, last in pieces:
             if self.is_virtual:
                 for s in sources(self.features, self.path):
                     if s.first <= first < s.first + s.rows:
                         a, b = first - s.first + s.source_first, min(last, s.first + s.rows) - s.first + s.source_first
                         return StoreDamaged(s.path, f"features, {row_range(a, b)} (read through merged store "
-                                            f"{self.path})", damage.reason(exc), self.name)
-            return StoreDamaged(self.path, f"features, {row_range(first, last)}", damage.reason(exc), self.name)
-        return StoreDamaged(self.path, f"features, {row_range(start, stop)}", damage.reason(exc), self.name)
+                                            f"{self.path})", reason, self.name)
+            return StoreDamaged(self.path, f"features, {row_range(first, last)}", reason, self.name)
+        return StoreDamaged(self.path, f"features, {row_range(start, stop)}", reason, self.name)
 
     def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of one split (or all) in memory."""

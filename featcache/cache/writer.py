@@ -24,9 +24,9 @@ from .damage import StoreDamaged
 from .hdf5 import (RESERVE_MARGIN, StoreWriteError, marked_open_for_write, open_for_write, os_reason, reserve_space,
                    trim_reserved)
 from .key import FORMAT_VERSION, KeySpec, feature_set_key
-from .layout import (COMMITTED, FAILURE_COLUMNS, PATHS, ROW_COLUMNS, ROW_DATASETS, append_failures, append_rows,
-                     check_format, create_feature_set_group, create_row_columns, extra_row_columns, read_spec,
-                     require_root, writer_lock)
+from .layout import (COMMITTED, CRC, FAILURE_COLUMNS, PATHS, ROW_COLUMNS, ROW_DATASETS, append_failures, append_rows,
+                     check_format, create_feature_set_group, create_row_columns, extra_row_columns, features_crc,
+                     read_spec, require_root, writer_lock)
 from .store import FeatureSet, Store
 
 
@@ -194,9 +194,9 @@ class StoreWriter:
         row_bytes = int(np.prod(feature_shape)) * np.dtype(dtype).itemsize
         # Chunks of about a batch, at most 4 MiB: fast appends and fast batch reads.
         rows_per_chunk = max(1, min(chunk_rows, (4 << 20) // max(row_bytes, 1)))
-        group.create_dataset(
+        group.create_dataset(  # checksummed by row (the CRC column), see layout.py
             "features", shape=(0, *feature_shape), maxshape=(None, *feature_shape),
-            chunks=(rows_per_chunk, *feature_shape), dtype=dtype, fletcher32=True,
+            chunks=(rows_per_chunk, *feature_shape), dtype=dtype,
         )
         create_row_columns(group)
         group.attrs["key"] = json.dumps(spec.to_dict(), sort_keys=True)
@@ -249,14 +249,19 @@ class StoreWriter:
         k = len(labels)
         if k == 0:
             return
-        self._reserve(k, ROW_DATASETS, text.max_nbytes(paths))
+        self._reserve(k, (*ROW_DATASETS, *([CRC] if CRC in g else [])), text.max_nbytes(paths))
         append_rows(g, {"features": features, "labels": labels, "splits": splits,
                         "active": np.ones(k, dtype="uint8"), "digests": digests}, paths)
 
     def read_features(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of features as stored (to copy them under another path)."""
-        with damage.guard(self.path, f"features, {damage.row_range(start, stop)}", self.group.name.rsplit("/", 1)[-1]):
-            return damage.read(self.group["features"], slice(start, stop))
+        """Rows [start, stop) of features as stored, their CRC checked (to copy them under
+        another path: a damaged row must not be copied with a fresh CRC)."""
+        what, name = f"features, {damage.row_range(start, stop)}", self.group.name.rsplit("/", 1)[-1]
+        with damage.guard(self.path, what, name):
+            values = damage.read(self.group["features"], slice(start, stop))
+            if CRC in self.group and np.any(features_crc(values) != self.group[CRC][start:stop]):
+                raise StoreDamaged(self.path, what, "checksum mismatch", name)
+        return values
 
     @_writes
     def add_failures(self, failures: list[tuple[str, str]]) -> None:
