@@ -144,7 +144,13 @@ class FeatureSet:
         with self.guard(f"{name} column"):
             ds = self.group[name]
             ds.refresh()
+        try:
             values = self._read(ds, 0, self.n_committed, self.n_committed)
+        except damage.READ_ERRORS as exc:  # name the rows of the first damaged chunk
+            with self.guard(f"{name} column"):
+                where = next(damaged_chunks(ds, 0, self.n_committed, first_only=True), None)
+            rows = f", {row_range(*where)}" if where else ""
+            raise StoreDamaged(self.path, f"{name} column{rows}", damage.reason(exc), self.name) from None
         n_classes = len(self.class_names) if name == "labels" else 0
         check_column(name, values, n_classes, self.path, self.name)
         if name in ("digests", "splits"):
@@ -166,7 +172,7 @@ class FeatureSet:
         StoreDamaged names the damaged chunk's rows."""
         rows = np.asarray(rows, dtype=np.int64)
         features = self.features
-        out = np.empty((len(rows),) + self.feature_shape, dtype=features.dtype)
+        out = np.empty((len(rows), *features.shape[1:]), dtype=features.dtype)
         if len(rows) == 0:
             return out
         if rows[0] < 0 or rows[-1] >= self.n_committed:
