@@ -168,9 +168,9 @@ def info(store, as_json):
 def verify(store, as_json):
     """Read all of STORE: every chunk's checksum and the consistency of its columns; list what is
     damaged down to rows. Exit 1 if anything is damaged."""
-    from .cache.verify import format_report, verify as run_verify
+    from .cache.verify import format_report
 
-    result = run_verify(store)
+    result = api.verify(store)
     if as_json:
         _emit_json(result)
     else:
@@ -188,9 +188,7 @@ def verify(store, as_json):
 def repair(store, as_json):
     """Rewrite a damaged STORE with every row that can still be read; the damaged file is kept
     as STORE.damaged-TIME. The next extract of the same folder re-extracts the rows left out."""
-    from .cache.repair import repair as run_repair
-
-    result = run_repair(store)
+    result = api.repair(store)
     if as_json:
         _emit_json(result)
         return

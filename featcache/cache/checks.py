@@ -51,8 +51,12 @@ def check_column(column: str, values: np.ndarray, n_classes: int, path: str, nam
     return values
 
 
-def check_active_rows(labels: np.ndarray, splits: np.ndarray, active: np.ndarray, path: str, name: str) -> None:
-    """Rows of the dataset (active) need a class and a split."""
+def check_active_rows(labels: np.ndarray, splits: np.ndarray, active: np.ndarray, labelled: bool, path: str,
+                      name: str) -> None:
+    """Rows of the dataset (active) need a class and a split, except in an unlabeled feature set
+    (a folder without classes: label -1 and no split)."""
+    if not labelled:
+        return
     bad = np.flatnonzero(active.astype(bool) & ((labels < 0) | (splits == "")))
     if len(bad):
         row = int(bad[0])

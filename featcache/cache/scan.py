@@ -184,15 +184,20 @@ def _scan_set(f: h5py.File, name: str, path: str, torn_ok: bool, live: bool) -> 
     return s
 
 
-def _class_count(s: SetScan) -> int:
+def _class_names(s: SetScan) -> list | None:
     try:
         names = json.loads(s.attrs["class_names"])
-        if isinstance(names, list):
-            return len(names)
-        raise ValueError
+        return names if isinstance(names, list) else None
     except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _class_count(s: SetScan) -> int:
+    names = _class_names(s)
+    if names is None:
         s.mark("class_names attribute", "unreadable", 0, s.rows, lose=False)
         return 0
+    return len(names)
 
 
 def _chunks(ds: h5py.Dataset, stop: int):
@@ -305,6 +310,8 @@ def _check_active(s: SetScan) -> None:
     """Active rows need a class and a split; rows with damaged listing columns are set aside."""
     if not all(c in s.columns for c in RELISTED):
         return
+    if not _class_names(s):
+        return  # unlabeled (a folder without classes): label -1 and no split are what rows hold
     active = s.columns["active"].astype(bool) & ~s.set_aside
     bad = np.flatnonzero(active & ((s.columns["labels"] < 0) | (s.columns["splits"] == b"")))
     for row in bad:

@@ -162,7 +162,7 @@ class FeatureSet:
         if split is not None and split not in SPLITS:
             raise FeatcacheError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
         active, splits = self.column("active").astype(bool), self.column("splits")
-        check_active_rows(self.column("labels"), splits, active, self.path, self.name)
+        check_active_rows(self.column("labels"), splits, active, self.labelled, self.path, self.name)
         if split is not None:
             active &= splits == split
         return np.flatnonzero(active)
