@@ -86,3 +86,28 @@ def read(dataset, selection=slice(None), live: bool = True):
 def row_range(start: int, stop: int) -> str:
     """Rows start..stop-1 as people count them in messages."""
     return f"row {start}" if stop - start == 1 else f"rows {start}-{stop - 1}"
+
+
+def chunk_ranges(dataset: "h5py.Dataset", start: int, stop: int):
+    """Row ranges [a, b) of ``dataset``'s chunks along axis 0 that meet [start, stop)."""
+    step = dataset.chunks[0] if dataset.chunks else max(stop - start, 1)
+    first = start - start % step
+    for a in range(first, stop, step):
+        yield max(a, start), min(a + step, stop)
+
+
+def damaged_chunks(dataset: "h5py.Dataset", start: int, stop: int, first_only: bool = False):
+    """Yield the row ranges [a, b) of chunks in [start, stop) that cannot be read. Virtual
+    datasets are read in pieces of their sources' chunks (the merged file has none of its own)."""
+    for a, b in chunk_ranges(dataset, start, stop) if dataset.chunks else _virtual_pieces(dataset, start, stop):
+        try:
+            read(dataset, slice(a, b))
+        except READ_ERRORS:
+            yield a, b
+            if first_only:
+                return
+
+
+def _virtual_pieces(dataset: "h5py.Dataset", start: int, stop: int, step: int = 64):
+    for a in range(start, stop, step):
+        yield a, min(a + step, stop)

@@ -5,10 +5,10 @@ and repair (repair.py); it imports nothing of theirs.
 Checksums: every row's features have a CRC-32 in the column ``features_crc32`` (zlib.crc32 of
 the row's bytes as stored, little-endian), checked by every read; every other chunked dataset
 carries HDF5's Fletcher-32 filter, so a read of a damaged chunk fails instead of returning wrong
-numbers. Not Fletcher-32 on the features: measured 3x slower to write and 2-3x slower to read
-(benchmarks/checksum_cost.py), and a chunk zeroed as a whole, checksum included, passes it
-(the Fletcher-32 of zeros is zero), while a stored CRC-32 of a row is never that of zeros
-unless the row is zeros. Groups keep their links and attributes inside their object header
+numbers. Not Fletcher-32 on the features: HDF5's filter measured 3x slower to write and 3-4x
+slower to read, a CRC-32 per row under 2x (benchmarks/checksum_cost.py), and a chunk zeroed as a
+whole, checksum included, passes Fletcher-32 (the Fletcher-32 of zeros is zero), while a stored
+CRC-32 of a row is never that of zeros unless the row is zeros. Groups keep their links and attributes inside their object header
 (checksummed by HDF5) rather than in a fractal heap: a damaged heap made HDF5 1.14 crash while
 listing a group, a damaged header is an ordinary error.
 """

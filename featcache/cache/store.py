@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import FeatcacheError
 from . import damage, text, torn
 from .checks import check_active_rows, check_column, check_counter
-from .damage import StoreDamaged, guard, row_range
+from .damage import StoreDamaged, damaged_chunks, guard, row_range
 from .hdf5 import METADATA_READ_ATTEMPTS, left_by_killed_writer, open_for_read, open_swmr, writer_running
 from .key import KeySpec, feature_set_key
 from .layout import (COMMITTED, CRC, FAILURE_COLUMNS, GROUP, PATHS, ROW_COLUMNS, ROW_DATASETS, SPLITS, check_format,
@@ -278,31 +278,6 @@ class FeatureSet:
             "seed": int(self.attrs.get("seed", 0)),
             "checksums": self.checksummed,
         }
-
-
-def chunk_ranges(dataset: h5py.Dataset, start: int, stop: int):
-    """Row ranges [a, b) of ``dataset``'s chunks along axis 0 that meet [start, stop)."""
-    step = dataset.chunks[0] if dataset.chunks else max(stop - start, 1)
-    first = start - start % step
-    for a in range(first, stop, step):
-        yield max(a, start), min(a + step, stop)
-
-
-def damaged_chunks(dataset: h5py.Dataset, start: int, stop: int, first_only: bool = False):
-    """Yield the row ranges [a, b) of chunks in [start, stop) that cannot be read. Virtual
-    datasets are read in pieces of their sources' chunks (the merged file has none of its own)."""
-    for a, b in chunk_ranges(dataset, start, stop) if dataset.chunks else _virtual_pieces(dataset, start, stop):
-        try:
-            damage.read(dataset, slice(a, b))
-        except damage.READ_ERRORS:
-            yield a, b
-            if first_only:
-                return
-
-
-def _virtual_pieces(dataset: h5py.Dataset, start: int, stop: int, step: int = 64):
-    for a in range(start, stop, step):
-        yield a, min(a + step, stop)
 
 
 @dataclass(frozen=True)
