@@ -64,7 +64,7 @@ def guard(path: str, what: str, feature_set: str | None = None):
         yield
     except FeatcacheError:
         raise
-    except (*READ_ERRORS, UnicodeDecodeError) as exc:
+    except READ_ERRORS as exc:
         raise StoreDamaged(path, what, reason(exc), feature_set) from None
 
 
