@@ -31,7 +31,6 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatcacheError
-from . import text
 from .hdf5 import check_is_hdf5
 from .key import FORMAT_VERSION
 from .layout import (CRC, GROUP, PATHS, ROW_COLUMNS, SPLITS, append_failures, append_rows, create_feature_set_group,
