@@ -3,7 +3,8 @@
 test_every_command_on_many_damaged_stores damages copies of a small store in 110+ seeded ways
 (bit flips in every dataset's chunks and in the metadata between them, zeroed blocks,
 truncation at many offsets, a feature set, a dataset or an attribute deleted by another program)
-and runs the commands on each in tests/damage_worker.py processes: a hang or a crash of one case
+and runs the commands on each in tests/damage_worker.py processes (info, verify, repair, extract
+on every case; train, compare and extract before repair on every 4th; search on every 8th): a hang or a crash of one case
 is caught by the time bound here and reported, the other cases go on. The other tests check
 single behaviours: torn chunks of a killed writer, merged stores, old unchecked stores.
 """
@@ -111,11 +112,14 @@ def work(tmp_path_factory):
     extracted = json.loads(invoke("extract", tree, store, *EXTRACT).stdout)
     trained = json.loads(invoke("train", store, "--head", "logreg", "--out", root / "run", "--json").stdout)
     compared = json.loads(invoke("compare", store, "--heads", "logreg", "--json").stdout)
+    searched = json.loads(invoke("search", store, "--out", root / "search", "--trials", "1", "--heads", "logreg",
+                                 "--json").stdout)["best"]
     info = json.loads(invoke("info", store, "--json").stdout)
     info["store"] = "clean.h5"
     clean = {"info": info, "rows": extracted["shape"][0], "shape": extracted["shape"],
              "train": {s: trained[s] for s in ("train", "validation", "test")},
-             "compare": [[e["validation"], e["test"]] for e in compared["leaderboard"]]}
+             "compare": [[e["validation"], e["test"]] for e in compared["leaderboard"]],
+             "search": [searched["params"], searched["loss"], searched["test"]]}
     (root / "clean.json").write_text(json.dumps(clean))
     return root, extracted
 
