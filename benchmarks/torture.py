@@ -5,8 +5,10 @@ Each round starts ``python -m featcache extract`` on the same store and kills it
 about a third of the rounds at a random time after the process starts (interpreter and
 TensorFlow start-up, model build, store set-up, extraction), the others a random number of
 committed rows into the extraction plus a random few milliseconds. After every kill the store
-must open for reading. Then a last run finishes the job, a clean run writes a second store,
-and the two are compared:
+must open for reading and `featcache verify` must find no damage (chunks the kill tore while
+rewriting them in place are read from their raw bytes and counted as "torn", see
+featcache/cache/torn.py). Then a last run finishes the job (verify: no damage, nothing torn left),
+a clean run writes a second store, and the two are compared:
 
   rows       stored rows == good images (no in-flight tail kept, nothing extracted twice)
   duplicates digests or paths stored more than once (must be 0)
@@ -41,6 +43,7 @@ from PIL import Image  # noqa: E402
 
 from featcache import open_store  # noqa: E402
 from featcache.cache.store import committed_rows  # noqa: E402
+from featcache.cache.verify import verify  # noqa: E402
 from featcache.errors import FeatcacheError  # noqa: E402
 
 
@@ -94,7 +97,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng = random.Random(args.seed)
     started = time.time()
-    landed = mid_extraction = unreadable = 0
+    landed = mid_extraction = unreadable = damaged = torn = 0
 
     for k in range(1, args.kills + 1):
         before = committed_rows(store)
@@ -127,6 +130,12 @@ def main() -> int:
             if store.exists():
                 unreadable += 1
                 print(f"    store unreadable after kill {k}: {exc}")
+        if store.exists() and store.stat().st_size:
+            checked = verify(str(store))  # checksums: a kill must never leave damage behind
+            torn += sum(len(fs["torn"]) for fs in checked["feature_sets"])
+            if not checked["ok"]:
+                damaged += 1
+                print(f"    damage after kill {k}: {checked['damage']} {[fs['damage'] for fs in checked['feature_sets']]}")
         print(f"kill {k:3d}: {how:<26} {status:<22} rows {before:5d} -> {after:5d}  ({time.time() - t0:5.1f} s)",
               flush=True)
         if after >= args.images and before < args.images:
@@ -139,6 +148,7 @@ def main() -> int:
         print("final or clean run failed:", final.stderr[-2000:], reference.stderr[-2000:])
         return 1
 
+    final_check = verify(str(store))
     ours, digests, paths, failures = stored(store)
     theirs, *_ = stored(clean)
     duplicates = (len(digests) - len(set(digests))) + (len(paths) - len(set(paths)))
@@ -146,10 +156,13 @@ def main() -> int:
     max_diff = max(float(np.abs(ours[d] - theirs[d]).max()) for d in ours.keys() & theirs.keys())
     failed_paths = sorted(p for p, _ in failures)
     ok = (len(digests) == len(ours) == args.images and duplicates == 0 and missing == 0 and max_diff <= 1e-4
-          and failed_paths == ["cats/broken.jpg", "dogs/empty.jpg"] and unreadable == 0)
+          and failed_paths == ["cats/broken.jpg", "dogs/empty.jpg"] and unreadable == 0 and damaged == 0
+          and final_check["ok"] and not any(fs["torn"] for fs in final_check["feature_sets"]))
     print()
     print(f"kills sent        {landed} of {args.kills} rounds ({mid_extraction} in the middle of extracting)")
     print(f"store unreadable  {unreadable} times after a kill")
+    print(f"verify            damage after {damaged} kills, {torn} torn chunks read raw; final store "
+          f"{'ok' if final_check['ok'] else 'DAMAGED'}")
     print(f"rows              {len(digests)} stored, {len(ours)} active, {args.images} good images "
           f"({rows_before_final} committed before the final run)")
     print(f"duplicates        {duplicates}")

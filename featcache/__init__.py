@@ -7,8 +7,8 @@ packages; extraction's function is therefore ``featcache.extract_features``.
 """
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "FeatcacheError", "open_store", "extract_features", "info", "merge", "bases", "train",
-           "compare", "search", "report", "predict", "export", "finetune", "ensemble", "demo"]
+__all__ = ["__version__", "FeatcacheError", "open_store", "extract_features", "info", "verify", "repair", "merge",
+           "bases", "train", "compare", "search", "report", "predict", "export", "finetune", "ensemble", "demo"]
 
 from .errors import FeatcacheError  # noqa: E402  (light: no third-party imports)
 

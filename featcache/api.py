@@ -21,8 +21,8 @@ import os
 
 from .errors import FeatcacheError
 
-__all__ = ["extract_features", "info", "merge", "bases", "train", "compare", "search", "report", "predict",
-           "export", "finetune", "ensemble", "demo", "FeatcacheError"]
+__all__ = ["extract_features", "info", "verify", "repair", "merge", "bases", "train", "compare", "search", "report",
+           "predict", "export", "finetune", "ensemble", "demo", "FeatcacheError"]
 
 DEFAULT_SPLIT = "0.8,0.1,0.1"
 DEFAULT_MEMORY_BUDGET_MB = 2048.0
@@ -103,13 +103,42 @@ def info(store: str | os.PathLike) -> dict:
 
     Returns ``{"store": path, "feature_sets": [summary, ...]}``; each summary has
     ``feature_set``, ``key`` (every cache-key field), ``shape``, ``dtype``, ``rows_stored``,
-    ``rows_active``, ``labelled``, ``class_names``, ``counts`` (split -> class -> images), ``failures`` and
-    ``seed``."""
+    ``rows_active``, ``labelled``, ``class_names``, ``counts`` (split -> class -> images), ``failures``,
+    ``seed`` and ``checksums`` (False: written before featcache stored checksums, "unchecked").
+    A damaged store raises StoreDamaged (a FeatcacheError) naming what is damaged."""
     from .cache.store import open_store
 
     with open_store(store) as s:
         summaries = [s[name].summary() for name in s.feature_set_names()]
     return {"store": os.fspath(store), "feature_sets": summaries}
+
+
+def verify(store: str | os.PathLike) -> dict:
+    """Read all of ``store`` and check it (``featcache verify``): every chunk's checksum, every
+    row's CRC and the consistency of the columns. Safe beside a running extraction.
+
+    Returns ``store``, ``ok`` (nothing damaged), ``damage`` (of the file as a whole: truncation,
+    metadata) and per feature set ``feature_sets: [{feature_set, status ("ok", "damaged" or
+    "unchecked": written before checksums), rows, rows_lost, rows_set_aside, unreadable,
+    damage: [{what, rows: [first, last] or None, reason, file?}], torn}]``, ``unchecked``,
+    ``left_by_killed_run``, ``bytes``, ``seconds`` and ``repair`` (the command to run, or None).
+    A damaged store is a result (``ok`` False), not an error."""
+    from .cache.verify import verify as run_verify
+
+    return run_verify(os.fspath(store))
+
+
+def repair(store: str | os.PathLike) -> dict:
+    """Rewrite a damaged ``store`` with every row that can still be read (``featcache repair``);
+    the damaged file is kept beside it as ``STORE.damaged-<time>``. The next extraction of the
+    same folder recomputes the rows left out.
+
+    Returns ``store``, ``repaired`` (False: nothing was damaged, nothing done), ``damaged_copy``,
+    ``feature_sets`` (what verify found), ``kept: [{feature_set, rows, rows_kept, rows_lost,
+    rows_set_aside, lost}]``, ``nothing_recovered``, ``shard_records_withdrawn`` and ``seconds``."""
+    from .cache.repair import repair as run_repair
+
+    return run_repair(os.fspath(store))
 
 
 def merge(shards, out: str | os.PathLike, *, allow_missing: bool = False, feature_sets=None) -> dict:

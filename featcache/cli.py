@@ -149,7 +149,8 @@ def info(store, as_json):
     if not summaries:
         click.echo(f"{store}: no feature sets")
     for fs in summaries:
-        click.echo(f"{fs['feature_set']}  shape {tuple(fs['shape'])} {fs['dtype']}")
+        unchecked = "" if fs["checksums"] else "  (unchecked: written before featcache stored checksums)"
+        click.echo(f"{fs['feature_set']}  shape {tuple(fs['shape'])} {fs['dtype']}{unchecked}")
         click.echo("  key: " + ", ".join(f"{k}={_safe(str(v))}" for k, v in fs["key"].items()))
         if not fs["labelled"]:
             click.echo(f"  unlabeled  {fs['rows_active']} images (no class folders: features and paths only)")
@@ -159,6 +160,51 @@ def info(store, as_json):
             click.echo(f"  rows stored {fs['rows_stored']} (not in the current listing: {fs['rows_stored'] - fs['rows_active']})")
         for item in fs["failures"]:
             click.echo(f"  failed: {_safe(item['path'])}: {_safe(item['reason'])}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def verify(store, as_json):
+    """Read all of STORE: every chunk's checksum and the consistency of its columns; list what is
+    damaged down to rows. Exit 1 if anything is damaged."""
+    from .cache.verify import format_report
+
+    result = api.verify(store)
+    if as_json:
+        _emit_json(result)
+    else:
+        for line in format_report(result):
+            click.echo(_safe(line))
+    if not result["ok"]:
+        click.echo(f"error: {_safe(store)} is damaged; `{_safe(result['repair'])}` keeps what can still be read",
+                   err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def repair(store, as_json):
+    """Rewrite a damaged STORE with every row that can still be read; the damaged file is kept
+    as STORE.damaged-TIME. The next extract of the same folder re-extracts the rows left out."""
+    result = api.repair(store)
+    if as_json:
+        _emit_json(result)
+        return
+    if not result["repaired"]:
+        click.echo(f"{store}: no damage found; nothing to do")
+        return
+    click.echo(f"repaired {store} (the damaged file is kept as {result['damaged_copy']})")
+    for fs in result["kept"]:
+        if fs["lost"]:
+            click.echo(f"  {fs['feature_set']}: lost ({_safe(fs['lost'])})")
+            continue
+        aside = f", {fs['rows_set_aside']} set aside until the next extract" if fs["rows_set_aside"] else ""
+        click.echo(f"  {fs['feature_set']}: kept {fs['rows_kept']} of {fs['rows']} rows ({fs['rows_lost']} lost{aside})")
+    if result["nothing_recovered"]:
+        click.echo(f"  nothing could be recovered: {store} is now empty", err=True)
+    click.echo("  run the same featcache extract again to re-extract what was lost", err=True)
 
 
 @cli.command()

@@ -14,9 +14,9 @@ from featcache import api
 from featcache.cli import cli
 
 # command -> API function
-COMMANDS = {"extract": "extract_features", "info": "info", "merge": "merge", "bases": "bases", "train": "train",
-            "compare": "compare", "search": "search", "report": "report", "predict": "predict",
-            "export": "export", "finetune": "finetune", "ensemble": "ensemble", "demo": "demo"}
+COMMANDS = {"extract": "extract_features", "info": "info", "verify": "verify", "repair": "repair", "merge": "merge",
+            "bases": "bases", "train": "train", "compare": "compare", "search": "search", "report": "report",
+            "predict": "predict", "export": "export", "finetune": "finetune", "ensemble": "ensemble", "demo": "demo"}
 # Options that shape only the command's own output or exit status.
 CLI_ONLY = {"as_json", "strict", "no_progress"}
 # CLI parameter name -> API parameter name, where they differ.

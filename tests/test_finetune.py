@@ -295,3 +295,25 @@ def test_unfreeze_options_on_the_command_line(setup, tmp_path):
     ):
         r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "x"), "--epochs", "1", *args])
         assert r.exit_code == 1 and r.stderr.startswith(message), (args, r.stderr)
+
+
+def test_from_cache_refuses_a_damaged_boundary_row(setup, tmp_path):
+    import shutil
+
+    import h5py
+
+    damaged = tmp_path / "damaged.h5"
+    shutil.copyfile(setup["store"], damaged)
+    with h5py.File(damaged, "r") as f:
+        ds = f["feature_sets"][setup["boundary_set"]]["features"]
+        offset = ds.id.get_chunk_info(0).byte_offset + 1000  # inside row 0 (2x2x256 float32 = 4 KiB a row)
+    with open(damaged, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ 1]))
+    r = CliRunner().invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "e"), "--from-cache", str(damaged)])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"error: {damaged}: feature set {setup['boundary_set']}: damaged features, row 0 "
+                               "(checksum mismatch)")

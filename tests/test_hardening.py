@@ -180,7 +180,7 @@ def test_store_left_mid_set_up_by_a_killed_writer_is_readable_and_resumes(image_
     store = tmp_path / "s.h5"
     first = extract(str(image_tree), str(store), ExtractConfig(base="pixels", size=8, progress=False))
     # A writer in its set-up step has the file open outside SWMR: HDF5 turns SWMR readers away.
-    code = ("import time; from featcache.cache.store import StoreWriter; "
+    code = ("import time; from featcache.cache.writer import StoreWriter; "
             f"w = StoreWriter({str(store)!r}); w.file.flush(); print('open', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code], env=ENV, cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -35,7 +35,7 @@ COMMANDS = readme_commands()
 def test_readme_has_the_commands_of_every_task():
     used = {shlex.split(c)[1] for c in COMMANDS}
     assert {"demo", "extract", "info", "bases", "train", "compare", "finetune", "predict", "export", "merge", "search",
-            "ensemble"} <= used
+            "ensemble", "verify", "repair"} <= used
 
 
 @pytest.mark.parametrize("command", COMMANDS)

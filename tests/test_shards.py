@@ -149,7 +149,7 @@ def _killed_shard(tree, store, shard, kill_at_commit):
     """Run one shard in a subprocess that SIGKILLs itself at its N-th store commit."""
     code = f"""
 import os, signal, sys
-from featcache.cache.store import StoreWriter
+from featcache.cache.writer import StoreWriter
 from featcache.cli import main
 real, calls = StoreWriter.commit, [0]
 def commit(self):

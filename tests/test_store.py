@@ -140,7 +140,7 @@ def test_store_errors(image_tree, tmp_path):
 
 
 def test_second_writer_is_refused(image_tree, tmp_path):
-    from featcache.cache.store import StoreWriter
+    from featcache.cache.writer import StoreWriter
 
     store = tmp_path / "s.h5"
     with StoreWriter(str(store)):

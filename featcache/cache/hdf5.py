@@ -10,6 +10,14 @@ h5py has no wrapper for it, so :func:`clear_stale_write_flag` sets the same file
 property h5clear sets, through ctypes on h5py's own libhdf5. It is called only while the
 store's writer lock is held, so the mark is known to be stale.
 
+Damage: a SWMR reader retries a metadata read whose checksum fails, since a live writer may be
+rewriting that piece; HDF5's default is 100 attempts with a back-off that doubles from 1 ns
+without a cap (measured: 32 attempts wait 4 s, 36 wait 69 s), so one damaged header made a
+reader sleep for hours. Readers here allow METADATA_READ_ATTEMPTS (about 0.3 s of back-off in
+all; a writer's rewrite of one piece of metadata takes microseconds). A SWMR reader also skips
+HDF5's check that the file is as long as its superblock says, and would read the missing end
+of a truncated file as zeros: :func:`open_for_read` checks that itself.
+
 Why :func:`reserve_space`: HDF5 does not survive a failed write (a full disk, a file size
 limit). The error surfaces later, from a flush or from freeing an object, and the library
 can then crash the process (seen here: a segfault in the next flush). So the writer reserves
@@ -29,7 +37,10 @@ import filelock
 import h5py
 
 from ..errors import FeatcacheError
+from .damage import READ_ERRORS, StoreDamaged, reason
 
+METADATA_READ_ATTEMPTS = 28  # back-off 2**28 ns in all (~0.27 s); HDF5's SWMR default is 100
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
 RESERVE_MARGIN = 1 << 20  # metadata a batch may add beyond its chunks (B-tree nodes, heaps, headers)
 _STALE_FLAG = ("h5clear", "not already open for SWMR writing")  # HDF5's words for a left-over write mark
 
@@ -61,6 +72,10 @@ def _libhdf5():
     lib.H5Pset.restype = ctypes.c_int
     lib.H5Fget_eoa.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64)]
     lib.H5Fget_eoa.restype = ctypes.c_int
+    lib.H5Pset_metadata_read_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+    lib.H5Pset_metadata_read_attempts.restype = ctypes.c_int
+    lib.H5Pset_link_phase_change.argtypes = [ctypes.c_int64, ctypes.c_uint, ctypes.c_uint]
+    lib.H5Pset_link_phase_change.restype = ctypes.c_int
     return lib
 
 
@@ -129,7 +144,11 @@ def check_is_hdf5(path: str) -> None:
             head = fh.read(8)
     except OSError as exc:
         raise FeatcacheError(f"{path}: cannot read the store ({os_reason(exc)})") from None
-    if head and not h5py.is_hdf5(path):
+    if head == SIGNATURE:
+        return  # HDF5, whatever state the rest is in
+    if head and SIGNATURE.startswith(head):
+        raise StoreDamaged(path, "file", f"truncated: it holds {len(head)} bytes")
+    if head and not h5py.is_hdf5(path):  # (HDF5 may also start after a user block)
         raise FeatcacheError(f"{path}: not an HDF5 file (refusing to touch it; choose another store path)")
 
 
@@ -179,16 +198,72 @@ def _clear_if_no_writer(path: str) -> bool:
         lock.release()
 
 
-def open_for_read(path: str, lock_held: bool = False) -> h5py.File:
+def open_swmr(path: str, attempts: int = METADATA_READ_ATTEMPTS) -> h5py.File:
+    """``h5py.File(path, "r", swmr=True)`` with few metadata read attempts (see the module doc;
+    1 where no writer can be running: then a checksum that fails is damage)."""
+    fapl = _latest_fapl()
+    if _libhdf5().H5Pset_metadata_read_attempts(fapl.id, attempts) < 0:
+        raise FeatcacheError(f"{path}: could not set HDF5's metadata read attempts")
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl)
+    return h5py.File(fid)
+
+
+def writer_running(path: str) -> bool:
+    """True if a featcache writer holds the store's lock. False when the lock cannot be taken
+    for another reason (a read-only folder): no featcache writer can write there either."""
+    lock = filelock.FileLock(path + ".lock", timeout=0)  # the writer lock (layout.writer_lock)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
+
+
+def marked_open_for_write(path: str) -> bool:
+    """The superblock's status flags say a writer has the file open (or was killed with it
+    open). Superblock versions 2 and 3 (what libver="latest" writes) keep them in byte 11."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return False
+    return len(head) == 12 and head[:8] == SIGNATURE and head[8] in (2, 3) and head[11] != 0
+
+
+def left_by_killed_writer(path: str, lock_held: bool = False) -> bool:
+    """Marked open for writing while no writer runs (``lock_held``: the caller is the writer)."""
+    return marked_open_for_write(path) and (lock_held or not writer_running(path))
+
+
+def check_length(file: h5py.File, path: str, writer_possible: bool = True) -> None:
+    """StoreDamaged if the file is shorter than HDF5's end of allocation, unless a writer is
+    running (it may have allocated space it has not written yet: normally it reserves that
+    space on disk first, see reserve_space, but not on file systems that cannot)."""
+    eoa = end_of_allocation(file)
+    size = os.path.getsize(path)
+    if size < eoa and not (writer_possible and writer_running(path)):
+        raise StoreDamaged(path, "file", f"truncated: it holds {size} of its {eoa} bytes")
+
+
+def open_for_read(path: str, lock_held: bool = False, attempts: int = METADATA_READ_ATTEMPTS,
+                  truncated_ok: bool = False) -> h5py.File:
     """Open ``path`` for reading; safe while a featcache writer appends to it (SWMR).
 
-    ``lock_held``: the caller holds the writer lock, so a write mark found is stale."""
+    ``lock_held``: the caller holds the writer lock, so a write mark found is stale.
+    A damaged or truncated file raises StoreDamaged (``truncated_ok``: not for truncation;
+    what lies past the end then reads as zeros, which fails the checksums)."""
     if not os.path.exists(path):
         raise FeatcacheError(f"{path}: no such store")
     check_is_hdf5(path)
+    if os.path.getsize(path) == 0:
+        raise StoreDamaged(path, "file", "empty (0 bytes)")
     for attempt in range(2):
         try:
-            return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
+            file = open_swmr(path, attempts)
+            break
         except OSError as exc:
             if attempt == 0 and _is_stale_flag(exc):
                 if lock_held:
@@ -201,8 +276,30 @@ def open_for_read(path: str, lock_held: bool = False) -> h5py.File:
                     f"{path}: a featcache run is setting the store up (or was killed doing so); "
                     "try again in a moment, or run featcache extract on it to repair it"
                 ) from None
-            raise FeatcacheError(f"{path}: cannot read the store ({os_reason(exc)})") from None
-    raise AssertionError("unreachable")
+            if h5_errno(exc) is not None:
+                raise FeatcacheError(f"{path}: cannot read the store ({os_reason(exc)})") from None
+            raise StoreDamaged(path, "file metadata", reason(exc)) from None
+        except READ_ERRORS as exc:
+            raise StoreDamaged(path, "file metadata", reason(exc)) from None
+    else:
+        raise AssertionError("unreachable")
+    try:
+        if not truncated_ok:
+            check_length(file, path, writer_possible=not lock_held)
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def create_compact_group(parent: h5py.Group, name: str, max_links: int, max_attrs: int) -> h5py.Group:
+    """A new group whose links and attributes stay in its object header, where HDF5 checksums
+    them (up to ``max_links`` links and ``max_attrs`` attributes; HDF5 moves larger ones out)."""
+    gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    if _libhdf5().H5Pset_link_phase_change(gcpl.id, max_links, min(max_links, 8)) < 0:
+        raise RuntimeError("H5Pset_link_phase_change failed")
+    gcpl.set_attr_phase_change(max_attrs, min(max_attrs, 6))
+    return h5py.Group(h5py.h5g.create(parent.id, name.encode(), gcpl=gcpl))
 
 
 def reserve_space(file: h5py.File, fd: int, nbytes: int) -> None:
@@ -227,7 +324,7 @@ def reserve_space(file: h5py.File, fd: int, nbytes: int) -> None:
 def trim_reserved(path: str) -> None:
     """Give back reserved blocks past the store's end once the writer has closed it."""
     try:
-        with h5py.File(path, "r", libver="latest", swmr=True, locking=False) as f:
+        with open_swmr(path) as f:
             eoa = end_of_allocation(f)
         if os.path.getsize(path) > eoa:
             os.truncate(path, eoa)

@@ -31,10 +31,11 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatcacheError
-from . import text
-from .hdf5 import check_is_hdf5, open_for_read
+from .hdf5 import check_is_hdf5
 from .key import FORMAT_VERSION
-from .store import GROUP, PATHS, ROW_COLUMNS, SPLITS, Store, append_failures, append_rows, create_row_columns, writer_lock
+from .layout import (CRC, GROUP, PATHS, ROW_COLUMNS, SPLITS, append_failures, append_rows, create_feature_set_group,
+                     create_row_columns, require_root, writer_lock)
+from .store import Store
 
 MARKER_SUFFIX = ".shard.json"
 MARKER_FORMAT = 1
@@ -121,6 +122,18 @@ def commit_shard(store: str, shard: tuple[int, int], name: str, record: dict) ->
     _update_marker(store, shard, update)
 
 
+def withdraw_records(store: str, names) -> list[str]:
+    """Drop the commit records of feature sets ``names`` (their rows changed: repair). The caller
+    holds the store's writer lock. Returns the names withdrawn."""
+    marker = read_marker(store)
+    withdrawn = sorted(set(names) & set(marker["feature_sets"])) if marker else []
+    if withdrawn:
+        for name in withdrawn:
+            marker["feature_sets"].pop(name)
+        _write_marker(store, marker)
+    return withdrawn
+
+
 def check_shard_identity(store: str, shard: tuple[int, int]) -> None:
     """Refuse to write shard I/N into a store that holds another shard (rows would count twice)."""
     if not os.path.exists(store):
@@ -149,51 +162,6 @@ def committed_record(store: str, shard: tuple[int, int], name: str) -> dict | No
     except FeatcacheError:
         return None
     return record
-
-
-# -- reading merged stores ---------------------------------------------------------------
-
-
-def check_sources(dataset: h5py.Dataset, store_path: str) -> None:
-    """Fail clearly when a virtual dataset's shard files are gone or unreadable.
-
-    HDF5 reads the fill value (zeros) for a virtual source it cannot open, without an error,
-    so a moved, truncated or replaced shard would silently read as zero features. Each source
-    is resolved the way HDF5 does it (HDF5_VDS_PREFIX, then the merged file's folder, then the
-    working folder) and opened once (about a millisecond per shard)."""
-    folder = os.path.dirname(os.path.abspath(store_path))
-    prefixes = [p for p in os.environ.get("HDF5_VDS_PREFIX", "").split(":") if p]
-    needed: dict[tuple[str, str], int] = {}
-    for vs in dataset.virtual_sources():
-        rows = int(vs.src_space.get_select_bounds()[1][0]) + 1
-        key = (vs.file_name, vs.dset_name)
-        needed[key] = max(needed.get(key, 0), rows)
-    for (source, name), rows in sorted(needed.items()):
-        if source == ".":
-            continue
-        if os.path.isabs(source):
-            base = os.path.basename(source)  # HDF5 falls back to the bare file name
-            candidates = [source, *(os.path.join(p.replace("${ORIGIN}", folder), base) for p in prefixes)]
-            candidates.append(os.path.join(folder, base))
-        else:
-            candidates = [os.path.join(p.replace("${ORIGIN}", folder), source) for p in prefixes]
-            candidates += [os.path.join(folder, source), os.path.abspath(source)]
-        found = next((c for c in candidates if os.path.isfile(c)), None)
-        if found is None:
-            raise FeatcacheError(
-                f"{store_path}: its features are read from shard file {source}, which is missing "
-                f"(looked in {folder}); keep the shard files where they were merged, or merge again"
-            )
-        try:
-            with open_for_read(found) as f:
-                have = f[name].shape[0] if name in f else -1
-        except FeatcacheError as exc:
-            raise FeatcacheError(f"{store_path}: shard file {source} cannot be read: {exc}") from None
-        if have < rows:
-            raise FeatcacheError(
-                f"{store_path}: shard file {source} no longer holds the {rows} rows merged from it "
-                "(replaced or rewritten?); merge again"
-            )
 
 
 # -- merging -----------------------------------------------------------------------------
@@ -301,18 +269,19 @@ def _read_shard_set(path: str, store: Store, name: str, record: dict):
             f"{path}: feature set {name} has {fs.n_committed} committed rows but its commit marker says "
             f"{record.get('rows')}; the shard changed after it was committed: re-run it"
         )
-    g = fs.group
     rows = fs.n_committed
+    features = fs.features
     return {
         "rows": rows,
-        "columns": {c: g[c][:rows] for c in ROW_COLUMNS},
+        "columns": {c: fs.column(c) for c in ROW_COLUMNS},
+        "crc": fs.column(CRC) if fs.has_crc else None,
         "paths": fs.column(PATHS),
         "failures": fs.failures(),
-        "attrs": {k: _attr_value(v) for k, v in g.attrs.items()},  # for comparing
-        "raw_attrs": dict(g.attrs.items()),  # for copying, dtypes as stored
-        "shape": g["features"].shape[1:],
-        "dtype": g["features"].dtype,
-        "source_shape": g["features"].shape,
+        "attrs": {k: _attr_value(v) for k, v in fs.attrs.items()},  # for comparing
+        "raw_attrs": dict(fs.attrs),  # for copying, dtypes as stored
+        "shape": features.shape[1:],
+        "dtype": features.dtype,
+        "source_shape": features.shape,
     }
 
 
@@ -366,7 +335,7 @@ def merge(shards: list[str], out: str, allow_missing: bool = False, feature_sets
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["featcache_version"] = __version__
                 f.attrs["merged"] = json.dumps({"shard_count": count, "shards": [i for i, *_ in committed]})
-                root = f.require_group(GROUP)
+                root = require_root(f)
                 for name in names:
                     parts = [(path, _read_shard_set(path, s, name, marker["feature_sets"][name]))
                              for _, path, marker, s in opened]
@@ -409,14 +378,18 @@ def _write_merged_set(root: h5py.Group, name: str, parts: list[tuple[str, dict]]
             layout[offset : offset + rows] = source[0:rows]
         merged_from.append({"file": rel, "rows": rows, "first_row": offset})
         offset += rows
-    g = root.create_group(name)
+    g = create_feature_set_group(root, name)
     g.create_virtual_dataset("features", layout)
     paths = np.concatenate([p["paths"] for _, p in parts]).tolist()
     failures = [f for _, p in parts for f in p["failures"]]
     # one chunk per column: nothing is appended to a merged store
+    checked = all(p["crc"] is not None for _, p in parts)  # the shards' CRCs check the virtual features
     create_row_columns(g, rows=max(total, 1), text_bytes=max(len("".join(paths).encode()), 1),
-                       failures=max(len(failures), 1))
-    append_rows(g, {c: np.concatenate([p["columns"][c] for _, p in parts]) for c in ROW_COLUMNS}, paths)
+                       failures=max(len(failures), 1), crc=checked)
+    columns = {c: np.concatenate([p["columns"][c] for _, p in parts]) for c in ROW_COLUMNS}
+    if checked:
+        columns[CRC] = np.concatenate([p["crc"] for _, p in parts])
+    append_rows(g, columns, paths)
     append_failures(g, failures)
     g["committed"][:] = [total, len(failures), int(first["raw_attrs"].get("listing_generation", 0))]
     for key, value in first["raw_attrs"].items():

@@ -12,7 +12,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from ..errors import FeatcacheError
+from . import damage
+from .damage import StoreDamaged
 
 BYTES_CHUNK = 1 << 16
 
@@ -24,8 +25,9 @@ def names(column: str) -> tuple[str, str]:
 
 def create(group: h5py.Group, column: str, chunk_rows: int, chunk_bytes: int = BYTES_CHUNK) -> None:
     data, ends = names(column)
-    group.create_dataset(data, shape=(0,), maxshape=(None,), chunks=(chunk_bytes,), dtype="uint8")
-    group.create_dataset(ends, shape=(0,), maxshape=(None,), chunks=(chunk_rows,), dtype="int64")
+    # Fletcher-32: a damaged chunk fails to read (see layout.py)
+    group.create_dataset(data, shape=(0,), maxshape=(None,), chunks=(chunk_bytes,), dtype="uint8", fletcher32=True)
+    group.create_dataset(ends, shape=(0,), maxshape=(None,), chunks=(chunk_rows,), dtype="int64", fletcher32=True)
 
 
 def count(group: h5py.Group, column: str) -> int:
@@ -59,19 +61,41 @@ def truncate(group: h5py.Group, column: str, n: int) -> None:
     data.resize(_end_at(group, column, n), axis=0)
 
 
-def read(group: h5py.Group, column: str, n: int) -> np.ndarray:
-    """The first ``n`` entries as an object array of str."""
+def bad_ends(offsets: np.ndarray, nbytes: int) -> int | None:
+    """The first entry whose end offset cannot be right (negative, decreasing, or past the
+    ``nbytes`` bytes stored), or None."""
+    if not len(offsets):
+        return None
+    bad = np.flatnonzero((np.diff(offsets, prepend=0) < 0) | (offsets > nbytes))
+    return int(bad[0]) if len(bad) else None
+
+
+def decode(blob: bytes, offsets: np.ndarray) -> list[str]:
+    """Entries from their bytes back to back and their end offsets (UnicodeDecodeError if not UTF-8)."""
+    starts = [0, *offsets[:-1].tolist()] if len(offsets) else []
+    return [blob[s:e].decode("utf-8") for s, e in zip(starts, offsets.tolist())]
+
+
+def _read_plain(dataset: h5py.Dataset, start: int, stop: int, boundary: int) -> np.ndarray:
+    return damage.read(dataset, slice(start, stop))
+
+
+def read(group: h5py.Group, column: str, n: int, read_range=_read_plain) -> np.ndarray:
+    """The first ``n`` entries as an object array of str; StoreDamaged if they cannot be right.
+    ``read_range(dataset, start, stop, committed)`` reads elements (see FeatureSet._read)."""
     data, ends = (group[name] for name in names(column))
-    offsets = ends[:n]
+    path, feature_set = group.file.filename, group.name.rsplit("/", 1)[-1]
+    offsets = read_range(ends, 0, n, n) if n else np.zeros(0, np.int64)
+    first_bad = bad_ends(offsets, data.shape[0])
+    if first_bad is not None:
+        raise StoreDamaged(path, f"{column} column", f"entry {first_bad} ends at byte {int(offsets[first_bad])}, "
+                           f"out of order or past the {data.shape[0]} bytes stored", feature_set)
     used = int(offsets[-1]) if n else 0
-    blob = data[:used].tobytes()
-    if len(blob) < used:
-        raise FeatcacheError(
-            f"{group.file.filename}: text column {column} of {group.name} is shorter than its offsets say; "
-            "being written by a featcache run? try again in a moment"
-        )
-    starts = np.concatenate([[0], offsets[:-1]]) if n else offsets
-    return np.array([blob[s:e].decode("utf-8") for s, e in zip(starts.tolist(), offsets.tolist())], dtype=object)
+    blob = read_range(data, 0, used, used).tobytes() if used else b""
+    try:
+        return np.array(decode(blob, offsets), dtype=object)
+    except UnicodeDecodeError:
+        raise StoreDamaged(path, f"{column} column", "text that is not UTF-8", feature_set) from None
 
 
 def max_nbytes(texts) -> int:

@@ -273,7 +273,13 @@ class DenseHead(Head):
                 vx, vy = validation.load()
                 # A bigger validation batch only cuts per-call overhead; the numbers are the same.
                 fit_args.update(validation_data=(vx, self._targets(vy)), validation_batch_size=max(batch, 256))
-        history = self.model.fit(epochs=c["epochs"], callbacks=callbacks, verbose=0, **fit_args)
+        self._generator_error = None
+        try:
+            history = self.model.fit(epochs=c["epochs"], callbacks=callbacks, verbose=0, **fit_args)
+        except Exception:
+            if self._generator_error is not None:  # e.g. a damaged chunk of the store, as itself
+                raise self._generator_error from None
+            raise
         if c["checkpoint"] and os.path.exists(os.path.join(run_dir, "best.keras")):
             import keras
 
@@ -285,8 +291,14 @@ class DenseHead(Head):
         return {k: [float(v) for v in values] for k, values in history.history.items()}
 
     def _with_targets(self, batches):
-        for x, y in batches:
-            yield (tuple(x) if isinstance(x, list) else x), self._targets(y)
+        # Keras runs a generator inside TensorFlow, which turns its exceptions into its own
+        # errors: a FeatcacheError is kept for fit() to raise as itself.
+        try:
+            for x, y in batches:
+                yield (tuple(x) if isinstance(x, list) else x), self._targets(y)
+        except FeatcacheError as exc:
+            self._generator_error = exc
+            raise
 
     def predict_proba(self, x) -> np.ndarray:
         p = np.asarray(self.model.predict_on_batch(_float32(x)), dtype=np.float64)

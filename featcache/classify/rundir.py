@@ -72,7 +72,7 @@ def feature_set_digest(fs: FeatureSet) -> str:
 
 
 def feature_set_record(fs: FeatureSet, store_path: str) -> dict:
-    attrs = fs.group.attrs
+    attrs = fs.attrs
     return {
         "name": fs.name,
         "key": fs.spec.to_dict(),

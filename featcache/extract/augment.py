@@ -109,11 +109,9 @@ def augment_image(layers, image: np.ndarray, seed: int) -> np.ndarray:
 
 def view_column(fs) -> np.ndarray | None:
     """The view number of each committed row, or None for a feature set without views."""
-    if VIEW_COLUMN not in fs.group:
+    if not fs.has_column(VIEW_COLUMN):
         return None
-    ds = fs.group[VIEW_COLUMN]
-    ds.refresh()
-    return ds[: fs.n_committed].astype(np.int64)
+    return fs.column(VIEW_COLUMN).astype(np.int64)
 
 
 def view_rows(fs, rows: np.ndarray) -> np.ndarray | None:

@@ -9,7 +9,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from ..cache.store import StoreWriter, store_path_text
+from ..cache.layout import create_row_column, store_path_text
+from ..cache.writer import StoreWriter
 from ..errors import FeatcacheError
 from .augment import TRANSFORMS, VIEW_COLUMN, augment_image, make_layers, view_seed
 from .backbones import get_backbone
@@ -43,6 +44,7 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
     with StoreWriter(store, open_file=False) as writer:
         hashed, failures = digest_all(listing)
         hash_seconds = time.perf_counter() - started
+        writer.peek(spec)  # a damaged store stops here, before it is opened for writing
         writer.open()
         existing = writer.existing(spec)
         weights = resolve_weights(backbone, config.weights, config.seed, size)
@@ -50,7 +52,7 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
                              jit_compile=config.xla)
         if existing is None:
             writer.create(spec, model.output_shape, config.dtype, config.batch_size)
-            writer.group.create_dataset(VIEW_COLUMN, shape=(0,), maxshape=(None,), chunks=(4096,), dtype="uint16")
+            create_row_column(writer.group, VIEW_COLUMN, "uint16")
         group = writer.group
         n_rows = int(group["committed"][0])
         group[VIEW_COLUMN].resize(n_rows, axis=0)  # cut the in-flight tail of a killed run

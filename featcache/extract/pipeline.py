@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ..cache.store import StoreWriter
+from ..cache.writer import StoreWriter
 from ..errors import FeatcacheError
 from .backbones import get_backbone
 from .batch_loop import LoopResult, run_batches
@@ -57,8 +57,9 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
     with StoreWriter(store, open_file=False) as writer:  # the lock first: a second writer fails at once
         hashed, failures = digest_all(listing)
         hash_seconds = time.perf_counter() - started
-        existing = writer.peek(spec)  # read-only: readers go on while the model is built
+        existing = writer.peek(spec)  # read-only: readers go on while the model is built; damage stops here
         keep, copy, todo = plan(existing, hashed)
+        writer.check_rows(spec, [row for _, _, row in copy if row is not None])  # the rows it will copy
         model = None
         if todo or existing is None:
             # One compiled shape per run: every batch, the last one too, has this many rows.

@@ -1,7 +1,8 @@
 """What a run has to do: hash the listing, match it against the stored rows, copy known features."""
 from __future__ import annotations
 
-from ..cache.store import StoreWriter, store_path_text
+from ..cache.layout import store_path_text
+from ..cache.writer import StoreWriter
 from .decode import DecodeError, file_digest
 from .discover import ImageEntry, Listing
 
@@ -51,7 +52,6 @@ def copy_rows(writer: StoreWriter, copies) -> dict[str, int]:
     """Append rows whose features are already stored (same bytes under another path).
 
     Returns digest -> source row for the copied digests."""
-    features = writer.group["features"]
-    for entry, digest, row in copies:
-        writer.append(features[row : row + 1], [entry.label], [entry.relpath], [digest], [entry.split])
+    for entry, digest, row in copies:  # read with its CRC checked: damage is never copied under a fresh one
+        writer.append(writer.read_features(row, row + 1), [entry.label], [entry.relpath], [digest], [entry.split])
     return {digest: row for _, digest, row in copies}
