@@ -20,6 +20,17 @@ MOBILENET_V2 = SHARED_WEIGHTS / "mobilenet_v2_1.0_224_coralquant_dequant_no_top.
 MOBILENET_V2_TOP = SHARED_WEIGHTS / "mobilenet_v2_1.0_224_coralquant_dequant.h5"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU this process may run on (not the host's count, which a
+    container may not grant), at most 4 and one per 3 GB of memory: each worker loads TensorFlow."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gb = 3.0
+    return max(1, min(cpus, 4, int(memory_gb // 3)))
+
+
 def shared_file(path: pathlib.Path) -> pathlib.Path:
     """A file from ../shared, or a clean skip when this checkout has no shared folder."""
     if not path.exists():
