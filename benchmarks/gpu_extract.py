@@ -159,6 +159,45 @@ def model_alone(model, paths, size, batch, n) -> float:
     return (len(batches) - 1) * batch / (time.perf_counter() - started)
 
 
+# -- (5b) the GPU decoder alone, and with the model in a plain loop ----------------------------------------
+
+
+def gpu_decode_loop(paths, size, batch, model=None) -> dict:
+    """Steady-state images/s of featcache's GpuDecoder over ``paths`` in batches (first batch
+    excluded), with the model dispatched on each batch when given; host seconds per step."""
+    import keras
+
+    from featcache.extract.gpu_decode import GpuDecoder
+
+    wait = (lambda x: __import__("jax").block_until_ready(x)) if keras.backend.backend() == "jax" else (lambda x: x)
+    decoder = GpuDecoder(size, 10**8, 4)
+    done, started, handle = 0, None, None
+    try:
+        for start in range(0, len(paths), batch):
+            _, images, _ = decoder.decode(paths[start : start + batch])
+            if model is None:
+                wait(images)
+            else:
+                nxt = model.dispatch(images)
+                if handle is not None:
+                    model.fetch(handle)
+                handle = nxt
+            if started is None:
+                if handle is not None:
+                    model.fetch(handle)
+                    handle = None
+                started, steps = time.perf_counter(), dict(decoder.seconds)
+                continue
+            done += len(images)
+        if handle is not None:
+            model.fetch(handle)
+        elapsed = time.perf_counter() - started
+    finally:
+        decoder.close()
+    return {"images_per_second": done / elapsed,
+            "host_seconds": {k: round(v - steps[k], 3) for k, v in decoder.seconds.items()}, "seconds": round(elapsed, 3)}
+
+
 # -- (5) GPU against CPU decoding, feature by feature ------------------------------------------------
 
 
@@ -264,6 +303,15 @@ def main(argv=None) -> dict:
             cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
             gpu_row["mean_cosine_to_cpu_decoding_run"] = float(cos.mean())  # resize differs: bilinear+jpeg-draft
         if "store" in gpu_row:
+            for name, with_model in (("GPU decoder alone", None), ("GPU decoder + model, plain loop", model)):
+                try:
+                    rows[name] = gpu_decode_loop(paths, args.size, batch, with_model)
+                    print(f"{name}: host seconds per step {rows[name]['host_seconds']} of {rows[name]['seconds']}")
+                except Exception as exc:  # noqa: BLE001
+                    import traceback
+
+                    traceback.print_exc()
+                    rows[name] = {"absent": f"failed: {exc.__class__.__name__}: {exc}"}
             try:
                 compared, compared_size = model, args.size
                 if args.cosine_base or args.cosine_weights or args.cosine_size:
@@ -286,11 +334,11 @@ def main(argv=None) -> dict:
     print(f"{'':28s} {'images/s':>9s} {'/ model':>8s} {'/ reference':>11s} {'start-up s':>10s}")
     for name, row in rows.items():
         if "absent" in row:
-            print(f"{name:28s} {'absent':>9s}  {row['absent']}")
+            print(f"{name:32s} {'absent':>9s}  {row['absent']}")
             continue
         rate = row["images_per_second"]
         extra = f"{row['startup_seconds']:10.1f}  decode={row['decode']} resize={row['resize']}" if "decode" in row else ""
-        print(f"{name:28s} {rate:9.1f} {rate / alone:8.2f} {rate / reference:11.2f} {extra}")
+        print(f"{name:32s} {rate:9.1f} {rate / alone:8.2f} {rate / reference:11.2f} {extra}")
     gpu_row = rows["featcache, GPU decoding"]
     if "mean_cosine_vs_cpu_gpu-bilinear" in gpu_row:
         print(f"GPU-decoded vs Pillow-decoded features of {gpu_row['cosine_model']} ({gpu_row['images']} images, "

@@ -20,6 +20,7 @@ MOBILENET_V2 = SHARED_WEIGHTS / "mobilenet_v2_1.0_224_coralquant_dequant_no_top.
 MOBILENET_V2_TOP = SHARED_WEIGHTS / "mobilenet_v2_1.0_224_coralquant_dequant.h5"
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown to a pytest without it
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per CPU this process may run on (not the host's count, which a
     container may not grant), at most 4 and one per 3 GB of memory: each worker loads TensorFlow."""

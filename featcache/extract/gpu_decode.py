@@ -5,23 +5,24 @@ where there is one, CUDA otherwise), applies EXIF orientation, and hands each im
 through DLPack, which JAX, TensorFlow and torch all take without a copy through host memory.
 (``torchvision.io.decode_jpeg`` serves the torch backend only; DALI is a large framework of
 its own.) It has no resize, so the images are resized where they lie, by the backend, with the
-``gpu-bilinear`` filter of :mod:`.resize` (two small matmuls per image, the weights cached on
-the device), and stacked into the batch the model takes: nothing goes back to the host.
+``gpu-bilinear`` filter of :mod:`.resize` (two matmuls over all the batch's images of one size,
+the weights cached on the device), into the batch the model takes: nothing goes back to the host.
 
 Files that are not JPEG (by their first bytes), JPEGs that are not 1- or 3-channel (CMYK),
 that are larger than ``--max-pixels``, or that nvImageCodec cannot decode go through the CPU
 path (Pillow, with the same ``gpu-bilinear`` filter), which decodes them or reports why not,
 as any run does. Their rows are uploaded and joined to the batch.
 
-A compiled resize exists per distinct image size (JAX compiles one small function for each),
-so a folder of a few camera sizes pays for a few compiles; one of many thousand sizes pays
-for many.
+A compiled resize exists per distinct image size and count in a batch (JAX compiles one small
+function for each), so a folder of a few camera sizes pays for a few compiles; one of many
+thousand sizes pays for many.
 """
 from __future__ import annotations
 
 import functools
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -74,10 +75,10 @@ class _JaxOps:
         self.jnp, self.jax = jnp, jax
 
         @jax.jit
-        def resize(image, wy, wx):
-            x = jnp.einsum("sh,hwc->swc", wy, image.astype(jnp.float32))
-            x = jnp.einsum("tw,swc->stc", wx, x)
-            x = jnp.broadcast_to(x, (*x.shape[:2], 3))  # grayscale: the same value in R, G and B
+        def resize(images, wy, wx):
+            x = jnp.einsum("sh,nhwc->nswc", wy, images.astype(jnp.float32))
+            x = jnp.einsum("tw,nswc->nstc", wx, x)
+            x = jnp.broadcast_to(x, (*x.shape[:3], 3))  # grayscale: the same value in R, G and B
             return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
 
         self._resize = resize
@@ -91,8 +92,9 @@ class _JaxOps:
     def weights(self, n_in: int, n_out: int):
         return self.jax.device_put(triangle_weights(n_in, n_out))
 
-    def resize(self, image, wy, wx):
-        return self._resize(image, wy, wx)
+    def resize(self, images, wy, wx):
+        """(n, h, w, c) uint8 images of one size -> (n, size, size, 3) uint8."""
+        return self._resize(images, wy, wx)
 
     def concatenate(self, parts):
         return parts[0] if len(parts) == 1 else self.jnp.concatenate(parts)
@@ -108,10 +110,10 @@ class _TensorflowOps:
         self.tf = tf
 
         @tf.function(reduce_retracing=True)
-        def resize(image, wy, wx):
-            x = tf.einsum("sh,hwc->swc", wy, tf.cast(image, tf.float32))
-            x = tf.einsum("tw,swc->stc", wx, x)
-            x = tf.broadcast_to(x, tf.concat([tf.shape(x)[:2], [3]], 0))  # grayscale to RGB
+        def resize(images, wy, wx):
+            x = tf.einsum("sh,nhwc->nswc", wy, tf.cast(images, tf.float32))
+            x = tf.einsum("tw,nswc->nstc", wx, x)
+            x = tf.broadcast_to(x, tf.concat([tf.shape(x)[:3], [3]], 0))  # grayscale to RGB
             return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
 
         self._resize = resize
@@ -125,8 +127,9 @@ class _TensorflowOps:
     def weights(self, n_in: int, n_out: int):
         return self.tf.constant(triangle_weights(n_in, n_out))
 
-    def resize(self, image, wy, wx):
-        return self._resize(image, wy, wx)
+    def resize(self, images, wy, wx):
+        """(n, h, w, c) uint8 images of one size -> (n, size, size, 3) uint8."""
+        return self._resize(images, wy, wx)
 
     def concatenate(self, parts):
         return parts[0] if len(parts) == 1 else self.tf.concat(parts, 0)
@@ -158,6 +161,8 @@ class GpuDecoder:
         self.ops = backend_ops()
         self.cpu = ThreadPoolExecutor(workers)  # files left to the CPU path
         self.on_gpu = self.on_cpu = 0  # images decoded on each side (reported by the run)
+        # Host seconds spent in each step (benchmarks/gpu_extract.py prints them): where a batch waits.
+        self.seconds = dict.fromkeys(("read", "parse", "decode", "resize", "cpu"), 0.0)
 
     @functools.lru_cache(maxsize=256)
     def _weights(self, n_in: int):
@@ -185,26 +190,43 @@ class GpuDecoder:
 
     def decode(self, paths: list[str]):
         """([index into paths, in the order of the batch's rows], device images, {index: reason})."""
+        clock, seconds = time.perf_counter(), self.seconds
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[step] += now - clock
+            clock = now
+
         datas = []
         for path in paths:
             try:
                 datas.append(read_bytes(path))
             except DecodeError as exc:
                 datas.append(exc)
+        lap("read")
         streams = {i: s for i, d in enumerate(datas) if isinstance(d, bytes) and (s := self._gpu_candidate(d)) is not None}
+        lap("parse")
         order, rows = [], []
         if streams:
             try:
                 decoded = self.decoder.decode(list(streams.values()), params=self.params)
             except Exception:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
                 decoded = [None] * len(streams)
+            lap("decode")
+            # One resize per distinct image shape (a folder of one camera: one call a batch), not
+            # one per image: per-image dispatches held the GPU path at a fifth of the model's rate.
+            shapes: dict[tuple, list] = {}
             for i, image in zip(list(streams), decoded):
-                if image is None:
-                    continue  # rejected by nvImageCodec: the CPU path decodes it or says why
-                h, w = image.shape[:2]
-                rows.append(self.ops.resize(self.ops.from_dlpack(image), self._weights(h), self._weights(w)))
-                order.append(i)
-        left = [i for i in range(len(paths)) if i not in set(order)]
+                if image is not None:  # None: rejected by nvImageCodec; the CPU path decodes it or says why
+                    shapes.setdefault(tuple(image.shape), []).append((i, image))
+            for shape, members in shapes.items():
+                stacked = self.ops.stack([self.ops.from_dlpack(image) for _, image in members])
+                rows.append(self.ops.resize(stacked, self._weights(shape[0]), self._weights(shape[1])))
+                order += [i for i, _ in members]
+            lap("resize")
+        on_gpu = set(order)
+        left = [i for i in range(len(paths)) if i not in on_gpu]
         reasons, host = {}, []
         for i, (image, reason) in zip(left, self.cpu.map(self._cpu_decode, [datas[i] for i in left])):
             if image is None:
@@ -212,10 +234,11 @@ class GpuDecoder:
             else:
                 host.append(image)
                 order.append(i)
-        self.on_gpu += len(rows)
+        self.on_gpu += len(on_gpu)
         self.on_cpu += len(host)
-        parts = ([self.ops.stack(rows)] if rows else []) + ([self.ops.upload(np.stack(host))] if host else [])
+        parts = rows + ([self.ops.upload(np.stack(host))] if host else [])
         images = self.ops.concatenate(parts) if parts else np.zeros((0, self.size, self.size, 3), np.uint8)
+        lap("cpu")
         return order, images, reasons
 
     def close(self) -> None:
