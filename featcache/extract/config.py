@@ -21,6 +21,10 @@ DECODERS = ("auto", "threads", "processes", "gpu")
 # cores, or beside a GPU. Below this, threads (the model is the limit; nothing to gain).
 PROCESS_MIN_CORES = 8
 PROCESS_MIN_CORES_WITH_GPU = 4
+# GPU decoding beats decoding processes only where the cores are few. Measured on an H200 with
+# 16 cores (vgg16@150 fp16, benchmarks/gpu_extract.py): --decode gpu 7,400 img/s, 15 decoding
+# processes 11,000 (about 740 per process), so processes win from about 11 cores on.
+GPU_DECODE_MAX_CORES = 10
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ def gpu_decode_installed() -> bool:
 def resolve_decode(config: ExtractConfig) -> str:
     """How images are decoded: ``config.decode`` itself, or for ``auto``:
 
-    * ``gpu`` where nvImageCodec is installed (``featcache[gpu-decode]``) and a GPU is visible;
+    * ``gpu`` where nvImageCodec is installed (``featcache[gpu-decode]``), a GPU is visible and
+      the cores are few (GPU_DECODE_MAX_CORES or fewer);
     * ``processes`` on PROCESS_MIN_CORES cores or more (PROCESS_MIN_CORES_WITH_GPU beside a GPU);
     * ``threads`` otherwise.
     """
@@ -76,9 +81,9 @@ def resolve_decode(config: ExtractConfig) -> str:
     if config.decode != "auto":
         return config.decode
     gpu = gpu_compute_capability() is not None
-    if gpu and gpu_decode_installed():
-        return "gpu"
     cores = os.cpu_count() or 1
+    if gpu and cores <= GPU_DECODE_MAX_CORES and gpu_decode_installed():
+        return "gpu"
     return "processes" if cores >= (PROCESS_MIN_CORES_WITH_GPU if gpu else PROCESS_MIN_CORES) else "threads"
 
 
