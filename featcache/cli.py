@@ -323,12 +323,7 @@ def train(store, feature_set, feature_sets, base, head, out, memory_budget_mb, n
     click.echo(f"{result['head']} on {result['feature_set']}{' (streamed)' if result['streaming'] else ''}")
     click.echo(f"  untrained   ({u['split']}) accuracy {_fmt(u['accuracy'])} loss {_fmt(u['loss'])} "
                f"(chance {u['chance_accuracy']:.4f}, ln K {u['expected_loss']:.4f})")
-    for split in ("train", "validation", "test"):
-        m = result[split]
-        click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(m['accuracy'])} loss {_fmt(m['loss'])}")
-    click.echo(f"  trained in {result['seconds']:.1f} s; run directory {result['run_dir']}")
-    if result.get("report"):
-        click.echo(f"  report {result['report']}")
+    _echo_splits(result, f"trained in {result['seconds']:.1f} s; ")
     if u["flag"]:
         click.echo(f"  warning: {u['reason']}", err=True)
     if result["overfitting"]["flag"]:
@@ -517,6 +512,16 @@ def report(run_dir, out, split, max_images, seed, as_json):
     _print_report(result)
 
 
+def _echo_splits(result: dict, timing: str = "") -> None:
+    """A trained run's lines: metrics per split, its run directory and report."""
+    for split in ("train", "validation", "test"):
+        m = result[split]
+        click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(m['accuracy'])} loss {_fmt(m['loss'])}")
+    click.echo(f"  {timing}run directory {result['run_dir']}")
+    if result.get("report"):
+        click.echo(f"  report {result['report']}")
+
+
 def _print_report(result: dict) -> None:
     if result["per_image"]:
         click.echo(f"report {result['report']}: {result['mistakes']} mistakes of {result['images']} {result['split']} images "
@@ -549,12 +554,7 @@ def ensemble(run_dirs, out, weights, no_report, as_json):
         v, t = m["validation"], m["test"]
         click.echo(f"  {m['weight']:>7.4f} {_fmt(v['accuracy']):>8} {_fmt(v['loss']):>8} {_fmt(t['accuracy']):>8} "
                    f"{_fmt(t['loss']):>9}  {_safe(m['run_dir'])} ({_safe(m['label'])})")
-    for split in ("train", "validation", "test"):
-        m = result[split]
-        click.echo(f"  {split:<11} n={m['n']:<6} accuracy {_fmt(m['accuracy'])} loss {_fmt(m['loss'])}")
-    click.echo(f"  run directory {result['run_dir']}")
-    if result.get("report"):
-        click.echo(f"  report {result['report']}")
+    _echo_splits(result)
     for warning in result["warnings"]:
         click.echo(f"  warning: {_safe(warning)}", err=True)
 

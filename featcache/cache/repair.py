@@ -20,25 +20,18 @@ import numpy as np
 from .. import __version__
 from ..errors import FeatcacheError
 from . import torn
-from .damage import StoreDamaged
-from .hdf5 import check_is_hdf5, open_for_read, os_reason
+from .hdf5 import open_for_read, os_reason
 from .key import FORMAT_VERSION
 from .layout import (COMMITTED, PATHS, ROW_COLUMNS, append_failures, append_rows, create_feature_set_group,
                      create_row_column, create_row_columns, require_root, writer_lock)
-from .scan import SetScan, StoreScan, scan, summary
+from .scan import SetScan, StoreScan, scan, scannable, summary
 from .shards import withdraw_records
 
 
 def repair(store: str) -> dict:
     """Rewrite ``store`` with what can still be read (see the module doc). Returns what was kept
     and lost per feature set; ``repaired`` is False when nothing was damaged."""
-    store = os.fspath(store)
-    if not os.path.exists(store):
-        raise FeatcacheError(f"{store}: no such store")
-    try:
-        check_is_hdf5(store)
-    except StoreDamaged:
-        pass  # cut short within its signature: scanned (and repaired) as a file with nothing in it
+    store = scannable(store)
     started = time.perf_counter()
     lock = writer_lock(store)
     try:

@@ -25,7 +25,7 @@ from ..errors import FeatcacheError
 from . import damage, text, torn
 from .checks import bad_values
 from .damage import StoreDamaged
-from .hdf5 import METADATA_READ_ATTEMPTS, check_length, left_by_killed_writer, open_for_read, writer_running
+from .hdf5 import METADATA_READ_ATTEMPTS, check_is_hdf5, check_length, left_by_killed_writer, open_for_read, writer_running
 from .key import feature_set_key
 from .layout import (COMMITTED, CRC, FAILURE_COLUMNS, GROUP, PATHS, ROW_COLUMNS, ROW_DATASETS, check_format,
                      features_crc, read_spec)
@@ -98,6 +98,20 @@ class StoreScan:
     @property
     def damaged(self) -> bool:
         return bool(self.damage) or any(s.damaged for s in self.sets)
+
+
+def scannable(store) -> str:
+    """``store`` as a path that verify and repair can read, or FeatcacheError: missing, a folder,
+    or a file that is not HDF5. A file cut short within its signature is scanned as one in
+    which nothing can be read."""
+    store = os.fspath(store)
+    if not os.path.exists(store):
+        raise FeatcacheError(f"{store}: no such store")
+    try:
+        check_is_hdf5(store)
+    except StoreDamaged:
+        pass
+    return store
 
 
 def scan(path: str, lock_held: bool = False) -> StoreScan:

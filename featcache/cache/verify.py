@@ -5,10 +5,7 @@ import os
 import shlex
 import time
 
-from ..errors import FeatcacheError
-from .damage import StoreDamaged
-from .hdf5 import check_is_hdf5
-from .scan import scan, summary
+from .scan import scan, scannable, summary
 
 
 def verify(store: str) -> dict:
@@ -20,13 +17,7 @@ def verify(store: str) -> dict:
     ``ok`` is True when nothing is damaged. Feature sets written before featcache stored
     checksums are ``unchecked``: their columns' consistency is checked, their numbers cannot
     be; they count as ok."""
-    store = os.fspath(store)
-    if not os.path.exists(store):
-        raise FeatcacheError(f"{store}: no such store")
-    try:
-        check_is_hdf5(store)
-    except StoreDamaged:
-        pass  # cut short within its signature: scanned (and repaired) as a file with nothing in it
+    store = scannable(store)
     started = time.perf_counter()
     result = scan(store)
     sets = [summary(s) for s in result.sets]

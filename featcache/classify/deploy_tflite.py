@@ -16,7 +16,6 @@ Converter failures become one line naming the op and the layer it came from.
 """
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 

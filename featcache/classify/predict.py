@@ -12,7 +12,6 @@ import numpy as np
 from ..errors import FeatcacheError
 from ..extract.decode import DecodeError, decode_image, read_bytes
 from ..extract.discover import IMAGE_EXTENSIONS
-from .recipe import BaseRecipe, base_recipe  # noqa: F401  (their former home; imported from here elsewhere)
 
 
 def list_images(inputs) -> list[str]:
