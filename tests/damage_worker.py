@@ -128,7 +128,7 @@ class Case:
             verify = json.loads(CliRunner().invoke(cli, ["verify", store, "--json"]).stdout)
         if c["full"]:
             run_dir = os.path.join(self.dir, "run")
-            trained = self.run("train", "train", store, "--head", "logreg", "--out", run_dir, "--json")
+            trained = self.run("train", "train", store, "--head", "logreg", "--out", run_dir, "--json", "--no-report")
             if trained is not None:
                 self.expect_clean("train", {s: trained[s] for s in ("train", "validation", "test")}, clean["train"])
             compared = self.run("compare", "compare", store, "--heads", "logreg", "--json")

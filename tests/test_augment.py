@@ -117,7 +117,8 @@ def test_training_draws_one_view_per_image_per_epoch(tree, tmp_path):
                     seen.append(i)
             assert sorted(seen) == list(range(8))  # ...and each image comes once per epoch
             picked_epochs.append(seen)
-    summary = train(store, result["feature_set"], head="dense", out=str(tmp_path / "run"), epochs=2, units=8)
+    summary = train(store, result["feature_set"], head="dense", out=str(tmp_path / "run"), epochs=2, units=8,
+                    report=False)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["training"]["views_per_image"] == 3
     assert summary["train"]["n"] == 8 and summary["validation"]["n"] == 4

@@ -313,7 +313,7 @@ def test_overfitting_flag_and_keras_callbacks(overfit, tmp_path):
     tb = tmp_path / "tb"
     with_tb = {"tensorboard": str(tb)} if _has_tensorboard() else {}
     result = train(overfit["store"], overfit["fs"], head="dense", out=str(out), early_stopping=2, reduce_lr=1,
-                   checkpoint=True, csv_log=True, **with_tb, **options)
+                   checkpoint=True, csv_log=True, report=False, **with_tb, **options)
     config = json.loads((out / "config.json").read_text())
     epochs_run = config["training"]["epochs_run"]
     assert epochs_run < 25  # stopped early
@@ -355,7 +355,7 @@ def mobilenet_runs(mobilenet, tmp_path_factory):
     for name, head, options in (("logreg", "logreg", {"pool": "avg"}),
                                 ("dense", "dense", {"epochs": 3, "lr": 1e-3, "units": 16})):
         runs[name] = str(root / name)
-        train(mobilenet["store"], mobilenet["fs"], head=head, out=runs[name], **options)
+        train(mobilenet["store"], mobilenet["fs"], head=head, out=runs[name], report=False, **options)  # no page read here
     return runs
 
 
@@ -408,7 +408,7 @@ def test_export_of_multiclass_logreg(pixels, tmp_path, options):
     from featcache.classify.export import export
 
     out = tmp_path / "run"
-    train(pixels["store"], pixels["fs"], head="logreg", out=str(out), **options)
+    train(pixels["store"], pixels["fs"], head="logreg", out=str(out), report=False, **options)
     export(str(out), str(tmp_path / "m.keras"))
     model = keras.models.load_model(str(tmp_path / "m.keras"))
     _, head = rundir.load_head(str(out))

@@ -48,7 +48,7 @@ def test_train_json(store, logreg_run):
 def test_train_text_and_dense_options(store):
     out = store["root"] / "run-dense"
     result = run("train", store["path"], "--feature-set", store["fs"], "--head", "dense", "--epochs", 3, "--lr", "1e-3",
-                 "--units", 8, "--pool", "avg", "--out", out)
+                 "--units", 8, "--pool", "avg", "--out", out, "--no-report")
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"dense on {store['fs']}"

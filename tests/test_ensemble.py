@@ -38,12 +38,14 @@ def members(tmp_path_factory):
     mobile = extract(str(tree), store_b, pooling="avg", **MOBILE)["feature_set"]
     pixels_b = extract(str(tree), store_b, base="pixels", size=8, progress=False)["feature_set"]
     runs = {name: str(root / name) for name in ("good", "poor", "mobile", "dense", "fused", "tuned")}
-    train(store_a, pixels, head="logreg", out=runs["good"])
-    train(store_b, mobile, head="dense", out=runs["poor"], epochs=1, lr=1e-7, units=4)  # near chance
-    train(store_b, mobile, head="logreg", out=runs["mobile"])
-    train(store_b, mobile, head="dense", out=runs["dense"], epochs=3, lr=1e-3, units=8)
-    train(store_b, head="logreg", out=runs["fused"], feature_sets=[pixels_b, mobile])
-    finetune(None, runs["dense"], runs["tuned"], epochs=1, lr=1e-4)
+    # Members' own report.html files are not used here (report=False): each costs a plot pass.
+    quiet = dict(report=False)
+    train(store_a, pixels, head="logreg", out=runs["good"], **quiet)
+    train(store_b, mobile, head="dense", out=runs["poor"], epochs=1, lr=1e-7, units=4, **quiet)  # near chance
+    train(store_b, mobile, head="logreg", out=runs["mobile"], **quiet)
+    train(store_b, mobile, head="dense", out=runs["dense"], epochs=3, lr=1e-3, units=8, **quiet)
+    train(store_b, head="logreg", out=runs["fused"], feature_sets=[pixels_b, mobile], **quiet)
+    finetune(None, runs["dense"], runs["tuned"], epochs=1, lr=1e-4, **quiet)
     return {"root": root, "tree": tree, "runs": runs, "stores": (store_a, store_b)}
 
 
@@ -206,20 +208,20 @@ def test_ensemble_refuses_bad_input_in_one_line(members, tmp_path):
     # other classes; other images; the same images split differently
     three = write_tree(tmp_path / "three", splits={"train": 4, "validation": 2}, classes=("cats", "dogs", "owls"))
     extract(str(three), str(tmp_path / "three.h5"), base="pixels", size=8, progress=False)
-    train(str(tmp_path / "three.h5"), head="logreg", out=str(tmp_path / "r3"))
+    train(str(tmp_path / "three.h5"), head="logreg", out=str(tmp_path / "r3"), report=False)
     refused([runs["good"], str(tmp_path / "r3")],
             f"{runs['good']} and {tmp_path / 'r3'} have different classes (cats, dogs vs cats, dogs, owls); "
             "an ensemble needs runs of the same classes")
     other = write_tree(tmp_path / "other", splits={"train": 8, "validation": 4, "test": 2}, classes=CLASSES)
     extract(str(other), str(tmp_path / "other.h5"), base="pixels", size=8, progress=False)
-    train(str(tmp_path / "other.h5"), head="logreg", out=str(tmp_path / "ro"))
+    train(str(tmp_path / "other.h5"), head="logreg", out=str(tmp_path / "ro"), report=False)
     refused([runs["good"], str(tmp_path / "ro")], f"{runs['good']} (")
     r = CliRunner().invoke(cli, ["ensemble", runs["good"], str(tmp_path / "ro"), "--out", str(tmp_path / "x")])
     assert "do not cover the same images: 2 of" in r.stderr and "an ensemble needs runs trained on the same images" in r.stderr
     flat = write_tree(tmp_path / "flat", per_class=10, classes=CLASSES)
     for seed in (0, 1):
         extract(str(flat), str(tmp_path / f"flat{seed}.h5"), base="pixels", size=8, split_seed=seed, progress=False)
-        train(str(tmp_path / f"flat{seed}.h5"), head="logreg", out=str(tmp_path / f"rf{seed}"))
+        train(str(tmp_path / f"flat{seed}.h5"), head="logreg", out=str(tmp_path / f"rf{seed}"), report=False)
     r = CliRunner().invoke(cli, ["ensemble", str(tmp_path / "rf0"), str(tmp_path / "rf1"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "images a different split or label (extracted with different --split/--split-seed?)" in r.stderr
 
@@ -228,7 +230,7 @@ def test_ensemble_refuses_bad_input_in_one_line(members, tmp_path):
     store = str(tmp_path / "nova.h5")
     sets = [extract(str(nova), store, base="pixels", size=s, progress=False)["feature_set"] for s in (6, 8)]
     for i, name in enumerate(sets):
-        train(store, name, head="logreg", out=str(tmp_path / f"nv{i}"))
+        train(store, name, head="logreg", out=str(tmp_path / f"nv{i}"), report=False)
     with pytest.raises(FeatcacheError, match=r"^--weights fit: the validation split is empty"):
         ensemble([str(tmp_path / "nv0"), str(tmp_path / "nv1")], str(tmp_path / "y"), weights="fit")
     assert ensemble([str(tmp_path / "nv0"), str(tmp_path / "nv1")], None)["validation"]["n"] == 0  # equal: fine
@@ -237,7 +239,7 @@ def test_ensemble_refuses_bad_input_in_one_line(members, tmp_path):
     store = str(tmp_path / "half.h5")
     sets = [extract(str(half), store, base="pixels", size=s, progress=False)["feature_set"] for s in (6, 8)]
     for i, name in enumerate(sets):
-        train(store, name, head="logreg", out=str(tmp_path / f"hf{i}"))
+        train(store, name, head="logreg", out=str(tmp_path / f"hf{i}"), report=False)
     with pytest.raises(FeatcacheError, match=r"^--weights fit: the validation split has only one class \(cats\)"):
         ensemble([str(tmp_path / "hf0"), str(tmp_path / "hf1")], str(tmp_path / "z"), weights="fit")
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()  # refused before any folder is made
@@ -248,7 +250,7 @@ def test_a_store_changed_since_training_is_reported(tmp_path):
     store = str(tmp_path / "s.h5")
     sets = [extract(str(tree), store, base="pixels", size=s, progress=False)["feature_set"] for s in (6, 8)]
     for i, name in enumerate(sets):
-        train(store, name, head="logreg", out=str(tmp_path / f"r{i}"))
+        train(store, name, head="logreg", out=str(tmp_path / f"r{i}"), report=False)
     write_tree(tmp_path / "images", splits={"train": 5}, classes=CLASSES)  # one more image per class
     for s in (6, 8):
         extract(str(tree), store, base="pixels", size=s, progress=False)
@@ -265,7 +267,7 @@ def test_a_changed_member_is_refused(members, tmp_path):
     ens = str(tmp_path / "ens")
     ensemble([str(copy), runs["mobile"]], ens, report=False)
     # Another (consistent) run in the member's folder: the ensemble pinned the old model's sha256.
-    train(members["stores"][0], head="logreg", C=0.01, out=str(tmp_path / "other"))
+    train(members["stores"][0], head="logreg", C=0.01, out=str(tmp_path / "other"), report=False)
     shutil.rmtree(copy)
     shutil.copytree(tmp_path / "other", copy)
     with pytest.raises(FeatcacheError, match=f"^{copy}: this member's model is not the one the ensemble {ens} was made with"):

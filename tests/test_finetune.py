@@ -29,8 +29,9 @@ def setup(tmp_path_factory):
     plain = extract(str(tree), store, pooling="avg", **OPTS)
     boundary = extract(str(tree), store, layer=BOUNDARY, **OPTS)
     run = str(root / "run")
-    train(store, plain["feature_set"], head="dense", out=run, epochs=5, lr=1e-3, units=16)
-    train(store, plain["feature_set"], head="logreg", out=str(root / "logreg"))
+    # The stage-two runs' report.html pages are not read here (report=False: no plots, no map).
+    train(store, plain["feature_set"], head="dense", out=run, epochs=5, lr=1e-3, units=16, report=False)
+    train(store, plain["feature_set"], head="logreg", out=str(root / "logreg"), report=False)
     paths = sorted(p for p in tree.rglob("*.jpg"))
     images = np.stack([decode_file(str(p), 64)[0] for p in paths])
     return {"root": root, "tree": tree, "store": store, "run": run, "paths": paths, "images": images,
@@ -83,17 +84,32 @@ def test_only_top_block_and_head_train_batchnorm_frozen(setup):
     assert wider.top is None  # below the boundary: not trainable from the cache
 
 
-def test_finetune_from_images_and_from_cache(setup):
+@pytest.fixture(scope="module")
+def finetuned(setup):
+    """The fine-tuned runs the command-line tests share (each finetune is a Keras fit with its
+    tracing): from the images (2 epochs, --json, --no-report), from the cache (2 epochs, --json,
+    with its report), and from the images with augmentation (1 epoch, text output, --no-report)."""
+    root = setup["root"]
+    runner = CliRunner()
+    results = {}
+    for name, args in (
+        ("ft", [str(setup["tree"]), setup["run"], "--epochs", "2", "--lr", "1e-4", "--json", "--no-report"]),
+        ("ftc", [setup["run"], "--epochs", "2", "--lr", "1e-4", "--from-cache", setup["store"], "--json"]),
+        ("fta", [setup["run"], "--epochs", "1", "--augment", "flip,rotation,zoom,translation,contrast",
+                 "--aug-seed", "3", "--no-report"]),
+    ):
+        results[name] = runner.invoke(cli, ["finetune", *args, "--out", str(root / name)])
+    return results
+
+
+def test_finetune_from_images_and_from_cache(setup, finetuned):
     import keras
 
     root = setup["root"]
-    runner = CliRunner()
-    r = runner.invoke(cli, ["finetune", str(setup["tree"]), setup["run"], "--out", str(root / "ft"), "--epochs", "2",
-                            "--lr", "1e-4", "--json"])
+    r = finetuned["ft"]
     assert r.exit_code == 0, r.output
     images_run = json.loads(r.stdout)
-    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(root / "ftc"), "--epochs", "2", "--lr", "1e-4",
-                            "--from-cache", setup["store"], "--json"])
+    r = finetuned["ftc"]
     assert r.exit_code == 0, r.output
     cache_run = json.loads(r.stdout)
     assert images_run["source"] == "images" and cache_run["source"] == "cache"
@@ -147,18 +163,18 @@ def _card_probabilities(path):
             for c in page.cards("wrong") + page.cards("right")}
 
 
-def test_finetune_report_from_cache_and_from_images(setup, tmp_path):
+def test_finetune_report_from_cache_and_from_images(setup, finetuned, tmp_path):
     """The report at the end of finetune uses the probabilities training computed; `featcache
     report` recomputes them from the saved end-to-end model: its top part on the cached boundary
     activations (--from-cache runs) or the whole model on the decoded images."""
     runner = CliRunner()
-    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "ftc"), "--epochs", "1", "--lr", "1e-4",
-                            "--from-cache", setup["store"], "--json"])
+    ftc = setup["root"] / "ftc"  # --from-cache, report written at the end
+    r = finetuned["ftc"]
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["report"] == str(tmp_path / "ftc" / "report.html")
-    at_training = _card_probabilities(tmp_path / "ftc" / "report.html")
+    assert json.loads(r.stdout)["report"] == str(ftc / "report.html")
+    at_training = _card_probabilities(ftc / "report.html")
     assert len(at_training) == 6  # 3 test images per class, all shown (mistakes or right answers)
-    r = runner.invoke(cli, ["report", str(tmp_path / "ftc"), "--out", str(tmp_path / "again.html"), "--json"])
+    r = runner.invoke(cli, ["report", str(ftc), "--out", str(tmp_path / "again.html"), "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["per_image"] and summary["notes"] == [] and summary["map_points"] == 6
@@ -167,22 +183,22 @@ def test_finetune_report_from_cache_and_from_images(setup, tmp_path):
     for path, (predicted, probability) in again.items():
         assert predicted == at_training[path][0] and probability == pytest.approx(at_training[path][1], abs=1e-4)
 
-    r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "fti"), "--epochs", "1", "--no-report"])
+    fti = setup["root"] / "fta"  # from the images, --no-report, text output
+    r = finetuned["fta"]
     assert r.exit_code == 0, r.output
-    assert not (tmp_path / "fti" / "report.html").exists()
+    assert not (fti / "report.html").exists()
     assert not any(line.startswith("  report ") for line in r.stdout.splitlines())
-    r = runner.invoke(cli, ["report", str(tmp_path / "fti"), "--json"])
+    r = runner.invoke(cli, ["report", str(fti), "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    metrics = json.loads((tmp_path / "fti" / "metrics.json").read_text())
+    metrics = json.loads((fti / "metrics.json").read_text())
     assert (summary["images"], summary["map_points"], summary["notes"]) == (6, 6, [])
     assert summary["mistakes"] == round((1 - metrics["test"]["accuracy"]) * 6)
-    assert "on the images of" in (tmp_path / "fti" / "report.html").read_text(encoding="utf-8")
+    assert "on the images of" in (fti / "report.html").read_text(encoding="utf-8")
 
 
-def test_finetune_with_augmentation(setup):
-    r = CliRunner().invoke(cli, ["finetune", setup["run"], "--out", str(setup["root"] / "fta"), "--epochs", "1",
-                                 "--augment", "flip,rotation,zoom,translation,contrast", "--aug-seed", "3", "--json"])
+def test_finetune_with_augmentation(setup, finetuned):
+    r = finetuned["fta"]
     assert r.exit_code == 0, r.output
     config = json.loads((setup["root"] / "fta" / "config.json").read_text())
     assert config["settings"]["augment"]["rotation"] == 0.05 and config["settings"]["aug_seed"] == 3
@@ -260,7 +276,7 @@ def test_all_on_a_random_base_trains_batchnorm_too(tmp_path):
     store = str(tmp_path / "s.h5")
     fs = extract(str(tree), store, base="mobilenet_0.25", size=32, weights="none", pooling="avg",
                  precision="fp32", progress=False)["feature_set"]
-    train(store, fs, head="dense", out=str(tmp_path / "run"), epochs=1, units=8)
+    train(store, fs, head="dense", out=str(tmp_path / "run"), epochs=1, units=8, report=False)
     _, head, recipe = load_stage_two(str(tmp_path / "run"))
     models = build_models(recipe, head, unfreeze="all")
     assert models.train_bn and all(layer.trainable for layer in _bn(models.base))
@@ -276,13 +292,13 @@ def test_all_on_a_random_base_trains_batchnorm_too(tmp_path):
 def test_unfreeze_options_on_the_command_line(setup, tmp_path):
     runner = CliRunner()
     r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "none"), "--unfreeze", "none",
-                            "--epochs", "1", "--from-cache", setup["store"], "--json"])
+                            "--epochs", "1", "--from-cache", setup["store"], "--json", "--no-report"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["unfreeze"] == "none" and result["trainable_layers"] == [] and result["trainable_parameters"] == 16 * 256 + 16 + 17
     assert json.loads((tmp_path / "none" / "config.json").read_text())["settings"]["unfreeze"] == "none"
     r = runner.invoke(cli, ["finetune", setup["run"], "--out", str(tmp_path / "alias"), "--unfreeze-from", "conv_pw_13",
-                            "--epochs", "1", "--from-cache", setup["store"], "--json"])
+                            "--epochs", "1", "--from-cache", setup["store"], "--json", "--no-report"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["unfreeze"] == "from:conv_pw_13" and json.loads(r.stdout)["trainable_layers"] == ["conv_pw_13"]
     for args, message in (

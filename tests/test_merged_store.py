@@ -30,7 +30,8 @@ def test_finetune_from_merged_store_equals_single_run_store(tmp_path):
     # Stage two: a dense head on pooled features of a plain single store.
     plain = json.loads(invoke("extract", tree, tmp_path / "plain.h5", *BASE, "--pooling", "avg", "--json").stdout)
     run = tmp_path / "run"
-    train(str(tmp_path / "plain.h5"), plain["feature_set"], head="dense", out=str(run), epochs=3, lr=1e-3, units=8)
+    train(str(tmp_path / "plain.h5"), plain["feature_set"], head="dense", out=str(run), epochs=3, lr=1e-3, units=8,
+          report=False)  # reports are not what this file checks: --no-report / report=False throughout
 
     # Boundary activations: once as a single run, once as 2 shards merged into virtual datasets.
     single = json.loads(invoke("extract", tree, tmp_path / "single.h5", *BASE, "--layer", BOUNDARY, "--json").stdout)
@@ -50,7 +51,7 @@ def test_finetune_from_merged_store_equals_single_run_store(tmp_path):
     results = {}
     for name, store in (("A", merged), ("B", tmp_path / "single.h5")):
         r = invoke("finetune", run, "--from-cache", store, "--out", tmp_path / name, "--epochs", "1",
-                   "--lr", "1e-4", "--json")
+                   "--lr", "1e-4", "--json", "--no-report")
         results[name] = json.loads(r.stdout)
     a, b = results["A"], results["B"]
     assert a["source"] == b["source"] == "cache"
