@@ -148,6 +148,18 @@ def test_ensemble_export_equals_predict(members, tmp_path):
     feeds = [np.stack([decode_image(read_bytes(p["path"]), s) for p in predicted["predictions"]]).astype("float32")
              for s in (8, 32)]
     assert np.abs(np.asarray(model.predict_on_batch(feeds)) - got).max() < 1e-4
+    # The exported file was measured on the test split through both inputs, as its card says.
+    assert info["exported_test"]["measured"] and info["exported_test"]["accuracy"] == metrics["test"]["accuracy"]
+    card = json.loads((tmp_path / "ens.keras.card.json").read_text())
+    assert [(i["name"], i["size"]) for i in card["inputs"]] == [("image_8", 8), ("image_32", 32)]
+    # predict runs the exported two-input file as deployed, each input decoded at its size
+    deployed = predict(str(tmp_path / "ens.keras"), [str(members["tree"] / "test")], top_k=2)
+    assert np.abs(np.array([_by_class(p) for p in deployed["predictions"]]) - got).max() < 1e-4
+    # one image input only in TensorFlow Lite: refused in one line, nothing written
+    with pytest.raises(FeatcacheError, match=r"reads images at 2 sizes \(8x8 \(bilinear\), 32x32 \(bilinear\)\); "
+                                             r"tflite exports take one image input, so export it as \.keras"):
+        export(out, str(tmp_path / "ens.tflite"))
+    assert not list(tmp_path.glob("ens.tflite*"))
 
 
 def test_predict_and_export_of_a_fine_tuned_run(members, tmp_path):
