@@ -169,19 +169,19 @@ def _probabilities(keras, run, features: dict, images: dict, prefix: str = ""):
     raise FeatcacheError(f"{run.run_dir}: cannot export a {run.kind} run")
 
 
-def build(run_dir: str, weights: str | None = None, precision: str | None = None):
+def build(run_dir: str, weights: str | None = None, precision: str | None = None, run=None):
     """(run, keras.Model, [(input name, ImageInput)]) of any run: images in (one input per
     distinct (size, resize) the run reads, named by :func:`input_names`), class probabilities
     out. Not saved. ``precision`` rebuilds the frozen bases in another compute precision than
-    the extraction's (fine-tuned models keep theirs)."""
+    the extraction's (fine-tuned models keep theirs); ``run``: the run, if already loaded."""
     import keras
 
     from .recipe import recipes_for
-    from .runs import ImageInput, load_run
+    from .runs import load_run
 
-    run = load_run(run_dir)
+    run = run or load_run(run_dir)
     recipes = recipes_for(run.feature_sets, run_dir, weights)
-    sizes = sorted({ImageInput(r.spec.input_size, r.spec.resize) for r in recipes.values()} | set(run.image_inputs))
+    sizes = run.decoded_inputs
     names = input_names(sizes)
     images = {s: keras.Input((s.size, s.size, 3), name=names[s]) for s in sizes}
     features = _feature_tensors(keras, run, recipes, images, precision)

@@ -120,6 +120,7 @@ def export(run_dir: str, out: str, weights: str | None = None, format: str | Non
     labels and its model card; measure the written file on the run's test split."""
     from . import deployed, model_card
     from .deploy_tflite import QUANTIZATIONS
+    from .runs import load_run
 
     started = time.perf_counter()
     out = os.fspath(out).rstrip("/" + os.sep) or os.fspath(out)
@@ -133,13 +134,15 @@ def export(run_dir: str, out: str, weights: str | None = None, format: str | Non
     if not os.path.isdir(run_dir):
         raise FeatcacheError(f"{run_dir}: no such run directory")
 
+    run = load_run(run_dir)
+    decoded = run.decoded_inputs
+    if fmt != "keras" and len(decoded) > 1:
+        sizes = ", ".join(f"{s.size}x{s.size} ({s.resize})" for s in decoded)
+        raise FeatcacheError(f"{run_dir}: this {run.kind} run reads images at {len(decoded)} sizes ({sizes}); "
+                             f"{fmt} exports take one image input, so export it as .keras (one input per size)")
     # .keras keeps the extraction's compute precision (bit-for-bit the features the head saw);
     # the deployment formats get a float32 base: TensorFlow Lite has no bf16/fp16 mixed kernels.
-    run, model, inputs = build(run_dir, weights, precision=None if fmt == "keras" else "fp32")
-    if fmt != "keras" and len(inputs) > 1:
-        sizes = ", ".join(f"{s.size}x{s.size} ({s.resize})" for _, s in inputs)
-        raise FeatcacheError(f"{run_dir}: this {run.kind} run reads images at {len(inputs)} sizes ({sizes}); "
-                             f"{fmt} exports take one image input, so export it as .keras (one input per size)")
+    run, model, inputs = build(run_dir, weights, precision=None if fmt == "keras" else "fp32", run=run)
     size, resize = inputs[0][1].size, inputs[0][1].resize
     names, records = run.class_names, run.feature_sets or run.row_sets
     # The run's images (test split to measure, train split to calibrate): those of its rows.
@@ -163,11 +166,12 @@ def export(run_dir: str, out: str, weights: str | None = None, format: str | Non
         as_extracted = fmt == "keras" and run.kind != "finetune"
         precision = {"features_extracted": "+".join(extracted),
                      "exported_base": "+".join(extracted) if as_extracted else "fp32"}
-        card = model_card.build(run_dir=run_dir, config=run.config, records=records,
-                                inputs=[{"name": name, "size": s.size, "resize": s.resize} for name, s in inputs], fmt=fmt, quantize=quantize, model_path=out,
-                                labels_path=labels_path, size=size, resize=resize, preprocessing="+".join(dict.fromkeys(r["key"]["preprocessing"] for r in records)),
-                                precision=precision, conversion=conversion, signatures=signatures or None,
-                                measured=measured)
+        card = model_card.build(
+            run_dir=run_dir, config=run.config, records=records,
+            inputs=[{"name": name, "size": s.size, "resize": s.resize} for name, s in inputs],
+            fmt=fmt, quantize=quantize, model_path=out, labels_path=labels_path, size=size, resize=resize,
+            preprocessing="+".join(dict.fromkeys(r["key"]["preprocessing"] for r in records)),
+            precision=precision, conversion=conversion, signatures=signatures or None, measured=measured)
         model_card.write(card_path, card)
     except BaseException:
         for path in written:  # no half export: the model without its card and labels

@@ -92,7 +92,7 @@ def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, ba
     else:
         run = load_run(run_dir)
         models = feature_models(run, recipes_for(run.feature_sets, run_dir, weights))
-        sizes = sorted({m[2] for m in models.values()} | set(run.image_inputs))
+        sizes = run.decoded_inputs
         about = {"kind": run.kind, "head": run.config["head"], "model": run.label,
                  "feature_set": "+".join(r["name"] for r in run.feature_sets) or run.row_sets[0]["name"]}
     names = run.class_names

@@ -70,6 +70,12 @@ class Run:
         """A short description for tables and titles."""
         raise NotImplementedError
 
+    @property
+    def decoded_inputs(self) -> list[ImageInput]:
+        """Every (size, resize) new images are decoded at for this run: its feature sets' and
+        its end-to-end models', in increasing size (one model input each, see end_to_end)."""
+        return sorted({image_input(r) for r in self.feature_sets} | set(self.image_inputs))
+
     def proba(self, features: dict[str, np.ndarray], images: dict[ImageInput, np.ndarray]) -> np.ndarray:
         """(N, K) float64 class probabilities from {feature-set name: features} and
         {ImageInput: uint8 images} (each holding what this run reads)."""
