@@ -201,6 +201,14 @@ def test_ensemble_on_the_command_line(members, tmp_path):
     assert json.loads(r.stdout)["report"] is None and not (tmp_path / "j" / "report.html").exists()
 
 
+def _logreg_pair(tree, tmp_path, prefix: str) -> None:
+    """Logreg runs PREFIX0 and PREFIX1 on pixels@6 and pixels@8 of ``tree`` (one store)."""
+    store = str(tmp_path / f"{prefix}.h5")
+    for i, size in enumerate((6, 8)):
+        name = extract(str(tree), store, base="pixels", size=size, progress=False)["feature_set"]
+        train(store, name, head="logreg", out=str(tmp_path / f"{prefix}{i}"), report=False)
+
+
 def test_ensemble_refuses_bad_input_in_one_line(members, tmp_path):
     runs = members["runs"]
 
@@ -239,19 +247,13 @@ def test_ensemble_refuses_bad_input_in_one_line(members, tmp_path):
 
     # fitting on an empty or one-class validation split
     nova = write_tree(tmp_path / "nova", splits={"train": 4, "test": 2}, classes=CLASSES)
-    store = str(tmp_path / "nova.h5")
-    sets = [extract(str(nova), store, base="pixels", size=s, progress=False)["feature_set"] for s in (6, 8)]
-    for i, name in enumerate(sets):
-        train(store, name, head="logreg", out=str(tmp_path / f"nv{i}"), report=False)
+    _logreg_pair(nova, tmp_path, "nv")
     with pytest.raises(FeatcacheError, match=r"^--weights fit: the validation split is empty"):
         ensemble([str(tmp_path / "nv0"), str(tmp_path / "nv1")], str(tmp_path / "y"), weights="fit")
     assert ensemble([str(tmp_path / "nv0"), str(tmp_path / "nv1")], None)["validation"]["n"] == 0  # equal: fine
     half = write_tree(tmp_path / "half", splits={"train": 4, "validation": 2}, classes=CLASSES)
     shutil.rmtree(half / "validation" / "dogs")
-    store = str(tmp_path / "half.h5")
-    sets = [extract(str(half), store, base="pixels", size=s, progress=False)["feature_set"] for s in (6, 8)]
-    for i, name in enumerate(sets):
-        train(store, name, head="logreg", out=str(tmp_path / f"hf{i}"), report=False)
+    _logreg_pair(half, tmp_path, "hf")
     with pytest.raises(FeatcacheError, match=r"^--weights fit: the validation split has only one class \(cats\)"):
         ensemble([str(tmp_path / "hf0"), str(tmp_path / "hf1")], str(tmp_path / "z"), weights="fit")
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()  # refused before any folder is made
