@@ -284,3 +284,69 @@ def test_mobilenet_v2_shape_at_160(keras):
     base = B.build_keras_base(b, b.default_size, None)
     assert tuple(base.output.shape) == (None, 5, 5, 1280)
     assert tuple(base.get_layer(b.boundary_layer).output.shape) == (None, 5, 5, 160)
+
+
+# ---------------------------------------------------------------- built from a weights file
+
+# The cheap member of each kind of weighted layer: Conv2D, BN + DepthwiseConv2D, hard-swish
+# squeeze-excite, Normalization (with an integer count), LayerNormalization + LayerScale.
+FILE_BUILDS = {"vgg16", "mobilenet_v2_0.35", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"}
+
+
+def _file_build_params():
+    for name in NETWORKS:
+        marks = () if name in FILE_BUILDS else pytest.mark.skipif(
+            not RUN_SLOW, reason="one member per layer kind runs by default; set FEATCACHE_SLOW_TESTS=1")
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_file_build_params()))
+def test_a_base_built_from_a_weights_file_holds_exactly_its_weights(keras, tmp_path, name):
+    """Built from a file, the base skips its initializers (placeholders, then the load): every
+    weight is the file's, none is left a placeholder, and the features are the source model's."""
+    b = B.get_backbone(name)
+    size = _test_size(b)
+    source = B.build_keras_base(b, size, None)
+    path = tmp_path / "base.weights.h5"
+    source.save_weights(path)
+    loaded = B.build_keras_base(b, size, str(path))
+    assert len(loaded.weights) == len(source.weights)
+    for theirs, ours in zip(source.weights, loaded.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs), err_msg=ours.path)
+    x = np.asarray(B.preprocess_function(b)(_image(size)), dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(source(x, training=False)))
+
+
+def test_a_load_that_leaves_weights_unset_is_refused_naming_the_file(keras, tmp_path, monkeypatch):
+    b = B.get_backbone("mobilenet_v2_0.35")
+    path = tmp_path / "w.weights.h5"
+    B.build_keras_base(b, 96, None).save_weights(path)
+    monkeypatch.setattr(keras.Model, "load_weights", lambda self, *args, **kwargs: None)  # loads nothing
+    with pytest.raises(FeatcacheError) as refused:
+        B.build_keras_base(b, 96, str(path))
+    assert str(refused.value).startswith(f"{path}: loading it as mobilenet_v2_0.35 weights left ")
+    assert "weights unset (Conv1/kernel" in str(refused.value)
+
+
+def test_placeholders_stay_inside_their_block_and_thread(keras):
+    import threading
+
+    from featcache.extract.placeholder_init import placeholder_weights, unset_weights
+
+    def dense_model():
+        inputs = keras.Input((3,))
+        return keras.Model(inputs, keras.layers.Dense(4)(inputs))
+
+    built_elsewhere = []
+    with placeholder_weights():
+        inside = dense_model()
+        thread = threading.Thread(target=lambda: built_elsewhere.append(dense_model()))
+        thread.start()
+        thread.join()
+    assert unset_weights(inside) == [w.path for w in inside.weights]  # kernel and bias: placeholders
+    for model in (built_elsewhere[0], dense_model()):  # another thread, and after the block
+        assert unset_weights(model) == []
+        assert np.abs(np.asarray(model.weights[0])).sum() > 0  # glorot, not zeros
+    inside.set_weights([np.ones((3, 4)), np.zeros(4)])
+    assert unset_weights(inside) == []
+    assert keras.layers.Layer.add_weight.__module__.startswith("keras")  # the wrapper is gone

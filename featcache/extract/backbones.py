@@ -301,8 +301,22 @@ def build_keras_base(backbone: Backbone, size: int, weights):
     check_size(backbone, size)
     import keras  # lazy: importing this module must not import TensorFlow
 
+    from .placeholder_init import placeholder_weights, unset_weights
+
     constructor = getattr(keras.applications, backbone.constructor)
-    model = constructor(include_top=False, weights=weights, input_shape=(int(size), int(size), 3), **backbone.kwargs)
+
+    def build():
+        return constructor(include_top=False, weights=weights, input_shape=(int(size), int(size), 3), **backbone.kwargs)
+
+    if weights is None:  # random init: the initializers are the weights
+        model = build()
+    else:  # every weight comes from the file: skip the initializers (on JAX each one compiles)
+        with placeholder_weights():
+            model = build()
+        unset = unset_weights(model)
+        if unset:
+            raise FeatcacheError(f"{weights}: loading it as {backbone.name} weights left {len(unset)} of "
+                                 f"{len(model.weights)} weights unset ({', '.join(unset[:3])}, ...)")
     model.trainable = False
     return model
 
