@@ -163,37 +163,40 @@ def model_alone(model, paths, size, batch, n) -> float:
 
 
 def gpu_decode_loop(paths, size, batch, model=None) -> dict:
-    """Steady-state images/s of featcache's GpuDecoder over ``paths`` in batches (first batch
-    excluded), with the model dispatched on each batch when given; host seconds per step."""
+    """Steady-state images/s of featcache's GPU decoding (its three stages in their threads, as a
+    run has them) over ``paths`` in batches (first batch excluded), with the model dispatched on
+    each batch when given; host seconds per stage (the stages overlap: they add up to more than
+    the wall time when the pipeline works)."""
+    import types
+
     import keras
 
-    from featcache.extract.gpu_decode import GpuDecoder
+    from featcache.extract.gpu_decode import GpuDecoder, gpu_batches
 
     wait = (lambda x: __import__("jax").block_until_ready(x)) if keras.backend.backend() == "jax" else (lambda x: x)
     decoder = GpuDecoder(size, 10**8, 4)
+    listing = types.SimpleNamespace(path=lambda entry: entry.relpath)  # what gpu_batches asks of a listing
+    todo = [(types.SimpleNamespace(relpath=p), str(i)) for i, p in enumerate(paths)]
     done, started, handle = 0, None, None
-    try:
-        for start in range(0, len(paths), batch):
-            _, images, _ = decoder.decode(paths[start : start + batch])
-            if model is None:
-                wait(images)
-            else:
-                nxt = model.dispatch(images)
-                if handle is not None:
-                    model.fetch(handle)
-                handle = nxt
-            if started is None:
-                if handle is not None:
-                    model.fetch(handle)
-                    handle = None
-                started, steps = time.perf_counter(), dict(decoder.seconds)
-                continue
-            done += len(images)
-        if handle is not None:
-            model.fetch(handle)
-        elapsed = time.perf_counter() - started
-    finally:
-        decoder.close()
+    for b in gpu_batches(listing, todo, size, 10**8, batch, 4, decoder):
+        images = b.images
+        if model is None:
+            wait(images)
+        else:
+            nxt = model.dispatch(images)
+            if handle is not None:
+                model.fetch(handle)
+            handle = nxt
+        if started is None:
+            if handle is not None:
+                model.fetch(handle)
+                handle = None
+            started, steps = time.perf_counter(), dict(decoder.seconds)
+            continue
+        done += len(b.entries)
+    if handle is not None:
+        model.fetch(handle)
+    elapsed = time.perf_counter() - started
     return {"images_per_second": done / elapsed,
             "host_seconds": {k: round(v - steps[k], 3) for k, v in decoder.seconds.items()}, "seconds": round(elapsed, 3)}
 

@@ -84,13 +84,19 @@ FAKE = types.SimpleNamespace(Decoder=FakeDecoder, CodeStream=FakeCodeStream,
                              DecodeParams=lambda **kwargs: kwargs, ColorSpec=types.SimpleNamespace(SRGB="srgb"))
 
 
+def keras_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
 def test_no_gpu_visible_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_decode, "import_nvimgcodec", lambda: FAKE)
     monkeypatch.setattr(gpu_decode, "gpu_visible", lambda: False)
     tree = write_tree(tmp_path / "i", per_class=1)
     out = CliRunner().invoke(cli, ["extract", str(tree), str(tmp_path / "s.h5"), "--base", "pixels", "--decode", "gpu"])
     assert out.exit_code == 1 and out.stderr == (
-        "error: --decode gpu: no CUDA GPU is visible to Keras (tensorflow); use --decode processes (or threads)\n")
+        f"error: --decode gpu: no CUDA GPU is visible to Keras ({keras_backend()}); use --decode processes (or threads)\n")
     pillow = CliRunner().invoke(cli, ["extract", str(tree), str(tmp_path / "s.h5"), "--base", "pixels", "--decode", "gpu",
                                       "--resize", "bilinear"])
     assert pillow.exit_code == 1 and pillow.stderr == (
@@ -169,3 +175,56 @@ def test_gpu_bilinear_stays_within_rounding_of_pillow_bilinear():
     assert (resize_array(tiny, 5) == 77).all()
     data = jpeg(class_image(1, 3, size=(90, 60)))
     assert decode_image(data, 32, "gpu-bilinear").shape == (32, 32, 3)
+
+
+def _gpu_run(tmp_path, monkeypatch, per_class=5):
+    from featcache.extract.discover import discover
+
+    monkeypatch.setattr(gpu_decode, "import_nvimgcodec", lambda: FAKE)
+    FakeDecoder.given, FakeDecoder.refuse = [], set()
+    listing = discover(str(write_tree(tmp_path / "i", per_class=per_class)))
+    todo = [(e, f"digest-{i}") for i, e in enumerate(listing.entries)]
+    return listing, todo, gpu_decode.GpuDecoder(16, 10**8, 2)
+
+
+def _stage_threads():
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("featcache-gpu")]
+
+
+def test_the_three_stages_keep_listing_order_across_batches(tmp_path, monkeypatch):
+    listing, todo, decoder = _gpu_run(tmp_path, monkeypatch)
+    batches = list(gpu_decode.gpu_batches(listing, todo, 16, 10**8, 3, 2, decoder))
+    assert [len(b.entries) for b in batches] == [3, 3, 3, 1]
+    assert [d for b in batches for d in b.digests] == [d for _, d in todo]
+    for batch in batches:  # each row is its own file's pixels, decoded and resized on the "GPU"
+        for entry, image in zip(batch.entries, np.asarray(batch.images)):
+            expected = decode_image(open(listing.path(entry), "rb").read(), 16, "gpu-bilinear")
+            assert np.abs(image.astype(int) - expected).max() <= 1, entry.relpath
+    assert decoder.on_gpu == 10 and decoder.on_cpu == 0 and _stage_threads() == []
+
+
+def test_a_run_that_stops_early_or_fails_in_a_stage_ends_every_stage_thread(tmp_path, monkeypatch):
+    listing, todo, decoder = _gpu_run(tmp_path, monkeypatch, per_class=8)
+    batches = gpu_decode.gpu_batches(listing, todo, 16, 10**8, 2, 2, decoder)
+    assert len(next(batches).entries) == 2
+    batches.close()  # the consumer leaves (a stop): nothing hangs, no stage thread is left
+    assert _stage_threads() == []
+
+    listing, todo, decoder = _gpu_run(tmp_path / "again", monkeypatch, per_class=8)
+    read, calls = decoder.read, []
+
+    def read_then_fail(paths):
+        calls.append(paths)
+        if len(calls) == 3:
+            raise RuntimeError("disk went away")
+        return read(paths)
+
+    decoder.read = read_then_fail
+    got = []
+    with pytest.raises(RuntimeError, match="disk went away"):
+        for batch in gpu_decode.gpu_batches(listing, todo, 16, 10**8, 2, 2, decoder):
+            got.append(batch)
+    assert [len(b.entries) for b in got] == [2, 2]  # the batches before the failure came through
+    assert _stage_threads() == []

@@ -75,8 +75,8 @@ class _JaxOps:
         self.jnp, self.jax = jnp, jax
 
         @jax.jit
-        def resize(images, wy, wx):
-            x = jnp.einsum("sh,nhwc->nswc", wy, images.astype(jnp.float32))
+        def resize(images, wy, wx):  # images: a list; stacked inside the compiled call, not one dispatch each
+            x = jnp.einsum("sh,nhwc->nswc", wy, jnp.stack(images).astype(jnp.float32))
             x = jnp.einsum("tw,nswc->nstc", wx, x)
             x = jnp.broadcast_to(x, (*x.shape[:3], 3))  # grayscale: the same value in R, G and B
             return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
@@ -93,14 +93,11 @@ class _JaxOps:
         return self.jax.device_put(triangle_weights(n_in, n_out))
 
     def resize(self, images, wy, wx):
-        """(n, h, w, c) uint8 images of one size -> (n, size, size, 3) uint8."""
+        """A list of n (h, w, c) uint8 images of one size -> (n, size, size, 3) uint8."""
         return self._resize(images, wy, wx)
 
     def concatenate(self, parts):
         return parts[0] if len(parts) == 1 else self.jnp.concatenate(parts)
-
-    def stack(self, images):
-        return self.jnp.stack(images)
 
 
 class _TensorflowOps:
@@ -128,14 +125,11 @@ class _TensorflowOps:
         return self.tf.constant(triangle_weights(n_in, n_out))
 
     def resize(self, images, wy, wx):
-        """(n, h, w, c) uint8 images of one size -> (n, size, size, 3) uint8."""
-        return self._resize(images, wy, wx)
+        """A list of n (h, w, c) uint8 images of one size -> (n, size, size, 3) uint8."""
+        return self._resize(self.tf.stack(images), wy, wx)  # one op for the list (a list argument would retrace)
 
     def concatenate(self, parts):
         return parts[0] if len(parts) == 1 else self.tf.concat(parts, 0)
-
-    def stack(self, images):
-        return self.tf.stack(images)
 
 
 def backend_ops():
@@ -188,45 +182,54 @@ class GpuDecoder:
         except DecodeError as exc:
             return None, str(exc)
 
-    def decode(self, paths: list[str]):
-        """([index into paths, in the order of the batch's rows], device images, {index: reason})."""
-        clock, seconds = time.perf_counter(), self.seconds
-
-        def lap(step: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            seconds[step] += now - clock
-            clock = now
-
+    def read(self, paths: list[str]):
+        """Stage one: each file's bytes (or why not), and a CodeStream for each JPEG the GPU takes."""
+        started = time.perf_counter()
         datas = []
         for path in paths:
             try:
                 datas.append(read_bytes(path))
             except DecodeError as exc:
                 datas.append(exc)
-        lap("read")
+        parsed = time.perf_counter()
         streams = {i: s for i, d in enumerate(datas) if isinstance(d, bytes) and (s := self._gpu_candidate(d)) is not None}
-        lap("parse")
+        self.seconds["read"] += parsed - started
+        self.seconds["parse"] += time.perf_counter() - parsed
+        return datas, streams
+
+    def decode_streams(self, streams: dict) -> list:
+        """Stage two: nvImageCodec decodes the streams (it lets go of the GIL meanwhile); None
+        for each image it rejects."""
+        if not streams:
+            return []
+        started = time.perf_counter()
+        try:
+            decoded = self.decoder.decode(list(streams.values()), params=self.params)
+        except Exception:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
+            decoded = [None] * len(streams)
+        self.seconds["decode"] += time.perf_counter() - started
+        return decoded
+
+    def assemble(self, datas: list, streams: dict, decoded: list):
+        """Stage three: the decoded images resized into one batch, with the rows the CPU path
+        decodes. Returns ([index into the files, in the order of the batch's rows], device
+        images, {index: reason})."""
+        clock = time.perf_counter()
         order, rows = [], []
-        if streams:
-            try:
-                decoded = self.decoder.decode(list(streams.values()), params=self.params)
-            except Exception:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
-                decoded = [None] * len(streams)
-            lap("decode")
-            # One resize per distinct image shape (a folder of one camera: one call a batch), not
-            # one per image: per-image dispatches held the GPU path at a fifth of the model's rate.
-            shapes: dict[tuple, list] = {}
-            for i, image in zip(list(streams), decoded):
-                if image is not None:  # None: rejected by nvImageCodec; the CPU path decodes it or says why
-                    shapes.setdefault(tuple(image.shape), []).append((i, image))
-            for shape, members in shapes.items():
-                stacked = self.ops.stack([self.ops.from_dlpack(image) for _, image in members])
-                rows.append(self.ops.resize(stacked, self._weights(shape[0]), self._weights(shape[1])))
-                order += [i for i, _ in members]
-            lap("resize")
+        # One resize per distinct image shape (a folder of one camera: one call a batch), not
+        # one per image: per-image dispatches held the GPU path at a fifth of the model's rate.
+        shapes: dict[tuple, list] = {}
+        for i, image in zip(list(streams), decoded):
+            if image is not None:  # None: rejected by nvImageCodec; the CPU path decodes it or says why
+                shapes.setdefault(tuple(image.shape), []).append((i, image))
+        for shape, members in shapes.items():
+            rows.append(self.ops.resize([self.ops.from_dlpack(image) for _, image in members],
+                                        self._weights(shape[0]), self._weights(shape[1])))
+            order += [i for i, _ in members]
+        now = time.perf_counter()
+        self.seconds["resize"] += now - clock
         on_gpu = set(order)
-        left = [i for i in range(len(paths)) if i not in on_gpu]
+        left = [i for i in range(len(datas)) if i not in on_gpu]
         reasons, host = {}, []
         for i, (image, reason) in zip(left, self.cpu.map(self._cpu_decode, [datas[i] for i in left])):
             if image is None:
@@ -238,33 +241,98 @@ class GpuDecoder:
         self.on_cpu += len(host)
         parts = rows + ([self.ops.upload(np.stack(host))] if host else [])
         images = self.ops.concatenate(parts) if parts else np.zeros((0, self.size, self.size, 3), np.uint8)
-        lap("cpu")
+        self.seconds["cpu"] += time.perf_counter() - now
         return order, images, reasons
+
+    def decode(self, paths: list[str]):
+        """The three stages one after the other (a run overlaps them: :func:`gpu_batches`)."""
+        datas, streams = self.read(paths)
+        return self.assemble(datas, streams, self.decode_streams(streams))
 
     def close(self) -> None:
         self.cpu.shutdown(wait=True, cancel_futures=True)
 
 
 def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: int, decoder: GpuDecoder | None = None):
-    """Yield :class:`~.batches.Batch` es decoded on the GPU, THREAD_PREFETCH_BATCHES ahead, in a thread."""
+    """Yield :class:`~.batches.Batch` es decoded on the GPU, THREAD_PREFETCH_BATCHES ahead.
+
+    The decoder's three stages run in three threads, a batch apart: while batch k is being
+    assembled (DLPack hand-over and resize, which hold the GIL), k+1 is in nvImageCodec (which
+    does not) and k+2's files are being read. One thread did all three before, and its host
+    time, not the GPU, set the rate."""
     decoder = decoder or GpuDecoder(size, max_pixels, workers)
     out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
     stop = threading.Event()
+    chunks = [todo[start : start + rows] for start in range(0, len(todo), rows)]
 
     def produce():
+        read = decoded = None
         try:
-            for start in range(0, len(todo), rows):
+            read = _ahead((decoder.read([listing.path(e) for e, _ in pairs]) for pairs in chunks),
+                          stop, "featcache-gpu-read")
+            decoded = _ahead(((files, decoder.decode_streams(files[1])) for files in read), stop, "featcache-gpu-decode")
+            for pairs, ((datas, streams), images) in zip(chunks, decoded):
                 if stop.is_set():
                     return
-                pairs = todo[start : start + rows]
-                order, images, reasons = decoder.decode([listing.path(e) for e, _ in pairs])
+                order, images, reasons = decoder.assemble(datas, streams, images)
                 ok = collect([pairs[i] for i in order], [None] * len(order), lambda good: images)
                 ok.failed = [(pairs[i][0].relpath, reason) for i, reason in sorted(reasons.items())]
                 out.put(ok)
         except BaseException as exc:  # surface decoder crashes in the main thread
             out.put(exc)
         finally:
+            stop.set()  # the stage threads end (they are done already unless the run stops early)
+            for stage in (decoded, read):
+                if stage is not None:
+                    stage.close()
             decoder.close()
             out.put(None)
 
-    return drain(out, stop, threading.Thread(target=produce, name="featcache-gpu-decode", daemon=True))
+    return drain(out, stop, threading.Thread(target=produce, name="featcache-gpu-assemble", daemon=True))
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def _ahead(items, stop: threading.Event, name: str):
+    """Yield ``items`` as a thread of their own computes them, one ahead; ends when ``stop`` is set."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 (raised again where the items are taken)
+            put(_Raised(exc))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while not stop.is_set():
+            try:
+                item = handoff.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:  # done, or left early: then ``stop`` is set first (gpu_batches), and the thread ends
+        thread.join()
