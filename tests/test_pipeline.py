@@ -100,6 +100,48 @@ def test_json_reports_start_up_apart_from_the_steady_rate(tmp_path):
     assert again["extracted"] == 0 and again["startup_seconds"] == 0 and again["images_per_second"] == 0
 
 
+class _SyncModel:
+    """A model that computes on dispatch, as TensorFlow does on a CPU: 50 ms a batch."""
+
+    def dispatch(self, images):
+        time.sleep(0.05)
+        return np.zeros((len(images), 2), np.float32)
+
+    def fetch(self, handle):
+        return handle
+
+
+class _Writer:
+    def __init__(self):
+        self.rows, self.group = 0, {"features": np.zeros((0, 2))}
+
+    def append(self, features, *columns):
+        self.rows += len(features)
+
+    def add_failures(self, failed):
+        pass
+
+    def commit(self):
+        pass
+
+
+def test_the_steady_rate_counts_no_batch_computed_during_start_up():
+    """Batch 2 is dispatched only once batch 1's features are back: with a backend that computes
+    on dispatch, overlapping them ran batch 2 inside the start-up yet counted it as steady."""
+    from featcache.extract.batch_loop import run_batches
+    from featcache.extract.batches import Batch
+
+    from featcache.extract.discover import ImageEntry
+
+    entry = ImageEntry("cats/a.jpg", 0, "train")
+    batches = [Batch([entry] * 4, [f"d{k}{i}" for i in range(4)], np.zeros((4, 1)), []) for k in range(5)]
+    writer = _Writer()
+    result = run_batches(writer, iter(batches), _SyncModel(), "float32", [])
+    assert result.extracted == writer.rows == 20 and result.steady_images == 16
+    assert result.steady_seconds >= 4 * 0.05  # batches 2..5 were all computed inside the steady window
+    assert result.images_per_second <= 16 / (4 * 0.05)
+
+
 def test_short_batches_are_padded_to_one_compiled_shape_and_cut_back(tmp_path):
     backbone = get_backbone("mobilenet_0.25")
     weights = resolve_weights(backbone, "none", 0, 32)

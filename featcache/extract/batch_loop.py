@@ -25,7 +25,7 @@ class LoopResult:
     extracted: int = 0
     seconds: float = 0.0  # the whole loop
     first_batch_seconds: float = 0.0  # until the first batch's features were back (decode, compile, run)
-    steady_images: int = 0  # images after the first batch
+    steady_images: int = 0  # images of batches 2..N (dispatched once the first batch's features were back)
     steady_seconds: float = 0.0  # and the time they took
     new_rows: dict[str, int] = field(default_factory=dict)  # digest -> row
 
@@ -106,6 +106,12 @@ def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=la
                 handle = model.dispatch(batch.images) if len(batch.entries) else None
                 done, in_flight = in_flight, (batch, handle)
                 if done is not None:
+                    finish(*done)
+                if first_done is None:
+                    # The first batch alone: its features back ends the start-up. (Overlapped, a
+                    # backend that computes on dispatch, TensorFlow on a CPU, ran batch 2 before
+                    # batch 1 was fetched, and batch 2 then counted as steady state for free.)
+                    done, in_flight = in_flight, None
                     finish(*done)
             if in_flight is not None:
                 done, in_flight = in_flight, None
