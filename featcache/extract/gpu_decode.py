@@ -268,9 +268,8 @@ def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: i
     def produce():
         read = decoded = None
         try:
-            read = _ahead((decoder.read([listing.path(e) for e, _ in pairs]) for pairs in chunks),
-                          stop, "featcache-gpu-read")
-            decoded = _ahead(((files, decoder.decode_streams(files[1])) for files in read), stop, "featcache-gpu-decode")
+            read = _ahead((decoder.read([listing.path(e) for e, _ in pairs]) for pairs in chunks), "featcache-gpu-read")
+            decoded = _ahead(((files, decoder.decode_streams(files[1])) for files in read), "featcache-gpu-decode")
             for pairs, ((datas, streams), images) in zip(chunks, decoded):
                 if stop.is_set():
                     return
@@ -281,7 +280,7 @@ def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: i
         except BaseException as exc:  # surface decoder crashes in the main thread
             out.put(exc)
         finally:
-            stop.set()  # the stage threads end (they are done already unless the run stops early)
+            # Downstream first: once the decoding thread has ended, nothing is inside ``read``.
             for stage in (decoded, read):
                 if stage is not None:
                     stage.close()
@@ -291,48 +290,20 @@ def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: i
     return drain(out, stop, threading.Thread(target=produce, name="featcache-gpu-assemble", daemon=True))
 
 
-class _Raised:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-_DONE = object()
-
-
-def _ahead(items, stop: threading.Event, name: str):
-    """Yield ``items`` as a thread of their own computes them, one ahead; ends when ``stop`` is set."""
+def _ahead(items, name: str):
+    """Yield ``items`` as a thread of their own computes them, one ahead (a stage of gpu_batches)."""
     handoff: queue.Queue = queue.Queue(maxsize=1)
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
+    stop = threading.Event()
 
     def run():
         try:
             for item in items:
-                if not put(item):
+                if stop.is_set():  # the consumer left: drain() takes what is put meanwhile
                     return
-            put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 (raised again where the items are taken)
-            put(_Raised(exc))
+                handoff.put(item)
+        except BaseException as exc:  # noqa: BLE001 (drain raises it where the items are taken)
+            handoff.put(exc)
+        finally:
+            handoff.put(None)
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    try:
-        while not stop.is_set():
-            try:
-                item = handoff.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is _DONE:
-                return
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item
-    finally:  # done, or left early: then ``stop`` is set first (gpu_batches), and the thread ends
-        thread.join()
+    return drain(handoff, stop, threading.Thread(target=run, name=name, daemon=True))

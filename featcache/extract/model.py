@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import FeatcacheError
 from .backbones import Backbone, build_keras_base, preprocess_function
-from .placeholder_init import placeholder_weights, unset_weights
+from .placeholder_init import placeholder_weights
 from .weights import WeightsSource, weights_load_error
 
 PRECISION_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -190,6 +190,7 @@ def fold_and_cast(model, policy: str, keep=()):
 
     with placeholder_weights():  # every weight is set below: initializers would be wasted work
         copy = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    set_layers = set()
     for layer in model.layers:
         if layer.name in folds or not layer.weights:
             continue
@@ -197,10 +198,11 @@ def fold_and_cast(model, policy: str, keep=()):
         if layer.name in folded_convs:
             target.set_weights(folded_weights(layer, model.get_layer(folded_convs[layer.name])))
         else:
-            target.set_weights(layer.get_weights())
-    unset = unset_weights(copy)
-    if unset:  # a layer the loop above missed: a bug here, not a bad file
-        raise RuntimeError(f"fold_and_cast left weights unset: {unset}")
+            target.set_weights(layer.get_weights())  # all of the layer's weights, or it raises
+        set_layers.add(layer.name)
+    missed = [layer.name for layer in copy.layers if layer.weights and layer.name not in set_layers]
+    if missed:  # placeholders left in: a bug here, not a bad file
+        raise RuntimeError(f"fold_and_cast left the weights of {missed} unset")
     return copy
 
 
