@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="Also print the results as JSON.")
     args = parser.parse_args(argv)
 
-    from featcache.classify.harness import train
+    from featcache.classify.train.harness import train
     from featcache.extract.pipeline import ExtractConfig, extract
 
     work = pathlib.Path(args.workdir)

@@ -156,7 +156,7 @@ def run_case(folder, n, repeat, baseline):
     store = os.path.join(folder, f"featcache-{n}.h5")
     out["featcache"] = run_featcache(str(REPO), store, n, repeat)
     sys.path.insert(0, str(REPO))
-    from featcache.cache.verify import verify
+    from featcache.cache.integrity.verify import verify
 
     assert verify(store)["ok"]
     cpu, wall = timed(lambda: verify(store), repeat)

@@ -66,11 +66,12 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from featcache import open_store
-    from featcache.classify import deployed, rundir
-    from featcache.classify.deploy_savedmodel import decode_in_graph
-    from featcache.classify.export import export
-    from featcache.classify.harness import train
-    from featcache.extract.decode import decode_image, read_bytes
+    from featcache.classify.deploy import run_exported as deployed
+    from featcache.classify.runs import run_dir as rundir
+    from featcache.classify.deploy.savedmodel import decode_in_graph
+    from featcache.classify.deploy.export import export
+    from featcache.classify.train.harness import train
+    from featcache.extract.images.decode import decode_image, read_bytes
     from featcache.extract.pipeline import ExtractConfig, extract
 
     work = pathlib.Path(args.workdir)

@@ -68,9 +68,9 @@ def _check_export(run_dir: str, out: str, images: list[str]) -> float:
     import keras
     import numpy as np
 
-    from featcache.classify.export import export
-    from featcache.classify.predict import predict
-    from featcache.extract.decode import decode_image, read_bytes
+    from featcache.classify.deploy.export import export
+    from featcache.classify.deploy.predict import predict
+    from featcache.extract.images.decode import decode_image, read_bytes
 
     info = export(run_dir, out)
     model = keras.models.load_model(out)
@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="Also write the results to this JSON file.")
     args = parser.parse_args(argv)
 
-    from featcache.classify.ensemble import ensemble
-    from featcache.classify.harness import train
+    from featcache.classify.train.ensemble import ensemble
+    from featcache.classify.train.harness import train
     from featcache.extract.pipeline import extract
 
     work = pathlib.Path(args.workdir)

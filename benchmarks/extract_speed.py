@@ -118,7 +118,7 @@ def _cpu() -> float:
 def device_text() -> str:
     import keras
 
-    from featcache.extract.model import cpu_has_bf16, gpu_compute_capability
+    from featcache.extract.bases.feature_model import cpu_has_bf16, gpu_compute_capability
 
     capability = gpu_compute_capability()
     if capability is not None:
@@ -148,9 +148,9 @@ def classic_loop(tree: pathlib.Path, n: int, args, precision: str, out_shape) ->
 
     import keras
 
-    from featcache.extract.backbones import build_keras_base, get_backbone
-    from featcache.extract.model import PRECISION_POLICIES
-    from featcache.extract.weights import resolve_weights
+    from featcache.extract.bases.backbones import build_keras_base, get_backbone
+    from featcache.extract.bases.feature_model import PRECISION_POLICIES
+    from featcache.extract.bases.weights import resolve_weights
 
     backbone = get_backbone(args.base)
     size = args.size or backbone.default_size
@@ -197,12 +197,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import keras
 
-    from featcache.extract.backbones import get_backbone
-    from featcache.extract.decode import decode_image
-    from featcache.extract.feeder import default_workers
-    from featcache.extract.model import FeatureModel, resolve_precision
+    from featcache.extract.bases.backbones import get_backbone
+    from featcache.extract.images.decode import decode_image
+    from featcache.extract.images.feeder import default_workers
+    from featcache.extract.bases.feature_model import FeatureModel, resolve_precision
     from featcache.extract.pipeline import ExtractConfig, extract
-    from featcache.extract.weights import resolve_weights
+    from featcache.extract.bases.weights import resolve_weights
 
     backbone = get_backbone(args.base)
     size = args.size or backbone.default_size
@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            from featcache.extract.decode import decode_file
+            from featcache.extract.images.decode import decode_file
 
             # the pool's lifetime is timed (its start too) so that the workers' CPU is counted
             with Meter() as dec, ProcessPoolExecutor(pool_workers, multiprocessing.get_context("spawn")) as pool:

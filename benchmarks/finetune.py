@@ -97,9 +97,9 @@ def main():
     if args.compare_augment:
         return compare_augment(args)
 
-    from featcache.classify.finetune import finetune
-    from featcache.classify.harness import train
-    from featcache.extract.backbones import get_backbone
+    from featcache.classify.train.finetune import finetune
+    from featcache.classify.train.harness import train
+    from featcache.extract.bases.backbones import get_backbone
     from featcache.extract.pipeline import extract
 
     work, images, store, common = workspace(args)
@@ -175,13 +175,13 @@ def end_to_end_augmented(images: str, store: str, plain_set: str, weights: str, 
 
     from featcache.cache.store import open_store
     from featcache.classify import reports
-    from featcache.classify.end_to_end import preprocessing
-    from featcache.classify.finetune import _decode_all, _proba
-    from featcache.classify.heads import make_head
-    from featcache.extract.augment import make_layers
-    from featcache.extract.backbones import get_backbone
-    from featcache.extract.model import build_frozen_base
-    from featcache.extract.weights import resolve_weights
+    from featcache.classify.graph.build import preprocessing
+    from featcache.classify.train.finetune import _decode_all, _proba
+    from featcache.classify.heads.registry import make_head
+    from featcache.extract.images.augment import make_layers
+    from featcache.extract.bases.backbones import get_backbone
+    from featcache.extract.bases.feature_model import build_frozen_base
+    from featcache.extract.bases.weights import resolve_weights
 
     import numpy as np
 
@@ -233,8 +233,8 @@ def compare_augment(args):
     finetune --augment from images), the same epochs, lr and batch."""
     import json as _json
 
-    from featcache.classify.finetune import finetune
-    from featcache.classify.harness import train
+    from featcache.classify.train.finetune import finetune
+    from featcache.classify.train.harness import train
     from featcache.extract.pipeline import extract
 
     work, images, store, common = workspace(args)

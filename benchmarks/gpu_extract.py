@@ -142,7 +142,7 @@ def reference_loop(model, paths, size, batch, workers) -> float:
 
 def model_alone(model, paths, size, batch, n) -> float:
     """Steady-state images/s of FeatureModel on decoded batches, dispatch ahead as featcache does."""
-    from featcache.extract.decode import decode_image
+    from featcache.extract.images.decode import decode_image
 
     distinct = [decode_image(pathlib.Path(p).read_bytes(), size, "bilinear") for p in paths[: min(len(paths), 4 * batch)]]
     pool = np.stack(distinct)
@@ -171,7 +171,7 @@ def gpu_decode_loop(paths, size, batch, model=None) -> dict:
 
     import keras
 
-    from featcache.extract.gpu_decode import GpuDecoder, gpu_batches
+    from featcache.extract.images.gpu_decode import GpuDecoder, gpu_batches
 
     wait = (lambda x: __import__("jax").block_until_ready(x)) if keras.backend.backend() == "jax" else (lambda x: x)
     decoder = GpuDecoder(size, 10**8, 4)
@@ -208,8 +208,8 @@ def gpu_vs_cpu_cosine(model, paths, size, batch) -> dict:
     """Mean cosine between features of the same images decoded on the GPU and by Pillow: with
     the same resize filter (``gpu-bilinear`` on the CPU: the decoders' difference alone) and
     with Pillow's ``bilinear`` (what a CPU run keys by default)."""
-    from featcache.extract.decode import decode_image
-    from featcache.extract.gpu_decode import GpuDecoder
+    from featcache.extract.images.decode import decode_image
+    from featcache.extract.images.gpu_decode import GpuDecoder
 
     decoder = GpuDecoder(size, 10**8, 4)
     sums, count = {"gpu-bilinear": 0.0, "bilinear": 0.0}, 0
@@ -238,11 +238,11 @@ def main(argv=None) -> dict:
     import keras
 
     from featcache.errors import FeatcacheError
-    from featcache.extract.backbones import get_backbone
+    from featcache.extract.bases.backbones import get_backbone
     from featcache.extract.config import ExtractConfig
-    from featcache.extract.model import FeatureModel, gpu_compute_capability, resolve_precision
+    from featcache.extract.bases.feature_model import FeatureModel, gpu_compute_capability, resolve_precision
     from featcache.extract.pipeline import extract
-    from featcache.extract.weights import resolve_weights
+    from featcache.extract.bases.weights import resolve_weights
 
     gpu = gpu_compute_capability()
     n = args.images or (40000 if gpu else 256)

@@ -71,7 +71,7 @@ def synthetic_tree(root: pathlib.Path, rows: int, seed: int = 0) -> pathlib.Path
 
 
 def timed_report(run_dir: str, split: str | None, label: str) -> dict:
-    from featcache.classify.report_html import write_report
+    from featcache.classify.report.run_page import write_report
 
     before = load()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -90,7 +90,7 @@ def timed_report(run_dir: str, split: str | None, label: str) -> dict:
 
 
 def run_synthetic(workdir: pathlib.Path, rows: int, dims: int) -> list[dict]:
-    from featcache.classify.harness import train
+    from featcache.classify.train.harness import train
     from featcache.extract.pipeline import extract
 
     tree = synthetic_tree(workdir / f"images-{rows}", rows)
@@ -106,7 +106,7 @@ def run_synthetic(workdir: pathlib.Path, rows: int, dims: int) -> list[dict]:
 
 
 def run_real(workdir: pathlib.Path, data: str, weights: str) -> list[dict]:
-    from featcache.classify.harness import train
+    from featcache.classify.train.harness import train
     from featcache.extract.pipeline import extract
 
     store = workdir / "cats_dogs_mobilenet_v2.h5"

@@ -191,7 +191,7 @@ def memory(args, files, work) -> dict:
 
 def heads(store: str) -> dict:
     try:
-        from featcache.classify.harness import train
+        from featcache.classify.train.harness import train
     except ImportError as exc:
         print(f"heads: skipped (featcache.classify not importable: {exc})")
         return {}

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="Also print the result as JSON.")
     args = parser.parse_args(argv)
 
-    from featcache.classify.search import search
+    from featcache.classify.search.search import search
     from featcache.extract.pipeline import ExtractConfig, extract
 
     work = pathlib.Path(args.workdir)

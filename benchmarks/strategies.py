@@ -52,8 +52,8 @@ def main(argv=None) -> int:
 
     from finetune import subset  # benchmarks/finetune.py: the same subsetting
 
-    from featcache.classify.finetune import finetune
-    from featcache.classify.harness import train
+    from featcache.classify.train.finetune import finetune
+    from featcache.classify.train.harness import train
     from featcache.extract.pipeline import extract
 
     work = pathlib.Path(args.workdir)

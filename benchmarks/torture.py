@@ -43,7 +43,7 @@ from PIL import Image  # noqa: E402
 
 from featcache import open_store  # noqa: E402
 from featcache.cache.store import committed_rows  # noqa: E402
-from featcache.cache.verify import verify  # noqa: E402
+from featcache.cache.integrity.verify import verify  # noqa: E402
 from featcache.errors import FeatcacheError  # noqa: E402
 
 

@@ -5,7 +5,7 @@ imported lazily, so ``import featcache`` (and the CLI's --help) never pays for T
 ``featcache.extract``, ``featcache.cache`` and ``featcache.classify`` are the three stage
 packages; extraction's function is therefore ``featcache.extract_features``.
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 __all__ = ["__version__", "FeatcacheError", "open_store", "extract_features", "info", "verify", "repair", "merge",
            "bases", "train", "compare", "search", "report", "predict", "export", "finetune", "ensemble", "demo"]

@@ -73,7 +73,7 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
     raised: check ``failed``.
     """
     from .extract.pipeline import ExtractConfig, extract as run_extract
-    from .extract.sharding import check_scale_options, parse_shard
+    from .extract.scale.sharding import check_scale_options, parse_shard
 
     shard_text = f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard
     ray = "" if ray is True else ray  # ray=True: a local Ray instance, like a bare --ray
@@ -87,12 +87,12 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
     )
     image_dir, store = os.fspath(image_dir), os.fspath(store)
     if ray is not None:
-        from .extract.ray_runner import run_ray
+        from .extract.scale.ray_runner import run_ray
 
         return run_ray(image_dir, store, config, shards, ray or None, gpus_per_worker or 0, cpus_per_worker or 1,
                        log=log)
     if shard_text is not None:
-        from .extract.sharding import run_shard
+        from .extract.scale.sharding import run_shard
 
         return run_shard(image_dir, store, config, parse_shard(shard_text))
     return run_extract(image_dir, store, config)
@@ -123,7 +123,7 @@ def verify(store: str | os.PathLike) -> dict:
     damage: [{what, rows: [first, last] or None, reason, file?}], torn}]``, ``unchecked``,
     ``left_by_killed_run``, ``bytes``, ``seconds`` and ``repair`` (the command to run, or None).
     A damaged store is a result (``ok`` False), not an error."""
-    from .cache.verify import verify as run_verify
+    from .cache.integrity.verify import verify as run_verify
 
     return run_verify(os.fspath(store))
 
@@ -136,7 +136,7 @@ def repair(store: str | os.PathLike) -> dict:
     Returns ``store``, ``repaired`` (False: nothing was damaged, nothing done), ``damaged_copy``,
     ``feature_sets`` (what verify found), ``kept: [{feature_set, rows, rows_kept, rows_lost,
     rows_set_aside, lost}]``, ``nothing_recovered``, ``shard_records_withdrawn`` and ``seconds``."""
-    from .cache.repair import repair as run_repair
+    from .cache.integrity.repair import repair as run_repair
 
     return run_repair(os.fspath(store))
 
@@ -162,7 +162,7 @@ def bases() -> list[dict]:
     the freeze boundary and how Keras builds it."""
     from dataclasses import asdict
 
-    from .extract.backbones import REGISTRY
+    from .extract.bases.backbones import REGISTRY
 
     return [{**asdict(b), "top_block": list(b.top_block)} for b in REGISTRY.values()]
 
@@ -188,7 +188,7 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
     Returns ``kind`` ("head" or "fused"), ``head``, ``feature_set``, ``untrained`` (the check before training), ``train`` /
     ``validation`` / ``test`` (each ``{n, accuracy, loss}``), ``overfitting``, ``streaming``,
     ``seconds``, ``cpu_seconds``, ``seconds_total``, ``run_dir`` and ``report`` (its path, or None)."""
-    from .classify.harness import train as run_train
+    from .classify.train.harness import train as run_train
 
     options = _given(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
                      batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
@@ -218,7 +218,7 @@ def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg"
     entries with ``rank``, ``head``, ``feature_set``, ``settings``, ``validation``/``test``/``train``
     (``{n, accuracy, loss}``) or ``cv`` (means, stds, folds), ``seconds``; with ``out`` also
     ``out``, ``leaderboard_html`` and per entry ``run_dir`` and ``report``."""
-    from .classify.harness import compare as run_compare
+    from .classify.train.harness import compare as run_compare
 
     options = _given(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
                      batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
@@ -238,7 +238,7 @@ def report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     ``per_image``, ``mistakes``, ``mistake_thumbnails``, ``right_thumbnails``, ``map_points``,
     ``map_method``, ``notes`` (what could not be shown, and why), ``bytes``, ``stage_seconds``
     and ``seconds``."""
-    from .classify.report_html import write_report
+    from .classify.report.run_page import write_report
 
     return write_report(os.fspath(run_dir), None if out is None else os.fspath(out), split, max_images, seed)
 
@@ -259,7 +259,7 @@ def search(store: str | os.PathLike, *, out: str | os.PathLike, trials: int = 30
     requested, ran_here, marked_failed), ``stopped``, ``best`` (trial, head, feature_set,
     params, loss, accuracy, retrained, test, run_dir; None before a trial completes),
     ``leaderboard``, ``files``, ``notes`` and ``seconds``."""
-    from .classify.search import search as run_search
+    from .classify.search.search import search as run_search
 
     return run_search(os.fspath(store), os.fspath(out), trials=trials, timeout=timeout, heads=heads,
                       feature_sets=feature_sets, cv=cv, study=study, sampler=sampler, pruner=pruner, seed=seed,
@@ -275,7 +275,7 @@ def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str 
     Returns ``run_dir``, ``kind``, ``head``, ``model`` (a description), ``feature_set``,
     ``class_names``, ``predictions`` (per image: ``path``, ``predicted``, ``probability``,
     ``top``: [{class, probability}]) and ``failures``."""
-    from .classify.predict import predict as run_predict
+    from .classify.deploy.predict import predict as run_predict
 
     if isinstance(images, (str, os.PathLike)):
         images = [images]
@@ -297,7 +297,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str | 
     one per distinct size, .keras only), ``class_names``, ``parameters``, ``bytes``, ``sha256``,
     ``labels``, ``card``, ``signatures``, ``calibration``, ``run_test_accuracy``,
     ``exported_test``, ``warnings`` and ``seconds``."""
-    from .classify.export import export as run_export
+    from .classify.deploy.export import export as run_export
 
     return run_export(os.fspath(run_dir), os.fspath(out), weights, format=format, quantize=quantize,
                       calibration_images_count=calibration_images, evaluate=evaluate)
@@ -317,7 +317,7 @@ def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: s
     Returns ``feature_set``, ``unfreeze``, ``source``, ``trainable_layers``,
     ``trainable_parameters``, ``before`` and ``train`` / ``validation`` / ``test`` metrics,
     ``epochs``, ``epoch_seconds``, ``seconds``, ``run_dir`` and ``report``."""
-    from .classify.finetune import finetune as run_finetune
+    from .classify.train.finetune import finetune as run_finetune
 
     return run_finetune(None if image_dir is None else os.fspath(image_dir), os.fspath(run_dir), os.fspath(out),
                         blocks=blocks, unfreeze=unfreeze, unfreeze_from=unfreeze_from, lr=lr, epochs=epochs,
@@ -336,7 +336,7 @@ def ensemble(run_dirs, *, out: str | os.PathLike, weights: str = "equal", no_rep
     the ensemble's ``train`` / ``validation`` / ``test`` (``{n, accuracy, loss}``), ``fit``
     (the optimiser's record, or None), ``warnings``, ``report`` (its path, or None) and
     ``seconds``."""
-    from .classify.ensemble import ensemble as run_ensemble
+    from .classify.train.ensemble import ensemble as run_ensemble
 
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]

@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from . import __version__, api
+from . import api
+from .version import __version__
 from .errors import FeatcacheError
 
 
@@ -168,7 +169,7 @@ def info(store, as_json):
 def verify(store, as_json):
     """Read all of STORE: every chunk's checksum and the consistency of its columns; list what is
     damaged down to rows. Exit 1 if anything is damaged."""
-    from .cache.verify import format_report
+    from .cache.integrity.verify import format_report
 
     result = api.verify(store)
     if as_json:

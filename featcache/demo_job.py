@@ -221,7 +221,7 @@ def _clear_run_dir(path: str) -> None:
     """Remove a run folder of an earlier demo run (the harness never overwrites runs)."""
     if not os.path.exists(path):
         return
-    from .classify.rundir import CONFIG
+    from .classify.runs.run_dir import CONFIG
 
     if os.path.isdir(path) and (not os.listdir(path) or os.path.isfile(os.path.join(path, CONFIG))):
         shutil.rmtree(path)
@@ -240,7 +240,7 @@ def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, see
     import sklearn.linear_model  # noqa: F401  (loads scipy's BLAS now, so threadpool_limits sees it)
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-    from .classify.harness import train
+    from .classify.train.harness import train
     from .extract.pipeline import extract
 
     log = _quiet(log)
@@ -295,7 +295,7 @@ def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, see
     log(f"export: {best['name']} -> {model_path}")
     exported = export_best(best["run_dir"], model_path)
 
-    from .classify.report_html import write_report
+    from .classify.report.run_page import write_report
 
     log(f"report: {best['name']} -> {os.path.join(best['run_dir'], 'report.html')}")
     report = write_report(best["run_dir"])
@@ -367,10 +367,10 @@ def format_report(result: dict) -> str:
 
 
 def export_best(run_dir: str, out: str) -> dict:
-    """The run as one Keras model file with its labels and card (featcache.classify.export);
+    """The run as one Keras model file with its labels and card (featcache.classify.deploy.export);
     replaces the previous demo's export, since exports themselves are never overwritten."""
-    from .classify.export import export
-    from .classify.model_card import companion_paths
+    from .classify.deploy.export import export
+    from .classify.deploy.card import companion_paths
 
     for path in (out, *companion_paths(out, "keras")):
         if os.path.isfile(path):

@@ -209,8 +209,8 @@ def load_clean(work: str) -> dict:
 
 
 def main(work: str, ids: list[int]) -> None:
-    import featcache.classify.harness  # noqa: F401  (imports that the first train or search would time)
-    import featcache.classify.search  # noqa: F401
+    import featcache.classify.train.harness  # noqa: F401  (imports that the first train or search would time)
+    import featcache.classify.search.search  # noqa: F401
     import sklearn.linear_model  # noqa: F401
 
     with open(os.path.join(work, "cases.json")) as fh:

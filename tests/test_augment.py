@@ -9,13 +9,13 @@ from click.testing import CliRunner
 
 from conftest import write_tree
 from featcache.cache.store import open_store
-from featcache.classify import data
-from featcache.classify.harness import train
+from featcache.classify.rows import training as data
+from featcache.classify.train.harness import train
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
-from featcache.extract.augment import (DEFAULT_STRENGTHS, augment_image, make_layers, parse_recipe, view_column,
+from featcache.extract.images.augment import (DEFAULT_STRENGTHS, augment_image, make_layers, parse_recipe, view_column,
                                        view_rows, view_seed)
-from featcache.extract.decode import decode_file
+from featcache.extract.images.decode import decode_file
 from featcache.extract.pipeline import extract
 
 OPTS = dict(base="pixels", size=32, weights="none", progress=False)

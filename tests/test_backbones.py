@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from featcache.errors import FeatcacheError
-from featcache.extract import backbones as B
+from featcache.extract.bases import backbones as B
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN_SLOW = os.environ.get("FEATCACHE_SLOW_TESTS") == "1"
@@ -146,7 +146,7 @@ def test_get_backbone_known_and_unknown():
 
 
 def test_import_does_not_import_tensorflow():
-    code = "import featcache.extract.backbones, sys; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+    code = "import featcache.extract.bases.backbones, sys; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=60)
 
@@ -331,7 +331,7 @@ def test_a_load_that_leaves_weights_unset_is_refused_naming_the_file(keras, tmp_
 def test_placeholders_stay_inside_their_block_and_thread(keras):
     import threading
 
-    from featcache.extract.placeholder_init import placeholder_weights, unset_weights
+    from featcache.extract.bases.placeholder_init import placeholder_weights, unset_weights
 
     def dense_model():
         inputs = keras.Input((3,))

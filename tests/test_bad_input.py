@@ -29,7 +29,7 @@ from PIL import Image
 from conftest import REPO, class_image, write_tree
 from featcache import open_store
 from featcache.cli import cli
-from featcache.extract.decode import DecodeError, decode_image
+from featcache.extract.images.decode import DecodeError, decode_image
 
 SIZE = 16
 PIXELS = ["--base", "pixels", "--size", str(SIZE), "--no-progress"]

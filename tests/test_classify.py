@@ -11,9 +11,11 @@ import pytest
 
 from conftest import CATS_DOGS, MOBILENET_025, class_image, shared_file, write_tree
 from featcache import open_store
-from featcache.classify import data, reports, rundir
-from featcache.classify.harness import compare, train
-from featcache.classify.heads import DenseHead, LogRegHead, make_head
+from featcache.classify.rows import training as data
+from featcache.classify import evaluation as reports
+from featcache.classify.runs import run_dir as rundir
+from featcache.classify.train.harness import compare, train
+from featcache.classify.heads.registry import DenseHead, LogRegHead, make_head
 from featcache.errors import FeatcacheError
 from featcache.extract.pipeline import ExtractConfig, extract
 
@@ -197,7 +199,7 @@ def test_logreg_run_dir_and_tampered_joblib_is_refused(pixels, tmp_path, monkeyp
                                              r"recorded in config.json; refusing to load"):
         rundir.load_head(str(out))
     # The report still shows what the run directory holds, and says why there is no more.
-    from featcache.classify.report_html import write_report
+    from featcache.classify.report.run_page import write_report
 
     summary = write_report(str(out), str(tmp_path / "report.html"))
     assert summary["per_image"] is False
@@ -360,7 +362,7 @@ def mobilenet_runs(mobilenet, tmp_path_factory):
 
 
 def test_predict_matches_the_stored_features(mobilenet, mobilenet_runs):
-    from featcache.classify.predict import predict
+    from featcache.classify.deploy.predict import predict
 
     with open_store(mobilenet["store"]) as s:
         fs = s[mobilenet["fs"]]
@@ -381,9 +383,9 @@ def test_predict_matches_the_stored_features(mobilenet, mobilenet_runs):
 def test_export_loads_with_plain_keras_and_matches_predict(mobilenet, mobilenet_runs, tmp_path):
     import keras
 
-    from featcache.classify.export import export
-    from featcache.classify.predict import predict
-    from featcache.extract.decode import decode_image, read_bytes
+    from featcache.classify.deploy.export import export
+    from featcache.classify.deploy.predict import predict
+    from featcache.extract.images.decode import decode_image, read_bytes
 
     for name, run in mobilenet_runs.items():
         out = tmp_path / f"{name}.keras"
@@ -405,7 +407,7 @@ def test_export_loads_with_plain_keras_and_matches_predict(mobilenet, mobilenet_
 def test_export_of_multiclass_logreg(pixels, tmp_path, options):
     import keras
 
-    from featcache.classify.export import export
+    from featcache.classify.deploy.export import export
 
     out = tmp_path / "run"
     train(pixels["store"], pixels["fs"], head="logreg", out=str(out), report=False, **options)
@@ -413,7 +415,7 @@ def test_export_of_multiclass_logreg(pixels, tmp_path, options):
     model = keras.models.load_model(str(tmp_path / "m.keras"))
     _, head = rundir.load_head(str(out))
     x, _ = _load(pixels["store"], pixels["fs"], "test")
-    from featcache.extract.decode import decode_image, read_bytes
+    from featcache.extract.images.decode import decode_image, read_bytes
 
     paths = sorted(str(p) for p in (pixels["tree"] / "test").rglob("*.jpg"))
     images = np.stack([decode_image(read_bytes(p), 8) for p in paths]).astype("float32")
@@ -423,7 +425,7 @@ def test_export_of_multiclass_logreg(pixels, tmp_path, options):
 def test_preprocessing_layers_equal_keras_preprocess_input():
     import keras
 
-    from featcache.classify.end_to_end import preprocessing
+    from featcache.classify.graph.build import preprocessing
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
     for flavour, module in (("tf", "mobilenet_v2"), ("caffe", "vgg16"), ("torch", "densenet")):
@@ -434,7 +436,7 @@ def test_preprocessing_layers_equal_keras_preprocess_input():
 
 
 def test_predict_errors(mobilenet_runs, tmp_path):
-    from featcache.classify.predict import predict
+    from featcache.classify.deploy.predict import predict
 
     with pytest.raises(FeatcacheError, match="no such file or folder"):
         predict(mobilenet_runs["logreg"], [str(tmp_path / "nope.jpg")])

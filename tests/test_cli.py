@@ -57,7 +57,7 @@ def test_user_mistakes_are_one_line(tmp_path):
 
 
 def test_bases_lists_the_registry():
-    from featcache.extract.backbones import REGISTRY
+    from featcache.extract.bases.backbones import REGISTRY
 
     result = invoke("bases", "--json")
     assert result.exit_code == 0

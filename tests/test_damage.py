@@ -399,7 +399,7 @@ def shutil_copy(src, dst):
 
 def test_a_damaged_shard_is_named_through_its_merged_store_and_healed_by_its_shard_run(tmp_path):
     from featcache.cache.shards import read_marker
-    from featcache.extract.sharding import shard_store_name
+    from featcache.extract.scale.sharding import shard_store_name
 
     tree = write_tree(tmp_path / "images", per_class=10)
     shards = [tmp_path / shard_store_name(i, 2) for i in range(2)]

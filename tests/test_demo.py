@@ -14,10 +14,10 @@ from conftest import MOBILENET_025, REPO, shared_file, write_tree
 from featcache import demo_job as demo
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
-from featcache.extract import bundled
-from featcache.extract.backbones import get_backbone
+from featcache.extract.bases import bundled
+from featcache.extract.bases.backbones import get_backbone
 from featcache.extract.pipeline import ExtractConfig, key_spec
-from featcache.extract.weights import resolve_weights
+from featcache.extract.bases.weights import resolve_weights
 
 
 def invoke(*args):
@@ -72,7 +72,7 @@ def test_demo_reduced_json_and_rerun_reuses_cache(tmp_path):
     # The exported model works on its own: decode the test images as extraction does.
     import keras
 
-    from featcache.extract.decode import decode_image
+    from featcache.extract.images.decode import decode_image
 
     model = keras.models.load_model(out["model"])
     images, labels = [], []

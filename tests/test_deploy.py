@@ -19,11 +19,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import CATS_DOGS, MOBILENET_V2, SHARED_DATA, shared_file, write_tree
-from featcache.classify.harness import train
-from featcache.classify.predict import predict
+from featcache.classify.train.harness import train
+from featcache.classify.deploy.predict import predict
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
-from featcache.extract.decode import decode_image, read_bytes
+from featcache.extract.images.decode import decode_image, read_bytes
 from featcache.extract.pipeline import ExtractConfig, extract
 
 CLASSES = ["cats", "dogs"]
@@ -54,7 +54,7 @@ def _proba(result) -> np.ndarray:
 
 
 def _export(run, out, **options):
-    from featcache.classify.export import export
+    from featcache.classify.deploy.export import export
 
     return export(str(run), str(out), **options)
 
@@ -91,7 +91,7 @@ def exports(small):
 
 
 def _tflite_proba(path, images: np.ndarray) -> np.ndarray:
-    from featcache.classify.deployed import TFLiteModel
+    from featcache.classify.deploy.run_exported import TFLiteModel
 
     return TFLiteModel(str(path)).predict_proba(images)
 
@@ -114,7 +114,7 @@ def test_tflite_float16_is_the_float_model_with_half_precision_weights(small, ex
     its weights rounded to float16 (1e-4), and within 1e-2 of predict on the real photos. (Over
     the 1,000 test images the largest difference is 0.012-0.020 for MobileNetV2@160, mean 2.5e-4:
     the README's table; a few borderline images move more than 1e-2.)"""
-    from featcache.classify.end_to_end import build
+    from featcache.classify.graph.build import build
 
     path, result = exports["float16"]
     images = _decoded(small["images"])
@@ -152,7 +152,7 @@ def test_in_graph_decoding_is_pillow_within_one_level_on_real_photos(small):
     """serving_bytes' decoder against extract's Pillow decoder, pixel by pixel (bilinear)."""
     import tensorflow as tf
 
-    from featcache.classify.deploy_savedmodel import decode_in_graph
+    from featcache.classify.deploy.savedmodel import decode_in_graph
 
     for path in small["images"][:20]:
         data = read_bytes(path)
@@ -165,7 +165,7 @@ def test_in_graph_decoding_composites_alpha_on_white_like_extract(tmp_path):
     import tensorflow as tf
     from PIL import Image
 
-    from featcache.classify.deploy_savedmodel import decode_in_graph
+    from featcache.classify.deploy.savedmodel import decode_in_graph
 
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[..., 0] = 200
@@ -283,7 +283,7 @@ def test_export_command_text_and_refusals(small, exports, tmp_path):
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """MobileNetV2@160 (shared ImageNet weights), logreg; int8 export calibrated on 120 images."""
-    from featcache.classify.export import export
+    from featcache.classify.deploy.export import export
 
     weights = str(shared_file(MOBILENET_V2))
     root = tmp_path_factory.mktemp("int8")
@@ -300,8 +300,8 @@ def quantized(tmp_path_factory):
 
 def test_int8_agrees_with_the_float_model_and_keeps_its_accuracy(quantized):
     from featcache import open_store
-    from featcache.classify import rundir
-    from featcache.classify.deployed import TFLiteModel
+    from featcache.classify.runs import run_dir as rundir
+    from featcache.classify.deploy.run_exported import TFLiteModel
 
     result, out = quantized["result"], quantized["out"]
     measured = result["exported_test"]
@@ -334,10 +334,10 @@ def test_unconvertible_base_gets_one_line_naming_op_and_layer():
     """A real converter failure: a bfloat16 base has no TensorFlow Lite builtin kernels."""
     import keras
 
-    from featcache.classify.deploy_tflite import convert
-    from featcache.extract.backbones import get_backbone
-    from featcache.extract.model import build_frozen_base
-    from featcache.extract.weights import resolve_weights
+    from featcache.classify.deploy.tflite import convert
+    from featcache.extract.bases.backbones import get_backbone
+    from featcache.extract.bases.feature_model import build_frozen_base
+    from featcache.extract.bases.weights import resolve_weights
 
     backbone = get_backbone("mobilenet_0.25")
     base = build_frozen_base(backbone, 32, resolve_weights(backbone, "none", 0), None, "bf16", 0)
@@ -353,7 +353,7 @@ def test_unconvertible_base_gets_one_line_naming_op_and_layer():
 
 
 def test_describe_failure_on_quantizer_and_unknown_messages():
-    from featcache.classify.deploy_tflite import describe_failure
+    from featcache.classify.deploy.tflite import describe_failure
 
     assert describe_failure("Quantization not yet supported for op: 'tfl.custom_op'") == \
         "op custom_op has no int8 kernel in TensorFlow Lite"

@@ -6,8 +6,8 @@ from PIL import Image
 
 from conftest import class_image, write_tree
 from featcache.errors import FeatcacheError
-from featcache.extract.decode import DecodeError, decode_image, file_digest
-from featcache.extract.discover import discover, hash_split
+from featcache.extract.images.decode import DecodeError, decode_image, file_digest
+from featcache.extract.images.discover import discover, hash_split
 
 
 def test_discover_sorted_with_class_map_and_hash_split(image_tree):

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 
 from conftest import write_tree
 from featcache.classify import reports
-from featcache.classify.ensemble import ensemble, fit_weights
-from featcache.classify.harness import train
-from featcache.classify.runs import split_probabilities
+from featcache.classify.train.ensemble import ensemble, fit_weights
+from featcache.classify.train.harness import train
+from featcache.classify.runs.kinds import split_probabilities
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
-from featcache.extract.decode import decode_image, read_bytes
+from featcache.extract.images.decode import decode_image, read_bytes
 from featcache.extract.pipeline import extract
 
 CLASSES = ("cats", "dogs")
@@ -29,7 +29,7 @@ MOBILE = dict(base="mobilenet_0.25", weights="bundled", size=32, precision="fp32
 def members(tmp_path_factory):
     """Runs on the same images in two stores: logreg on pixels@8 (store A), a poor dense head and
     a logreg on MobileNet 0.25 avg-pooled (store B), a fused head and a fine-tuned model."""
-    from featcache.classify.finetune import finetune
+    from featcache.classify.train.finetune import finetune
 
     root = tmp_path_factory.mktemp("ensemble")
     tree = write_tree(root / "images", splits={"train": 8, "validation": 4, "test": 3}, classes=CLASSES)
@@ -121,8 +121,8 @@ def test_ensemble_export_equals_predict(members, tmp_path):
     inputs (8 and 32 px), every base once, outputs equal to predict."""
     import keras
 
-    from featcache.classify.export import export
-    from featcache.classify.predict import predict
+    from featcache.classify.deploy.export import export
+    from featcache.classify.deploy.predict import predict
 
     runs = members["runs"]
     out = str(tmp_path / "ens")
@@ -165,8 +165,8 @@ def test_ensemble_export_equals_predict(members, tmp_path):
 def test_predict_and_export_of_a_fine_tuned_run(members, tmp_path):
     import keras
 
-    from featcache.classify.export import export
-    from featcache.classify.predict import predict
+    from featcache.classify.deploy.export import export
+    from featcache.classify.deploy.predict import predict
 
     run = members["runs"]["tuned"]
     predicted = predict(run, [str(members["tree"] / "test")], top_k=2)
@@ -299,8 +299,8 @@ def test_a_changed_member_is_refused(members, tmp_path):
 def test_weights_override_applies_to_the_bases_it_made(members, tmp_path):
     """predict/export --weights PATH on a run with several network bases: the moved file
     replaces the recorded one for the bases whose features it made, checked by hash."""
-    from featcache.classify.recipe import recipes_for
-    from featcache.extract.bundled import bundled_weights_path
+    from featcache.classify.graph.base_recipe import recipes_for
+    from featcache.extract.bases.bundled import bundled_weights_path
 
     record = json.loads((members["root"] / "mobile" / "config.json").read_text())["feature_set"]
     other = {**record, "name": "other", "key": {**record["key"], "input_size": 48}}
@@ -317,7 +317,7 @@ def test_weights_override_applies_to_the_bases_it_made(members, tmp_path):
 def test_the_report_of_an_ensemble_and_of_a_fine_tuned_member(members, tmp_path):
     """featcache report on an ensemble (its members' cached probabilities, weighted; no feature
     map, said why) and on a fine-tuned run trained from images (decoded, digests checked)."""
-    from featcache.classify.report_html import write_report
+    from featcache.classify.report.run_page import write_report
 
     runs = members["runs"]
     out = str(tmp_path / "ens")

@@ -80,7 +80,7 @@ def test_features_equal_plain_keras_on_real_photos(tmp_path):
     ours = features_by_digest(store, result["feature_set"])
 
     base = keras.applications.MobileNet(include_top=False, weights=str(weights), input_shape=(160, 160, 3), alpha=0.25)
-    from featcache.extract.decode import file_digest
+    from featcache.extract.images.decode import file_digest
 
     paths = sorted(str(p) for p in tree.glob("*/*.jpg"))
     images = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(160, 160), interpolation="bilinear")) for p in paths])

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from conftest import write_tree
 from featcache import open_store
 from featcache.cli import cli
-from featcache.extract.model import gpu_compute_capability
+from featcache.extract.bases.feature_model import gpu_compute_capability
 from featcache.extract.pipeline import ExtractConfig, extract
 
 PIXELS = dict(base="pixels", size=24, progress=False, batch_size=3)

@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_tree
-from featcache.classify.finetune import build_models, load_stage_two
-from featcache.classify.harness import train
-from featcache.classify.predict import predict
+from featcache.classify.train.finetune import build_models, load_stage_two
+from featcache.classify.train.harness import train
+from featcache.classify.deploy.predict import predict
 from featcache.cli import cli
-from featcache.extract.backbones import get_backbone
-from featcache.extract.decode import decode_file
+from featcache.extract.bases.backbones import get_backbone
+from featcache.extract.images.decode import decode_file
 from featcache.extract.pipeline import extract
 
 OPTS = dict(base="mobilenet_0.25", size=64, weights="bundled", precision="fp32", progress=False)
@@ -139,8 +139,8 @@ def test_finetune_from_images_and_from_cache(setup, finetuned):
 
 def _check_predict_and_tflite_export(setup, run, model):
     """predict runs a fine-tuned run's end-to-end model, and its .tflite export equals it."""
-    from featcache.classify.deployed import TFLiteModel
-    from featcache.classify.export import export
+    from featcache.classify.deploy.run_exported import TFLiteModel
+    from featcache.classify.deploy.export import export
 
     paths = [str(p) for p in setup["paths"]]
     result = predict(run, paths, top_k=2)

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from conftest import write_tree
 from featcache import open_store
 from featcache.classify import reports
-from featcache.classify.harness import train
-from featcache.classify.runs import load_run, split_probabilities
+from featcache.classify.train.harness import train
+from featcache.classify.runs.kinds import load_run, split_probabilities
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
-from featcache.extract.decode import decode_image, read_bytes
+from featcache.extract.images.decode import decode_image, read_bytes
 from featcache.extract.pipeline import extract
 
 CLASSES = ("cats", "dogs")
@@ -95,8 +95,8 @@ def test_fused_dense_is_one_multi_input_model(fused):
 def test_fused_predict_builds_every_base_and_export_matches(fused, head, tmp_path):
     import keras
 
-    from featcache.classify.export import export
-    from featcache.classify.predict import predict
+    from featcache.classify.deploy.export import export
+    from featcache.classify.deploy.predict import predict
 
     run = fused["runs"][head]
     result = predict(run, [str(fused["tree"] / "test")], top_k=2)
@@ -116,9 +116,9 @@ def test_fused_predict_builds_every_base_and_export_matches(fused, head, tmp_pat
 
 
 def test_the_report_of_a_fused_run_maps_the_joined_features(fused, tmp_path):
-    from featcache.classify import report_data
-    from featcache.classify.report_html import write_report
-    from featcache.classify.rundir import read_config
+    from featcache.classify.report import run_data as report_data
+    from featcache.classify.report.run_page import write_report
+    from featcache.classify.runs.run_dir import read_config
 
     run = fused["runs"]["logreg"]
     assert os.path.isfile(os.path.join(run, "report.html"))  # written at the end of train

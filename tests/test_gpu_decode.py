@@ -19,11 +19,11 @@ from PIL import Image, ImageOps
 from conftest import CATS_DOGS, class_image, write_tree
 from featcache import open_store
 from featcache.cli import cli
-from featcache.extract import gpu_decode
+from featcache.extract.images import gpu_decode
 from featcache.extract.config import ExtractConfig, key_spec
-from featcache.extract.decode import decode_image
+from featcache.extract.images.decode import decode_image
 from featcache.extract.pipeline import extract
-from featcache.extract.resize import resize_array, triangle_weights
+from featcache.extract.images.resize import resize_array, triangle_weights
 
 PIXELS = dict(base="pixels", size=16, progress=False, batch_size=4)
 
@@ -178,7 +178,7 @@ def test_gpu_bilinear_stays_within_rounding_of_pillow_bilinear():
 
 
 def _gpu_run(tmp_path, monkeypatch, per_class=5):
-    from featcache.extract.discover import discover
+    from featcache.extract.images.discover import discover
 
     monkeypatch.setattr(gpu_decode, "import_nvimgcodec", lambda: FAKE)
     FakeDecoder.given, FakeDecoder.refuse = [], set()

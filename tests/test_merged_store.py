@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_tree
-from featcache.classify.harness import train
+from featcache.classify.train.harness import train
 from featcache.cli import cli
-from featcache.extract.backbones import get_backbone
-from featcache.extract.sharding import shard_store_name
+from featcache.extract.bases.backbones import get_backbone
+from featcache.extract.scale.sharding import shard_store_name
 
 BASE = ["--base", "mobilenet_0.25", "--size", "64", "--weights", "bundled", "--precision", "fp32", "--no-progress"]
 BOUNDARY = get_backbone("mobilenet_0.25").boundary_layer  # conv_pw_12_relu

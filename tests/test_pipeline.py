@@ -19,13 +19,13 @@ from featcache import open_store
 from featcache.cache.store import committed_rows
 from featcache.cli import cli
 from featcache.extract import config as C
-from featcache.extract import feeder
-from featcache.extract.backbones import get_backbone
+from featcache.extract.images import feeder
+from featcache.extract.bases.backbones import get_backbone
 from featcache.extract.config import ExtractConfig, key_spec
-from featcache.extract.decode import decode_image
-from featcache.extract.model import FeatureModel
+from featcache.extract.images.decode import decode_image
+from featcache.extract.bases.feature_model import FeatureModel
 from featcache.extract.pipeline import extract
-from featcache.extract.weights import resolve_weights
+from featcache.extract.bases.weights import resolve_weights
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 MOBILE = dict(base="mobilenet_0.25", weights="none", size=32, progress=False)
@@ -129,9 +129,9 @@ def test_the_steady_rate_counts_no_batch_computed_during_start_up():
     """Batch 2 is dispatched only once batch 1's features are back: with a backend that computes
     on dispatch, overlapping them ran batch 2 inside the start-up yet counted it as steady."""
     from featcache.extract.batch_loop import run_batches
-    from featcache.extract.batches import Batch
+    from featcache.extract.images.batches import Batch
 
-    from featcache.extract.discover import ImageEntry
+    from featcache.extract.images.discover import ImageEntry
 
     entry = ImageEntry("cats/a.jpg", 0, "train")
     batches = [Batch([entry] * 4, [f"d{k}{i}" for i in range(4)], np.zeros((4, 1)), []) for k in range(5)]

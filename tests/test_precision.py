@@ -16,11 +16,11 @@ import pytest
 from conftest import CATS_DOGS, MOBILENET_025, MOBILENET_V2, REPO, shared_file, write_tree
 from featcache import open_store
 from featcache.errors import FeatcacheError
-from featcache.extract import model as M
-from featcache.extract.backbones import get_backbone
-from featcache.extract.decode import decode_image
+from featcache.extract.bases import feature_model as M
+from featcache.extract.bases.backbones import get_backbone
+from featcache.extract.images.decode import decode_image
 from featcache.extract.pipeline import ExtractConfig, extract, key_spec
-from featcache.extract.weights import resolve_weights
+from featcache.extract.bases.weights import resolve_weights
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 100, 250  # head: 200 train, 500 test photos (0.5 points = 2.5 photos)
 
@@ -163,7 +163,7 @@ def test_cache_key_gets_the_resolved_precision(tmp_path, monkeypatch):
 
 def test_auto_on_a_cpu_does_not_import_tensorflow():
     """An unchanged re-run builds no model; resolving `auto` must not cost the TF import."""
-    code = ("import sys; from featcache.extract.model import gpu_compute_capability as g; "
+    code = ("import sys; from featcache.extract.bases.feature_model import gpu_compute_capability as g; "
             "print(g(), 'tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     if not out.startswith("None"):
@@ -208,7 +208,7 @@ def test_folded_real_base_matches_keras(real_photos):
     """featcache's fp32 mobilenet_0.25 (27 BNs folded) against the plain Keras model."""
     import keras
 
-    from featcache.extract.backbones import build_keras_base
+    from featcache.extract.bases.backbones import build_keras_base
 
     images = np.stack([decode_image(p.read_bytes(), 96) for p in real_photos[0][:8]]).astype("float32")
     backbone = get_backbone("mobilenet_0.25")

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from conftest import REPO, assert_same_rows, rows_by_digest, write_tree
 from featcache.cli import cli
 from featcache.extract.pipeline import ExtractConfig, extract
-from featcache.extract.sharding import shard_store_name
+from featcache.extract.scale.sharding import shard_store_name
 
 ray = pytest.importorskip("ray")
 

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_tree
-from featcache.classify.leaderboard_html import render_leaderboard
+from featcache.classify.report.leaderboard_page import render_leaderboard
 from featcache.cli import cli
 from featcache.extract.pipeline import extract
 
@@ -253,8 +253,8 @@ def test_leaderboard_renderer_escapes_and_quotes_links():
 
 
 def test_map_sample_is_seeded_and_marks_rows(setup, monkeypatch):
-    from featcache.classify import report_data
-    from featcache.classify.rundir import read_config
+    from featcache.classify.report import run_data as report_data
+    from featcache.classify.runs.run_dir import read_config
 
     config = read_config(str(setup["run"]))
     pred = report_data.split_probabilities(str(setup["run"]), "test", config)
@@ -269,7 +269,7 @@ def test_map_sample_is_seeded_and_marks_rows(setup, monkeypatch):
 def test_thumbnails_apply_exif_orientation_and_report_unreadable_files(tmp_path):
     from PIL import Image
 
-    from featcache.classify.report_figures import thumbnail_jpeg
+    from featcache.classify.report.figures import thumbnail_jpeg
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees: portrait

@@ -13,8 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import REPO, class_image, write_tree
-from featcache.classify import harness, leaderboard
-from featcache.classify.search import search
+from featcache.classify.train import harness
+from featcache.classify.search import leaderboard
+from featcache.classify.search.search import search
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
 from featcache.extract.pipeline import ExtractConfig, extract
@@ -43,7 +44,7 @@ def states(out, name="search"):
 
 
 def test_search_writes_every_artifact_and_best_is_an_ordinary_run(pixels, tmp_path, monkeypatch):
-    from featcache.classify import search as search_module
+    from featcache.classify.search import search as search_module
 
     # Keras costs ~2 CPU s per fit plus ~0.1 s per epoch on these few rows: fewer epochs, same code.
     monkeypatch.setattr(search_module, "DENSE_EPOCHS", (2, 4, 2))
@@ -120,7 +121,7 @@ def _slow_search_script(store, out, trials, barrier=None):
     two processes have started one."""
     return f"""
 import os, sys, time
-import featcache.classify.harness as h
+import featcache.classify.train.harness as h
 original = h.score_head
 def slow(*args, **kwargs):
     barrier = {str(barrier) if barrier else None!r}

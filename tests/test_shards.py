@@ -16,9 +16,9 @@ from featcache import open_store
 from featcache.cache.shards import marker_path, merge, read_marker
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
-from featcache.extract.discover import discover
+from featcache.extract.images.discover import discover
 from featcache.extract.pipeline import ExtractConfig, extract
-from featcache.extract.sharding import parse_shard, run_shard, select_shard, shard_of, shard_store_name
+from featcache.extract.scale.sharding import parse_shard, run_shard, select_shard, shard_of, shard_store_name
 
 PIXELS = ["--base", "pixels", "--size", "16", "--no-progress"]
 

@@ -48,7 +48,7 @@ def test_a_flat_folder_is_stored_unlabeled_and_loads_with_paths(tmp_path):
         assert list(loaded.paths) == [f"photo_{i:03d}.jpg" for i in range(7)]
         assert set(loaded.splits) == {""}
     # The stored features are the images' own pixels (the pixels base), row for row.
-    from featcache.extract.decode import decode_image
+    from featcache.extract.images.decode import decode_image
 
     for path, row in zip(loaded.paths, loaded.features):
         expected = decode_image((folder / path).read_bytes(), 8) / 255.0

@@ -29,7 +29,7 @@ import filelock
 import h5py
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..errors import FeatcacheError
 from .hdf5 import check_is_hdf5
 from .key import FORMAT_VERSION

@@ -17,7 +17,7 @@ import filelock
 import h5py
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..errors import FeatcacheError
 from . import damage, text, torn
 from .damage import StoreDamaged

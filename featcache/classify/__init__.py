@@ -20,21 +20,21 @@
 Imports are lazy: ``import featcache.classify`` loads neither Keras nor scikit-learn.
 """
 
-# predict() and export() live in the submodules of the same names (featcache.classify.predict.predict).
+# predict() and export() live in the submodules of the same names (featcache.classify.deploy.predict.predict).
 __all__ = ["train", "compare", "search", "make_head", "HEADS"]
 
 
 def __getattr__(name):
     if name in ("train", "compare"):
-        from . import harness
+        from .train import harness
 
         return getattr(harness, name)
     if name == "search":
-        from .search import search
+        from .search.search import search
 
         return search
     if name in ("make_head", "HEADS"):
-        from . import heads
+        from .heads import registry as heads
 
         return getattr(heads, name)
     raise AttributeError(f"module 'featcache.classify' has no attribute {name!r}")

@@ -12,16 +12,16 @@ from tqdm import tqdm
 from ..cache.layout import create_row_column, store_path_text
 from ..cache.writer import StoreWriter
 from ..errors import FeatcacheError
-from .augment import TRANSFORMS, VIEW_COLUMN, augment_image, make_layers, view_seed
-from .backbones import get_backbone
+from .images.augment import TRANSFORMS, VIEW_COLUMN, augment_image, make_layers, view_seed
+from .bases.backbones import get_backbone
 from .batch_loop import LoopResult
 from .config import check_decoder, key_spec, listing_attrs, resolve_decode
-from .discover import discover
-from .feeder import decoded_batches
-from .model import FeatureModel
+from .images.discover import discover
+from .images.feeder import decoded_batches
+from .bases.feature_model import FeatureModel
 from .plan import digest_all
 from .summary import run_summary
-from .weights import resolve_weights
+from .bases.weights import resolve_weights
 
 
 def extract_augmented(image_dir: str, store: str, config) -> dict:

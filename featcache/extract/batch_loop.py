@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .feeder import DecoderDied
+from .images.feeder import DecoderDied
 from .signals import Interrupted
 
 APPEND_QUEUE_BATCHES = 2  # batches of features waiting for the writer: memory stays flat

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from ..cache.key import KeySpec
 from ..errors import FeatcacheError
-from .backbones import check_size, get_backbone
-from .decode import DEFAULT_MAX_PIXELS
-from .discover import DEFAULT_FRACTIONS, Listing
-from .model import POOLINGS, gpu_compute_capability, resolve_precision
-from .resize import GPU_RESIZE, resolve_resize
-from .weights import resolve_weights
+from .bases.backbones import check_size, get_backbone
+from .images.decode import DEFAULT_MAX_PIXELS
+from .images.discover import DEFAULT_FRACTIONS, Listing
+from .bases.feature_model import POOLINGS, gpu_compute_capability, resolve_precision
+from .images.resize import GPU_RESIZE, resolve_resize
+from .bases.weights import resolve_weights
 
 STORAGE_DTYPES = ("float32", "float16")
 DECODERS = ("auto", "threads", "processes", "gpu")
@@ -104,7 +104,7 @@ def check_decoder(decode: str, resize: str) -> None:
     """GPU decoding: the library, a GPU and a backend that takes DLPack arrays, or one clear line."""
     if decode != "gpu":
         return
-    from .gpu_decode import check_gpu_decoding
+    from .images.gpu_decode import check_gpu_decoding
 
     if resize != GPU_RESIZE:
         raise FeatcacheError(f"--decode gpu resizes on the GPU ({GPU_RESIZE}); leave --resize out or pass "
@@ -138,7 +138,7 @@ def key_spec(config: ExtractConfig) -> KeySpec:
 def _augment_field(config: ExtractConfig) -> str:
     if not config.augment:
         return "none"
-    from .augment import DEFAULT_STRENGTHS, augment_key
+    from .images.augment import DEFAULT_STRENGTHS, augment_key
 
     if config.augment < 0:
         raise FeatcacheError(f"--augment {config.augment}: must be 0 (none) or more views")

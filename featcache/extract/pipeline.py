@@ -15,16 +15,16 @@ import numpy as np
 
 from ..cache.writer import StoreWriter
 from ..errors import FeatcacheError
-from .backbones import get_backbone
+from .bases.backbones import get_backbone
 from .batch_loop import LoopResult, run_batches
 from .config import STORAGE_DTYPES, ExtractConfig, check_decoder, key_spec, listing_attrs, resolve_decode  # noqa: F401
-from .discover import check_shard, discover, select_shard
-from .feeder import decoded_batches
-from .model import FeatureModel
+from .images.discover import check_shard, discover, select_shard
+from .images.feeder import decoded_batches
+from .bases.feature_model import FeatureModel
 from .plan import copy_rows, digest_all, plan
 from .summary import run_summary
 from .signals import SIGNALS, Interrupted, stops_cleanly  # noqa: F401 (Interrupted: part of the API)
-from .weights import resolve_weights
+from .bases.weights import resolve_weights
 
 
 @stops_cleanly

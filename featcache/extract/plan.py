@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..cache.layout import store_path_text
 from ..cache.writer import StoreWriter
-from .decode import DecodeError, file_digest
-from .discover import ImageEntry, Listing
+from .images.decode import DecodeError, file_digest
+from .images.discover import ImageEntry, Listing
 
 
 def digest_all(listing: Listing) -> tuple[list[tuple[ImageEntry, str]], list[tuple[str, str]]]:

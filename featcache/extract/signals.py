@@ -13,7 +13,7 @@ from ..cache.key import KeySpec
 from ..cache.store import open_store
 from ..errors import FeatcacheError
 from .config import ExtractConfig, key_spec
-from .feeder import DecoderDied
+from .images.feeder import DecoderDied
 
 
 class Interrupted(KeyboardInterrupt):

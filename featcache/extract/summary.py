@@ -5,7 +5,7 @@ import os
 
 from ..cache.key import KeySpec, feature_set_key
 from .batch_loop import LoopResult
-from .discover import Listing
+from .images.discover import Listing
 
 
 def run_summary(spec: KeySpec, store: str, listing: Listing, failures, n_rows: int, feature_shape, extracted: int,

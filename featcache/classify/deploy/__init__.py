@@ -1,0 +1,1 @@
+"""Shipping a run: export (.keras, TensorFlow Lite, SavedModel), model cards, predict, running exported files."""

@@ -1,0 +1,1 @@
+"""HTML pages (run report, leaderboards) and the figures they inline."""

@@ -1,0 +1,1 @@
+"""Run directories: the run kinds (registry), loading and writing a run, a run's images."""

@@ -1,0 +1,1 @@
+"""Hyperparameter search (Optuna) over heads, feature sets and settings, and its leaderboard."""

@@ -1,0 +1,1 @@
+"""Training jobs: train/compare/cross-validation, fine-tuning (the transfer strategies), ensembles."""

@@ -1,0 +1,1 @@
+"""Frozen conv bases: the backbone registry, the compiled feature model, weights and their identity."""

@@ -1,0 +1,214 @@
+"""Image discovery: class-per-folder trees, splits, the class index map."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+from ...errors import FeatcacheError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+UNLABELED = -1  # the label of an image from a folder without classes (and of a row no longer listed)
+NO_SPLIT = ""  # the split of an unlabeled image: splits are for training, which needs labels
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    relpath: str  # relative to the image root, "/"-separated
+    label: int  # index into the listing's class_names, or UNLABELED
+    split: str  # "train", "validation" or "test"; NO_SPLIT when unlabeled
+
+
+@dataclass
+class Listing:
+    root: str
+    class_names: list[str]
+    entries: list[ImageEntry]
+    split_source: str  # "folders" (train/validation/test), "hash" (stable split by path) or "unlabeled"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why not used)
+    warnings: list[str] = field(default_factory=list)
+
+    def path(self, entry: ImageEntry) -> str:
+        return os.path.join(self.root, *entry.relpath.split("/"))
+
+
+def hash_split(relpath: str, fractions=DEFAULT_FRACTIONS, seed: int = 0) -> str:
+    """Split from a hash of the relative path: adding images never moves existing ones."""
+    digest = hashlib.sha256(f"{seed}:{relpath}".encode("utf-8", "surrogateescape")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    train, validation, _ = fractions
+    if u < train:
+        return "train"
+    return "validation" if u < train + validation else "test"
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _inside(real_root: str, path: str) -> bool:
+    target = os.path.realpath(path)
+    return os.path.commonpath([real_root, target]) == real_root
+
+
+def _walk_class_folder(root: str, class_dir: str, follow_symlinks: bool, skipped: list) -> list[str]:
+    """Image paths (relative to root) under one class folder, recursively, sorted.
+
+    Symlinks inside IMAGE_DIR are followed; ones that lead out of it only with
+    ``follow_symlinks``. A folder reached twice (a symlink loop) is listed once."""
+    real_root = os.path.realpath(root)
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, root).replace(os.sep, "/")
+
+    def unlistable(exc: OSError) -> None:  # os.walk would drop these silently
+        skipped.append((rel(exc.filename), f"cannot list folder ({exc.strerror or exc})"))
+
+    leaves = "symlink leaves the image folder (use --follow-symlinks to allow)"
+    if not follow_symlinks and not _inside(real_root, class_dir):
+        skipped.append((rel(class_dir), leaves))
+        return []
+    visited = {os.path.realpath(class_dir)}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True, onerror=unlistable):
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if _is_hidden(d):
+                continue
+            if not follow_symlinks and not _inside(real_root, full):
+                skipped.append((rel(full), leaves))
+                continue
+            real = os.path.realpath(full)
+            if real in visited:
+                skipped.append((rel(full), "symlink loop (this folder is already listed)"))
+                continue
+            visited.add(real)
+            keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                continue
+            full = os.path.join(dirpath, name)
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                skipped.append((rel(full), f"not an image file name ({os.path.splitext(name)[1] or 'no extension'})"))
+                continue
+            # Every folder walked is inside (checked above), so only a symlinked file can lead out.
+            if not follow_symlinks and os.path.islink(full) and not _inside(real_root, full):
+                skipped.append((rel(full), leaves))
+                continue
+            found.append(rel(full))
+    return found
+
+
+def _class_dirs(folder: str) -> list[str]:
+    return sorted(
+        d for d in os.listdir(folder) if not _is_hidden(d) and os.path.isdir(os.path.join(folder, d))
+    )
+
+
+def discover(
+    root: str, fractions=DEFAULT_FRACTIONS, split_seed: int = 0, follow_symlinks: bool = False,
+    unlabeled: bool = False,
+) -> Listing:
+    """List the images of a class-per-folder tree, sorted, with labels and splits.
+
+    If the root holds only train/ and validation/ (or val/) and/or test/ folders, those are
+    the splits; otherwise each image's split comes from a hash of its relative path.
+
+    A folder whose images sit directly in it (no subfolders), or any tree with ``unlabeled``,
+    is listed without labels: every image below the root, label UNLABELED, split NO_SPLIT.
+    """
+    if not os.path.exists(root):
+        raise FeatcacheError(f"{root}: image folder does not exist")
+    if not os.path.isdir(root):
+        raise FeatcacheError(f"{root}: not a folder (expected one subfolder of images per class, "
+                             "or images for --unlabeled)")
+    if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
+        raise FeatcacheError(f"split fractions {fractions} must be non-negative and sum to 1")
+    top = _class_dirs(root)
+    if unlabeled or not top:
+        return _discover_unlabeled(root, follow_symlinks, asked=unlabeled)
+    skipped: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    loose = sorted(
+        f for f in os.listdir(root) if not _is_hidden(f) and os.path.isfile(os.path.join(root, f))
+    )
+    skipped += [(f, "file directly in the image folder, not in a class folder (--unlabeled lists every image)")
+                for f in loose]
+
+    split_mode = bool(top) and "train" in top and set(top) <= set(SPLIT_FOLDERS)
+    per_split: list[tuple[str | None, str]] = (
+        [(SPLIT_FOLDERS[d], os.path.join(root, d)) for d in top] if split_mode else [(None, root)]
+    )
+    class_names = sorted({c for _, folder in per_split for c in _class_dirs(folder)})
+    if not class_names:
+        raise FeatcacheError(f"{root}: no class folders found (expected one subfolder of images per class)")
+    index = {name: i for i, name in enumerate(class_names)}
+
+    entries = []
+    for split, folder in per_split:
+        for name in _class_dirs(folder):
+            for rel in _walk_class_folder(root, os.path.join(folder, name), follow_symlinks, skipped):
+                entries.append(ImageEntry(rel, index[name], split or hash_split(rel, fractions, split_seed)))
+    entries.sort(key=lambda e: e.relpath)
+
+    counts = {name: 0 for name in class_names}
+    for e in entries:
+        counts[class_names[e.label]] += 1
+    for name, n in counts.items():
+        if n == 0:
+            warnings.append(f"class folder {name!r} holds no images")
+    if len(class_names) == 1:
+        warnings.append(f"only one class ({class_names[0]!r}): a classifier needs at least two")
+    if not entries:
+        raise FeatcacheError(f"{root}: no images found in the class folders ({', '.join(IMAGE_EXTENSIONS)})")
+    return Listing(root, class_names, entries, "folders" if split_mode else "hash", skipped, warnings)
+
+
+def _discover_unlabeled(root: str, follow_symlinks: bool, asked: bool) -> Listing:
+    """Every image below ``root``, sorted, without labels or splits (features and paths only)."""
+    skipped: list[tuple[str, str]] = []
+    relpaths = _walk_class_folder(root, root, follow_symlinks, skipped)
+    if not relpaths:
+        raise FeatcacheError(
+            f"{root}: no images found ({', '.join(IMAGE_EXTENSIONS)})" if asked else
+            f"{root}: no class folders and no images found (expected one subfolder of images per class, "
+            "or images to extract unlabeled)")
+    entries = [ImageEntry(rel, UNLABELED, NO_SPLIT) for rel in sorted(relpaths)]
+    return Listing(root, [], entries, "unlabeled", skipped, [])
+
+
+# -- shards: which images belong to shard I of N (see sharding.py) ------------------------------
+
+SHARD_SALT = "featcache-shard"
+_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"3/8"`` -> (3, 8); shards are numbered from 0."""
+    match = _SHARD_RE.match(text or "")
+    if not match:
+        raise FeatcacheError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/8")
+    return check_shard((int(match.group(1)), int(match.group(2))))
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise FeatcacheError(f"--shard {index}/{count}: expected I/N with 0 <= I < N (shards are numbered from 0)")
+    return index, count
+
+
+def shard_of(relpath: str, count: int) -> int:
+    digest = hashlib.sha256(f"{SHARD_SALT}:{relpath}".encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def select_shard(entries: list[ImageEntry], index: int, count: int) -> list[ImageEntry]:
+    return [e for e in entries if shard_of(e.relpath, count) == index]

@@ -1,0 +1,215 @@
+"""Decoding ahead of the model: whole batches of uint8 images, decoded in threads or processes.
+
+Threads (a few cores: the model is the limit) decode file by file through a thread pool, a
+couple of batches ahead. Processes (many cores feeding a fast model: decoding is the limit,
+and threads stop scaling at about 4.5 busy cores because of the GIL) decode chunks of a batch
+straight into a ring of batch buffers in shared memory, so a batch reaches the model as one
+uint8 array without being pickled, copied or stacked. The ring holds the batches the model is
+working on plus enough decoded-ahead batches to keep every process busy.
+
+A decoding process that dies (killed, out of memory) ends the run with
+:class:`DecoderDied`; what was committed stays.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+
+from ...errors import FeatcacheError
+from .batches import THREAD_PREFETCH_BATCHES, collect, drain
+from .decode import decode_file
+
+MODEL_HELD_SLOTS = 2  # ring slots the model may hold: the batch being dispatched and the one being fetched
+MAX_CHUNK = 64  # images per process task: large enough that messages are rare, small enough to balance
+
+
+class DecoderDied(FeatcacheError):
+    """A decoding process ended abruptly; the batches it was decoding are lost, nothing else."""
+
+    def __init__(self):
+        super().__init__("a decoding process was terminated abruptly (killed, or out of memory)")
+        self.reason = str(self)
+
+
+def default_workers(decode: str) -> int:
+    cores = os.cpu_count() or 1
+    if decode == "processes":
+        return max(1, cores - 1)  # one core for the main process (model dispatch, store writes)
+    return min(4, cores)
+
+
+def decoded_batches(listing, todo, config, size: int, decode: str, resize: str, rows: int):
+    """Yield :class:`~.batches.Batch` es of ``rows`` images over ``todo`` ((entry, digest) pairs)."""
+    workers = config.decode_workers or default_workers(decode)
+    if decode == "processes":
+        return _process_batches(listing, todo, size, resize, config.max_pixels, rows, workers)
+    if decode == "gpu":
+        from .gpu_decode import gpu_batches
+
+        return gpu_batches(listing, todo, size, config.max_pixels, rows, workers)
+    return _thread_batches(listing, todo, size, resize, config.max_pixels, rows, workers)
+
+
+def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
+    """Decode file by file in threads, THREAD_PREFETCH_BATCHES batches ahead, in a producer thread."""
+    out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
+    stop = threading.Event()
+    decode = functools.partial(decode_file, size=size, resize=resize, max_pixels=max_pixels)
+
+    def emit(pairs, decoded):
+        decoded = list(decoded)
+        images = [image for image, _ in decoded]
+
+        def stack(good):
+            return np.stack([images[i] for i in good]) if good else np.zeros((0, size, size, 3), np.uint8)
+
+        out.put(collect(pairs, [reason for _, reason in decoded], stack))
+
+    def produce():
+        pool = ThreadPoolExecutor(workers)
+        try:
+            # Several batches in the pool at once: no barrier between batches, workers never idle.
+            pending = deque()
+            for start in range(0, len(todo), rows):
+                if stop.is_set():
+                    return
+                pairs = todo[start : start + rows]
+                pending.append((pairs, pool.map(decode, [listing.path(e) for e, _ in pairs])))
+                if len(pending) > THREAD_PREFETCH_BATCHES:
+                    emit(*pending.popleft())
+            while pending and not stop.is_set():
+                emit(*pending.popleft())
+        except BaseException as exc:  # surface decoder crashes in the main thread
+            out.put(exc)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            out.put(None)
+
+    return drain(out, stop, threading.Thread(target=produce, name="featcache-decode", daemon=True))
+
+
+# -- processes writing into a shared-memory ring ------------------------------------------------
+
+_RING: tuple | None = None  # in a decoding process: (SharedMemory, ndarray view of the ring)
+
+
+def _attach_ring(name: str, shape: tuple[int, ...]) -> None:
+    """Process initializer: leave Ctrl-C to the main process, map the ring, end with the main process."""
+    global _RING
+    from multiprocessing import shared_memory
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    shm = shared_memory.SharedMemory(name=name)
+    _RING = (shm, np.ndarray(shape, np.uint8, shm.buf))
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A main process killed with SIGKILL cannot stop its pool, and the pool's queue never
+    reports it gone (each process holds both of its ends): leave when the parent changes."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _decode_into_ring(slot: int, start: int, paths: list[str], size: int, resize: str, max_pixels: int) -> list:
+    """Decode ``paths`` into rows start.. of ring slot ``slot``; the failure reason of each (None: ok)."""
+    ring = _RING[1][slot]
+    reasons = []
+    for i, path in enumerate(paths):
+        image, reason = decode_file(path, size, resize, max_pixels)
+        if image is not None:
+            ring[start + i] = image
+        reasons.append(reason)
+    return reasons
+
+
+def ring_slots(rows: int, workers: int, chunk: int) -> int:
+    """Batches in the ring: the model's, plus enough decoded ahead that every process has two
+    chunks queued (no process waits at a batch boundary), and at least two."""
+    return MODEL_HELD_SLOTS + max(2, math.ceil(2 * workers * chunk / rows))
+
+
+def _process_batches(listing, todo, size, resize, max_pixels, rows, workers):
+    import multiprocessing
+    from multiprocessing import shared_memory
+
+    chunk = max(1, min(MAX_CHUNK, math.ceil(rows / workers)))
+    slots = ring_slots(rows, workers, chunk)
+    shape = (slots, rows, size, size, 3)
+    shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
+    ring = np.ndarray(shape, np.uint8, shm.buf)
+    # spawn: forking a process that runs TF/JAX threads is unsafe
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _attach_ring, (shm.name, shape))
+    free = deque(range(slots))
+    pending: deque = deque()  # (slot, pairs, futures) in listing order
+    starts = iter(range(0, len(todo), rows))
+
+    def submit() -> bool:
+        start = next(starts, None)
+        if start is None:
+            return False
+        slot = free.popleft()
+        pairs = todo[start : start + rows]
+        futures = [pool.submit(_decode_into_ring, slot, i, [listing.path(e) for e, _ in pairs[i : i + chunk]],
+                               size, resize, max_pixels) for i in range(0, len(pairs), chunk)]
+        pending.append((slot, pairs, futures))
+        return True
+
+    broken = []  # a submit after a batch was released found the pool broken
+    closed = []  # the generator has ended (a stop): batches still held are released into nothing
+
+    def release(slot: int) -> None:
+        free.append(slot)
+        if closed:
+            return
+        try:
+            submit()
+        except BrokenProcessPool:
+            broken.append(True)
+
+    try:
+        try:
+            while free and submit():
+                pass
+        except BrokenProcessPool:
+            raise DecoderDied() from None
+        while pending or broken:
+            if broken:
+                raise DecoderDied()
+            slot, pairs, futures = pending.popleft()
+            try:
+                reasons = [r for f in futures for r in f.result()]
+            except BrokenProcessPool:
+                raise DecoderDied() from None
+
+            def images_of(good, slot=slot, n=len(pairs)):
+                if len(good) == n:
+                    return ring[slot, :n]  # the common case: no copy
+                return ring[slot, good]
+
+            batch = collect(pairs, reasons, images_of)
+            batch.release = functools.partial(release, slot)
+            yield batch
+    finally:
+        closed.append(True)
+        for _, _, futures in pending:
+            for f in futures:
+                f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        del ring
+        try:
+            shm.close()
+        except BufferError:  # a batch view still alive (an exception on its way): the mapping goes with it
+            pass
+        shm.unlink()
