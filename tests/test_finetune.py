@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_tree
-from featcache.classify.train.finetune import build_models, load_stage_two
+from featcache.classify.graph.finetune_model import build_models
+from featcache.classify.train.finetune import load_stage_two
 from featcache.classify.train.harness import train
 from featcache.classify.deploy.predict import predict
 from featcache.cli import cli

@@ -1,9 +1,10 @@
 """One Keras model from any run: preprocessing, frozen bases, pooling and heads.
 
 :func:`build` is the single place that builds the end-to-end model of a run of any kind
-(head, fused, finetune, ensemble; see runs.py); export.py writes and converts what it returns.
-Built from built-in layers only (no Lambda), so plain ``keras.models.load_model`` loads it in
-its default safe mode. Output: (N, K) class probabilities, the same as ``featcache predict``.
+(head, fused, finetune, ensemble; see runs/kinds.py); deploy/export.py writes and converts what it returns.
+Built from built-in layers only (:mod:`.layers`), so plain ``keras.models.load_model`` loads
+it in its default safe mode; each run kind adds its own part (``Run.probabilities_tensor``).
+Output: (N, K) class probabilities, the same as ``featcache predict``.
 
 Inputs: (size, size, 3) float RGB images already decoded and resized, values 0..255 (what
 ``predict`` gets from Pillow), one input per distinct (size, resize) among the feature sets
@@ -18,80 +19,7 @@ are sub-models ``member_<i>_<kind>`` whose outputs are scaled by their weights
 """
 from __future__ import annotations
 
-import numpy as np
-
-from ...errors import FeatcacheError
-
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications imagenet_utils, caffe mode
-TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torch mode
-
-
-def _fixed_dense(keras, x, kernel, bias, name, activation=None):
-    """A frozen Dense layer with given weights: how fixed linear maps are written without Lambda."""
-    layer = keras.layers.Dense(kernel.shape[1], activation=activation, name=name, trainable=False)
-    y = layer(x)
-    layer.set_weights([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)])
-    return y
-
-
-def preprocessing(keras, x, flavour: str):
-    """keras.applications preprocess_input modes as layers (inputs: RGB 0..255)."""
-    if flavour == "tf":  # x / 127.5 - 1
-        return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess_tf")(x)
-    if flavour == "caffe":  # RGB -> BGR, minus the ImageNet mean: one fixed 3x3 map on the channel axis
-        return _fixed_dense(keras, x, np.eye(3)[::-1], -np.array(CAFFE_MEAN_BGR), "preprocess_caffe")
-    if flavour == "torch":  # x / 255, then (x - mean) / std
-        x = keras.layers.Rescaling(1 / 255.0, name="preprocess_scale")(x)
-        return keras.layers.Normalization(mean=TORCH_MEAN, variance=np.square(TORCH_STD).tolist(),
-                                          name="preprocess_torch")(x)
-    if flavour == "scale01":  # the pixels base
-        return keras.layers.Rescaling(1 / 255.0, name="preprocess_scale01")(x)
-    if flavour == "none":  # the rescaling layers are inside the base
-        return x
-    raise FeatcacheError(f"preprocessing {flavour!r}: cannot be exported")
-
-
-def _pool(keras, x, pooling: str, name: str):
-    if pooling == "none" or len(x.shape) != 4:
-        return x
-    layer = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-    return layer(name=name)(x)
-
-
-def _two_class(keras, p, prefix: str = ""):
-    """(N, 1) sigmoid -> (N, 2) [1 - p, p], as predict reports binary heads."""
-    return _fixed_dense(keras, p, np.array([[-1.0, 1.0]]), np.array([1.0, 0.0]), prefix + "two_class")
-
-
-def _logreg_layers(keras, x, head, prefix: str = ""):
-    """StandardScaler + linear classifier folded into Dense layers (computed in float64). A
-    fused head's inputs are pooled or flattened each, then concatenated in order."""
-    from sklearn.linear_model import LogisticRegression
-
-    parts = x if isinstance(x, (list, tuple)) else [x]
-    vectors = []
-    for i, (part, shape) in enumerate(zip(parts, head.parts)):
-        suffix = f"_{i}" if head.fused else ""
-        part = _pool(keras, part, head.part_pool(shape), f"{prefix}head_pool{suffix}")
-        if len(part.shape) > 2:
-            part = keras.layers.Flatten(name=f"{prefix}head_flatten{suffix}")(part)
-        vectors.append(part)
-    x = vectors[0] if len(vectors) == 1 else keras.layers.Concatenate(name=f"{prefix}head_concat")(vectors)
-    scaler, clf = head.pipeline[0], head.pipeline[-1]
-    w = clf.coef_ / scaler.scale_  # (C, F): logits = (x - mean) / scale @ coef.T + b
-    b = clf.intercept_ - w @ scaler.mean_
-    if w.shape[0] == 1:  # binary: sigmoid of one logit
-        return _two_class(keras, _fixed_dense(keras, x, w.T, b, f"{prefix}logreg", activation="sigmoid"), prefix)
-    if isinstance(clf, LogisticRegression):  # multinomial: softmax
-        return _fixed_dense(keras, x, w.T, b, f"{prefix}logreg", activation="softmax")
-    # SGDClassifier (streamed training) is one-vs-rest: p_k = sigmoid(z_k) / sum_j sigmoid(z_j)
-    # = softmax(log sigmoid(z)), and log sigmoid(z) = -softplus(-z).
-    z = _fixed_dense(keras, x, -w.T, -b, f"{prefix}logreg_neg_logits", activation="softplus")
-    k = w.shape[0]
-    return _fixed_dense(keras, z, -np.eye(k), np.zeros(k), f"{prefix}logreg_ovr", activation="softmax")
-
-
-# -- the end-to-end model of any run ------------------------------------------------------------
+from .layers import pool, preprocessing
 
 
 def input_names(sizes: list) -> dict:
@@ -103,7 +31,7 @@ def input_names(sizes: list) -> dict:
     return {s: f"image_{s.size}" + (f"_{s.resize.replace('+', '_')}" if s.size in clash else "") for s in sizes}
 
 
-def _feature_tensors(keras, run, recipes: dict, images: dict, precision: str | None = None) -> dict:
+def feature_tensors(keras, run, recipes: dict, images: dict, precision: str | None = None) -> dict:
     """{feature-set name: tensor}: each distinct base network built once (one sub-model with
     its preprocessing and an output per cached layer), then each set's extraction pooling.
     ``precision`` overrides the extraction's compute precision (the converters want fp32)."""
@@ -139,34 +67,8 @@ def _feature_tensors(keras, run, recipes: dict, images: dict, precision: str | N
         for record in records:
             r = recipes[record["name"]].spec
             pool_name = "feature_pool" if len(run.feature_sets) == 1 else f"feature_pool_{len(tensors)}"
-            tensors[record["name"]] = _pool(keras, by_layer[r.layer], r.pooling, pool_name)
+            tensors[record["name"]] = pool(keras, by_layer[r.layer], r.pooling, pool_name)
     return tensors
-
-
-def _probabilities(keras, run, features: dict, images: dict, prefix: str = ""):
-    """The (N, K) probabilities tensor of ``run`` on the given feature and image tensors."""
-    if run.kind in ("head", "fused"):
-        head = run.head
-        x = run.head_input(features)
-        if run.config["head"] == "dense":
-            y = head.model(x)
-            return _two_class(keras, y, prefix) if head.binary else y
-        return _logreg_layers(keras, x, head, prefix)
-    if run.kind == "finetune":
-        return run.model(images[run.image_inputs[0]])  # saved with (N, K) outputs, images in
-    if run.kind == "ensemble":
-        weighted = []
-        for i, (member, weight) in enumerate(zip(run.members, run.weights)):
-            # Each member in a sub-model of its own, so the layer names of members never clash.
-            names = [r["name"] for r in member.feature_sets]
-            f_in = {n: keras.Input(tuple(features[n].shape[1:]), name=f"features_{j}") for j, n in enumerate(names)}
-            i_in = {s: keras.Input((s.size, s.size, 3), name=f"image_{j}") for j, s in enumerate(member.image_inputs)}
-            sub = keras.Model([*f_in.values(), *i_in.values()], _probabilities(keras, member, f_in, i_in),
-                              name=f"member_{i}_{member.kind}")
-            p = sub([*(features[n] for n in names), *(images[s] for s in member.image_inputs)])
-            weighted.append(keras.layers.Rescaling(float(weight), name=f"weight_{i}")(p))
-        return keras.layers.Add(name="weighted_average")(weighted)
-    raise FeatcacheError(f"{run.run_dir}: cannot export a {run.kind} run")
 
 
 def build(run_dir: str, weights: str | None = None, precision: str | None = None, run=None):
@@ -184,8 +86,8 @@ def build(run_dir: str, weights: str | None = None, precision: str | None = None
     sizes = run.decoded_inputs
     names = input_names(sizes)
     images = {s: keras.Input((s.size, s.size, 3), name=names[s]) for s in sizes}
-    features = _feature_tensors(keras, run, recipes, images, precision)
-    outputs = _probabilities(keras, run, features, images)
+    features = feature_tensors(keras, run, recipes, images, precision)
+    outputs = run.probabilities_tensor(keras, features, images)
     inputs = [images[s] for s in sizes]
     model = keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name="featcache_" + run.kind)
     model.trainable = False

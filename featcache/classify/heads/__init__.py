@@ -1,1 +1,2 @@
-"""Classifier heads on cached features: the registry (dense Keras, logreg scikit-learn), one interface."""
+"""Classifier heads on cached features, one interface (:mod:`.base`), one registry
+(:mod:`.registry`): ``dense`` (Keras, :mod:`.dense`) and ``logreg`` (scikit-learn, :mod:`.logreg`)."""

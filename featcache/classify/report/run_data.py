@@ -130,7 +130,7 @@ def map_features(config: dict, predictions: SplitPredictions, seed: int = 0) -> 
     """The cached features the head saw, of the predicted images, flattened to (M, D) float32
     (a fused head's sets side by side): (features, index of each row in ``predictions``, note).
     M = N unless the split is too big to map whole (then a seeded sample, said in the note)."""
-    from ..heads.registry import _pool
+    from ..heads.base import pool_features as _pool
 
     if rundir.run_kind(config) == "ensemble":
         raise FeatcacheError("an ensemble's members read different features; each member's own report maps its own")

@@ -24,12 +24,10 @@ import numpy as np
 
 from ...cache.store import open_store
 from ...errors import FeatcacheError
+from ..heads.base import two_columns
 from . import run_dir as rundir
 from ..rows.matched import Aligned, align, read_rows
 from ..rows.training import EVAL_CHUNK_BYTES
-
-KINDS = ("head", "fused", "finetune", "ensemble")
-
 
 @dataclass(frozen=True, order=True)
 class ImageInput:
@@ -56,6 +54,7 @@ class Run:
     """A loaded run directory (model files verified before loading)."""
 
     kind = ""
+    can_be_member = True  # of an ensemble
 
     def __init__(self, run_dir: str, config: dict):
         self.run_dir, self.config = run_dir, config
@@ -79,6 +78,11 @@ class Run:
     def proba(self, features: dict[str, np.ndarray], images: dict[ImageInput, np.ndarray]) -> np.ndarray:
         """(N, K) float64 class probabilities from {feature-set name: features} and
         {ImageInput: uint8 images} (each holding what this run reads)."""
+        raise NotImplementedError
+
+    def probabilities_tensor(self, keras, features: dict, images: dict, prefix: str = ""):
+        """The same as :meth:`proba` on Keras tensors: this kind's part of the end-to-end model
+        (graph/build.py builds the bases that give ``features``)."""
         raise NotImplementedError
 
 
@@ -109,6 +113,9 @@ class HeadRun(Run):
     def proba(self, features, images=None) -> np.ndarray:
         return self.head.predict_proba(self.head_input(features))
 
+    def probabilities_tensor(self, keras, features, images, prefix=""):
+        return self.head.graph(keras, self.head_input(features), prefix)
+
 
 class FinetuneRun(Run):
     """An end-to-end model from ``featcache finetune``: images in, probabilities out."""
@@ -138,27 +145,26 @@ class FinetuneRun(Run):
 
     def proba(self, features, images) -> np.ndarray:
         x = np.asarray(images[self.image_inputs[0]], dtype=np.float32)
-        return self._two_columns(self.model.predict_on_batch(x))
+        return two_columns(self.model.predict_on_batch(x))
+
+    def probabilities_tensor(self, keras, features, images, prefix=""):
+        return self.model(images[self.image_inputs[0]])  # saved with (N, K) outputs, images in
 
     def boundary_proba(self, activations: np.ndarray) -> np.ndarray:
         """The same probabilities from the cached boundary activations (top block + head)."""
         if self._top is None:
             from ...extract.bases.backbones import get_backbone
-            from ..train.finetune import top_of_saved_model
+            from ..graph.finetune_model import top_of_saved_model
 
             self._top = top_of_saved_model(self.model, get_backbone(self.config["feature_set"]["key"]["backbone"]))
-        return self._two_columns(self._top.predict_on_batch(np.asarray(activations, dtype=np.float32)))
-
-    @staticmethod
-    def _two_columns(p) -> np.ndarray:
-        p = np.asarray(p, dtype=np.float64)
-        return np.column_stack([1.0 - p[:, 0], p[:, 0]]) if p.shape[1] == 1 else p
+        return two_columns(self._top.predict_on_batch(np.asarray(activations, dtype=np.float32)))
 
 
 class EnsembleRun(Run):
     """Members' probabilities averaged with non-negative weights that sum to 1."""
 
     kind = "ensemble"
+    can_be_member = False
 
     def __init__(self, run_dir: str, config: dict):
         super().__init__(run_dir, config)
@@ -185,6 +191,23 @@ class EnsembleRun(Run):
     def proba(self, features, images) -> np.ndarray:
         return sum(w * m.proba(features, images) for w, m in zip(self.weights, self.members))
 
+    def probabilities_tensor(self, keras, features, images, prefix=""):
+        weighted = []
+        for i, (member, weight) in enumerate(zip(self.members, self.weights)):
+            # Each member in a sub-model of its own, so the layer names of members never clash.
+            names = [r["name"] for r in member.feature_sets]
+            f_in = {n: keras.Input(tuple(features[n].shape[1:]), name=f"features_{j}") for j, n in enumerate(names)}
+            i_in = {s: keras.Input((s.size, s.size, 3), name=f"image_{j}") for j, s in enumerate(member.image_inputs)}
+            sub = keras.Model([*f_in.values(), *i_in.values()], member.probabilities_tensor(keras, f_in, i_in),
+                              name=f"member_{i}_{member.kind}")
+            p = sub([*(features[n] for n in names), *(images[s] for s in member.image_inputs)])
+            weighted.append(keras.layers.Rescaling(float(weight), name=f"weight_{i}")(p))
+        return keras.layers.Add(name="weighted_average")(weighted)
+
+
+# The run kinds by the ``kind`` of their config.json (run_dir.run_kind).
+KINDS: dict[str, type[Run]] = {"head": HeadRun, "fused": HeadRun, "finetune": FinetuneRun, "ensemble": EnsembleRun}
+
 
 def load_run(run_dir: str, nested: bool = False) -> Run:
     """The run in ``run_dir``, whatever its kind. ``nested``: as an ensemble member (which
@@ -194,15 +217,11 @@ def load_run(run_dir: str, nested: bool = False) -> Run:
         raise FeatcacheError(f"{run_dir}: no such run directory")
     config = rundir.read_config(run_dir)
     kind = rundir.run_kind(config)
-    if kind in ("head", "fused"):
-        return HeadRun(run_dir, config)
-    if kind == "finetune":
-        return FinetuneRun(run_dir, config)
-    if kind == "ensemble":
-        if nested:
-            raise FeatcacheError(f"{run_dir}: an ensemble cannot be a member of an ensemble; list its members instead")
-        return EnsembleRun(run_dir, config)
-    raise FeatcacheError(f"{run_dir}: unknown run kind {kind!r} (written by a newer featcache?)")
+    if kind not in KINDS:
+        raise FeatcacheError(f"{run_dir}: unknown run kind {kind!r} (written by a newer featcache?)")
+    if nested and not KINDS[kind].can_be_member:
+        raise FeatcacheError(f"{run_dir}: an ensemble cannot be a member of an ensemble; list its members instead")
+    return KINDS[kind](run_dir, config)
 
 
 # -- probabilities from the cache ---------------------------------------------------------------

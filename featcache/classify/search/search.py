@@ -25,7 +25,8 @@ from ..train import harness
 from . import leaderboard
 from ..runs import run_dir as rundir
 from . import study as studies
-from ..heads.registry import HEADS, POOLS
+from ..heads.base import POOLS
+from ..heads.registry import HEADS
 
 # The space; its defaults are sized so that 30 trials on 2,000 cached images take a few
 # minutes on 2 CPU cores (README, "Search").

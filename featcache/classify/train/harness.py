@@ -13,7 +13,8 @@ from ..rows import training as data
 from .. import evaluation as reports
 from ..runs import run_dir as rundir
 from ..rows.matched import align
-from ..heads.registry import HEADS, Head, make_head
+from ..heads.base import Head
+from ..heads.registry import HEADS, make_head
 
 SPLITS = ("train", "validation", "test")
 
