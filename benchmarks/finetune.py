@@ -174,7 +174,7 @@ def end_to_end_augmented(images: str, store: str, plain_set: str, weights: str, 
     import keras
 
     from featcache.cache.store import open_store
-    from featcache.classify import reports
+    from featcache.classify import evaluation as reports
     from featcache.classify.graph.build import preprocessing
     from featcache.classify.train.finetune import _decode_all, _proba
     from featcache.classify.heads.registry import make_head

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_tree
-from featcache.classify import reports
+from featcache.classify import evaluation as reports
 from featcache.classify.train.ensemble import ensemble, fit_weights
 from featcache.classify.train.harness import train
 from featcache.classify.runs.kinds import split_probabilities

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import write_tree
 from featcache import open_store
-from featcache.classify import reports
+from featcache.classify import evaluation as reports
 from featcache.classify.train.harness import train
 from featcache.classify.runs.kinds import load_run, split_probabilities
 from featcache.cli import cli
