@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 
 from .errors import FeatcacheError
+from .classify.rows import DEFAULT_MEMORY_BUDGET_MB
+from .extract import defaults as EXTRACT
 
 __all__ = ["extract_features", "info", "verify", "repair", "merge", "bases", "train", "compare", "search", "report",
            "predict", "export", "finetune", "ensemble", "demo", "FeatcacheError"]
 
-DEFAULT_SPLIT = "0.8,0.1,0.1"
-DEFAULT_MEMORY_BUDGET_MB = 2048.0
 
 
 def _split_fractions(split) -> tuple[float, float, float]:
@@ -42,14 +42,16 @@ def _split_fractions(split) -> tuple[float, float, float]:
 # -- stage one: extraction and the store ---------------------------------------------------------
 
 
-def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, base: str = "vgg16",
-                     size: int | None = None, weights: str | None = "imagenet", layer: str | None = None,
-                     pooling: str = "none", batch_size: int = 32, dtype: str = "float32", precision: str = "auto",
-                     decode: str = "auto", decode_workers: int | None = None, xla: bool = False,
-                     decode_processes: bool = False, resize: str = "auto", split: str | tuple = DEFAULT_SPLIT, split_seed: int = 0, seed: int = 0,
-                     max_pixels: int = 100_000_000, follow_symlinks: bool = False, unlabeled: bool = False,
-                     augment: int = 0,
-                     aug_seed: int = 0, progress: bool = True, shard: str | tuple[int, int] | None = None,
+def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, base: str = EXTRACT.BASE,
+                     size: int | None = None, weights: str | None = EXTRACT.WEIGHTS, layer: str | None = None,
+                     pooling: str = EXTRACT.POOLING, batch_size: int = EXTRACT.BATCH_SIZE, dtype: str = EXTRACT.DTYPE,
+                     precision: str = EXTRACT.PRECISION, decode: str = EXTRACT.DECODE,
+                     decode_workers: int | None = None, xla: bool = False, decode_processes: bool = False,
+                     resize: str = EXTRACT.RESIZE, split: str | tuple = EXTRACT.SPLIT,
+                     split_seed: int = EXTRACT.SPLIT_SEED, seed: int = EXTRACT.SEED,
+                     max_pixels: int = EXTRACT.MAX_PIXELS, follow_symlinks: bool = False, unlabeled: bool = False,
+                     augment: int = EXTRACT.AUGMENT, aug_seed: int = EXTRACT.AUG_SEED, progress: bool = True,
+                     shard: str | tuple[int, int] | None = None,
                      ray: str | None = None, shards: int | None = None, gpus_per_worker: float | None = None,
                      cpus_per_worker: int | None = None, log=None) -> dict:
     """Extract features of every image under ``image_dir`` into the HDF5 ``store``

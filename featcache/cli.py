@@ -11,6 +11,7 @@ import sys
 import click
 
 from . import api
+from .extract import defaults as EXTRACT
 from .version import __version__
 from .errors import FeatcacheError
 
@@ -59,37 +60,37 @@ def cli(ctx, debug):
 @cli.command()
 @click.argument("image_dir", type=click.Path())
 @click.argument("store", type=click.Path())
-@click.option("--base", default="vgg16", show_default=True, help="Backbone name (see `featcache bases`).")
+@click.option("--base", default=EXTRACT.BASE, show_default=True, help="Backbone name (see `featcache bases`).")
 @click.option("--size", type=int, help="Square input size [default: the base's default].")
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet, bundled (the MobileNet alpha 0.25 ImageNet file shipped with featcache, for --base mobilenet_0.25), none (random init) or a path to a .h5 file.")
+@click.option("--weights", default=EXTRACT.WEIGHTS, show_default=True, help="imagenet, bundled (the MobileNet alpha 0.25 ImageNet file shipped with featcache, for --base mobilenet_0.25), none (random init) or a path to a .h5 file.")
 @click.option("--layer", help="Layer whose output is cached [default: the last conv output].")
-@click.option("--pooling", type=click.Choice(["none", "avg", "max"]), default="none", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Storage dtype.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--pooling", type=click.Choice(["none", "avg", "max"]), default=EXTRACT.POOLING, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=EXTRACT.BATCH_SIZE, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=EXTRACT.DTYPE, show_default=True, help="Storage dtype.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=EXTRACT.PRECISION, show_default=True,
               help="Compute precision of the base (part of the cache key). auto: fp16 on a GPU of compute capability >= 7.0; "
                    "bf16 on a CPU with AVX512_BF16/AMX for vgg16/vgg19; fp32 otherwise (depthwise bases lose fidelity in bf16).")
-@click.option("--decode", type=click.Choice(["auto", "threads", "processes", "gpu"]), default="auto", show_default=True,
+@click.option("--decode", type=click.Choice(["auto", "threads", "processes", "gpu"]), default=EXTRACT.DECODE, show_default=True,
               help="Where JPEGs are decoded. auto: gpu where nvImageCodec is installed and a GPU is visible; processes on 8+ cores "
                    "(4+ beside a GPU); threads otherwise.")
 @click.option("--decode-workers", type=click.IntRange(min=1), help="Decoding threads or processes [default: threads min(4, cores), processes cores - 1].")
 @click.option("--xla", is_flag=True, help="Compile the model step with XLA (TensorFlow; measured slower on CPUs, try it on GPUs).")
 @click.option("--decode-processes", is_flag=True, help="The same as --decode processes.")
-@click.option("--resize", default="auto", show_default=True,
+@click.option("--resize", default=EXTRACT.RESIZE, show_default=True,
               help="Resize method (part of the cache key): nearest, bilinear, bicubic, lanczos, box (Pillow; +jpeg-draft lets libjpeg "
                    "downscale first), gpu-bilinear (--decode gpu's filter). auto: gpu-bilinear with --decode gpu, "
                    "bilinear+jpeg-draft on 8+ cores or beside a GPU, bilinear otherwise.")
-@click.option("--split", default=api.DEFAULT_SPLIT, show_default=True, help="train,validation,test fractions when the folder has no split folders.")
-@click.option("--split-seed", type=int, default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random init (--weights none).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=100_000_000, show_default=True, help="Refuse images with more pixels than this, before decoding.")
+@click.option("--split", default=EXTRACT.SPLIT, show_default=True, help="train,validation,test fractions when the folder has no split folders.")
+@click.option("--split-seed", type=int, default=EXTRACT.SPLIT_SEED, show_default=True)
+@click.option("--seed", type=int, default=EXTRACT.SEED, show_default=True, help="Seed for random init (--weights none).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=EXTRACT.MAX_PIXELS, show_default=True, help="Refuse images with more pixels than this, before decoding.")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that leave IMAGE_DIR.")
 @click.option("--unlabeled", is_flag=True, help="Every image anywhere below IMAGE_DIR, without classes: features and "
               "paths only (a folder whose images sit directly in it is always extracted so).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
-@click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True, metavar="K",
+@click.option("--augment", type=click.IntRange(min=0), default=EXTRACT.AUGMENT, show_default=True, metavar="K",
               help="Also store K augmented views (flip, rotation, zoom, translation, contrast) per training image, as a feature set of its own.")
-@click.option("--aug-seed", type=int, default=0, show_default=True, help="Seed of the augmented views (part of the key).")
+@click.option("--aug-seed", type=int, default=EXTRACT.AUG_SEED, show_default=True, help="Seed of the augmented views (part of the key).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--shard", metavar="I/N", help="Extract only shard I of N (0-based) into STORE and commit it; join shards with `featcache merge`.")

@@ -15,7 +15,7 @@ from conftest import write_tree
 from featcache.classify import evaluation as reports
 from featcache.classify.train.ensemble import ensemble, fit_weights
 from featcache.classify.train.harness import train
-from featcache.classify.runs.kinds import split_probabilities
+from featcache.classify.runs.cached import split_probabilities
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
 from featcache.extract.images.decode import decode_image, read_bytes

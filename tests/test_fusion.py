@@ -13,7 +13,8 @@ from conftest import write_tree
 from featcache import open_store
 from featcache.classify import evaluation as reports
 from featcache.classify.train.harness import train
-from featcache.classify.runs.kinds import load_run, split_probabilities
+from featcache.classify.runs.cached import split_probabilities
+from featcache.classify.runs.kinds import load_run
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
 from featcache.extract.images.decode import decode_image, read_bytes
@@ -126,7 +127,7 @@ def test_the_report_of_a_fused_run_maps_the_joined_features(fused, tmp_path):
     assert page["per_image"] and page["images"] == 6 and page["map_points"] == 6 and page["notes"] == []
     assert page["kind"] == "fused" and page["feature_set"] == f"{fused['pixels']}+{fused['mobile']}"
     config = read_config(run)
-    features, _, _ = report_data.map_features(config, report_data.split_probabilities(run, "test", config))
+    features, _, _ = report_data.map_features(config, report_data.split_predictions(run, "test"))
     assert features.shape == (6, 3 + 256)  # both sets pooled (--pool avg) and side by side
 
 

@@ -37,7 +37,7 @@ def test_the_old_store_opens_and_verifies(old_main):
 
 @pytest.mark.parametrize("head", ["logreg", "dense"])
 def test_old_runs_score_their_test_split_as_recorded(old_main, head):
-    from featcache.classify.runs.kinds import split_probabilities
+    from featcache.classify.runs.cached import split_probabilities
 
     run_dir = old_main / "runs" / head
     recorded = json.loads((run_dir / "metrics.json").read_text())["test"]
@@ -49,7 +49,7 @@ def test_old_runs_score_their_test_split_as_recorded(old_main, head):
 @pytest.mark.parametrize("head", ["logreg", "dense"])
 def test_old_runs_predict_and_export(old_main, head, tmp_path):
     import featcache
-    from featcache.classify.runs.kinds import split_probabilities
+    from featcache.classify.runs.cached import split_probabilities
 
     run_dir = old_main / "runs" / head
     paths, _, cached = split_probabilities(str(run_dir), "test")

@@ -257,7 +257,7 @@ def test_map_sample_is_seeded_and_marks_rows(setup, monkeypatch):
     from featcache.classify.runs.run_dir import read_config
 
     config = read_config(str(setup["run"]))
-    pred = report_data.split_probabilities(str(setup["run"]), "test", config)
+    pred = report_data.split_predictions(str(setup["run"]), "test")
     features, index, note = report_data.map_features(config, pred)
     assert features.shape == (18, 8 * 8 * 3) and list(index) == list(range(18)) and note == ""
     monkeypatch.setattr(report_data, "MAP_MAX_POINTS", 10)

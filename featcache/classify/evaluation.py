@@ -49,6 +49,12 @@ def metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict:
     return result
 
 
+def summary(m: dict | None) -> dict:
+    """{n, accuracy, loss} of one split's metrics (n 0 when the split is empty): what --json prints."""
+    m = m or {"n": 0, "accuracy": None, "loss": None}
+    return {"n": m["n"], "accuracy": m["accuracy"], "loss": m["loss"]}
+
+
 def untrained_check(scores: dict, num_classes: int) -> dict:
     """Compare the untrained head with chance: accuracy ~ 1/K, loss ~ ln(K)."""
     expected = math.log(num_classes)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from ..cache.key import KeySpec
 from ..errors import FeatcacheError
 from .bases.backbones import check_size, get_backbone
-from .images.decode import DEFAULT_MAX_PIXELS
-from .images.discover import DEFAULT_FRACTIONS, Listing
+from . import defaults as EXTRACT
+from .images.discover import Listing
 from .bases.feature_model import POOLINGS, gpu_compute_capability, resolve_precision
 from .images.resize import GPU_RESIZE, resolve_resize
 from .bases.weights import resolve_weights
@@ -31,27 +31,27 @@ GPU_DECODE_MAX_CORES = 10
 class ExtractConfig:
     """Everything that decides the features (the key) plus how the run goes."""
 
-    base: str = "vgg16"
+    base: str = EXTRACT.BASE
     size: int | None = None
-    weights: str | None = "imagenet"
+    weights: str | None = EXTRACT.WEIGHTS
     layer: str | None = None
-    pooling: str = "none"
-    dtype: str = "float32"
-    precision: str = "auto"  # resolved per device and base (model.resolve_precision) before keying
-    resize: str = "auto"  # resolved per machine and decoder (resize.resolve_resize) before keying
-    batch_size: int = 32
-    seed: int = 0
-    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
-    split_seed: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    pooling: str = EXTRACT.POOLING
+    dtype: str = EXTRACT.DTYPE
+    precision: str = EXTRACT.PRECISION  # resolved per device and base (model.resolve_precision) before keying
+    resize: str = EXTRACT.RESIZE  # resolved per machine and decoder (resize.resolve_resize) before keying
+    batch_size: int = EXTRACT.BATCH_SIZE
+    seed: int = EXTRACT.SEED
+    split_fractions: tuple[float, float, float] = EXTRACT.SPLIT_FRACTIONS
+    split_seed: int = EXTRACT.SPLIT_SEED
+    max_pixels: int = EXTRACT.MAX_PIXELS
     follow_symlinks: bool = False
     decode_workers: int | None = None
     xla: bool = False  # jit_compile the model step (not in the key: float rounding only)
-    decode: str = "auto"  # threads, processes or gpu (see resolve_decode); not in the key, the resize is
+    decode: str = EXTRACT.DECODE  # threads, processes or gpu (see resolve_decode); not in the key, the resize is
     decode_processes: bool = False  # the older spelling of decode="processes"
     progress: bool = True
-    augment: int = 0  # K augmented views per training image (0: none); see extract/augment.py
-    aug_seed: int = 0  # seed of the augmented views (in the key with the recipe and K)
+    augment: int = EXTRACT.AUGMENT  # K augmented views per training image (0: none); see extract/augment.py
+    aug_seed: int = EXTRACT.AUG_SEED  # seed of the augmented views (in the key with the recipe and K)
     unlabeled: bool = False  # list every image below the folder, without classes (a flat folder is always so)
 
 

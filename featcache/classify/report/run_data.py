@@ -1,16 +1,16 @@
 """What a run's report needs from the run directory, its store and its images.
 
-Everything per image goes through one function, :func:`split_probabilities` (paths, labels and
-class probabilities of one split of any run directory), so a new kind of run is reported by
-teaching that one function how to predict it. Anything that cannot be had (a store that moved,
+Everything per image goes through one function, :func:`split_predictions` (paths, labels and
+class probabilities of one split of any run directory, from runs/cached.py), so a new kind of
+run is reported once its kind (runs/kinds.py) can score cached rows. Anything that cannot be had (a store that moved,
 images that are gone, a changed model file) raises FeatcacheError with the reason; the report
 then shows what the run directory itself holds and says why the rest is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +18,6 @@ import numpy as np
 from ...errors import FeatcacheError
 from ..runs import run_dir as rundir
 
-SPLITS = ("train", "validation", "test")
 # The map reads the split's features whole; past this many float32 bytes it reads a seeded sample.
 MAP_MAX_BYTES = 1 << 30
 MAP_MAX_POINTS = 10_000
@@ -70,76 +69,36 @@ def read_history(run_dir: str) -> dict[str, list[float]]:
     return history
 
 
-@contextmanager
-def _feature_set(record: dict):
-    """The run's feature set, opened from the store recorded in its config."""
-    from ...cache.store import open_store
-
-    store = record.get("store") or ""
-    if not os.path.isfile(store):
-        raise FeatcacheError(f"the run's store {store} is missing (moved or deleted); "
-                             "per-image results need its cached features")
-    with open_store(store) as s:
-        if record["name"] not in s.feature_set_names():
-            raise FeatcacheError(f"{store}: feature set {record['name']} of the run is no longer there")
-        yield s[record["name"]]
-
-
-def _changed_note(fs, record: dict) -> list[str]:
-    if record.get("digest") and rundir.feature_set_digest(fs) != record["digest"]:
-        return [f"feature set {record['name']} changed since the run was trained (images added, removed, "
-                "relabelled or re-split): per-image results are for its current rows, the recorded metrics "
-                "for the rows it was trained on"]
-    return []
-
-
-def split_probabilities(run_dir: str, split: str, config: dict | None = None) -> SplitPredictions:
+def split_predictions(run_dir: str, split: str) -> SplitPredictions:
     """Paths, true labels and class probabilities of every image of ``split``, from the run's
-    own model, for any kind of run (runs.split_probabilities does the work). FeatcacheError
-    (with the reason) when they cannot be computed."""
-    from ..runs.kinds import CachedInputs, load_run
+    own model, for any kind of run (:func:`..runs.cached.split_probabilities` does the work).
+    FeatcacheError (with the reason) when they cannot be computed."""
+    from ..runs.cached import split_probabilities
+    from ..runs.kinds import load_run
 
-    if split not in SPLITS:
-        raise FeatcacheError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     run = load_run(run_dir)  # model files' sha256 checked before loading
-    with CachedInputs([run]) as cache:
-        notes = [note for record, fs in zip(cache.row_sets, cache.sets) for note in _changed_note(fs, record)]
-        where = cache.aligned.split(split)
-        proba = cache.probabilities(where)[0]
-        paths, labels = cache.aligned.paths[where], cache.aligned.labels[where]
-    if getattr(run, "boundary_missing", False):
-        notes.append(f"the boundary store {run.config['boundary']['store']} the run trained from is missing; "
-                     "the images were decoded instead")
-    return SplitPredictions(split, list(run.class_names), paths, labels, proba, run.image_root or None,
-                            _source(run), notes)
-
-
-def _source(run) -> str:
-    """How the probabilities were computed, in words."""
-    stores = ", ".join(dict.fromkeys(r["store"] for r in run.row_sets))
-    if run.kind == "finetune":
-        if run.boundary:
-            return f"the fine-tuned top block and head on the cached boundary activations of {run.boundary['store']}"
-        return f"the fine-tuned model on the images of {run.image_root}"
-    if run.kind == "ensemble":
-        return f"the ensemble's {len(run.members)} members, each on its cached features ({stores}), weighted"
-    return f"the run's {run.config['head']} head on the cached features of {stores}"
+    p = split_probabilities(run_dir, split, run)
+    return SplitPredictions(split, list(run.class_names), p.paths, p.labels, p.proba, run.image_root or None,
+                            run.source, p.notes)
 
 
 def map_features(config: dict, predictions: SplitPredictions, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     """The cached features the head saw, of the predicted images, flattened to (M, D) float32
     (a fused head's sets side by side): (features, index of each row in ``predictions``, note).
     M = N unless the split is too big to map whole (then a seeded sample, said in the note)."""
-    from ..heads.base import pool_features as _pool
+    from ..heads.base import pool_features
+    from ..runs.cached import open_recorded_set
+    from ..runs.kinds import kind_of
 
-    if rundir.run_kind(config) == "ensemble":
-        raise FeatcacheError("an ensemble's members read different features; each member's own report maps its own")
+    if kind_of(config).map_refusal:
+        raise FeatcacheError(kind_of(config).map_refusal)
     records = rundir.feature_records(config)
     settings = config.get("stage_two_settings") or config.get("settings") or {}
     pool = settings.get("pool", "none")
     parts, index, note = [], None, ""
     for record in records:
-        with _feature_set(record) as fs:
+        with contextlib.ExitStack() as stack:
+            fs = open_recorded_set(stack, record, "being reported", "its cached features")
             rows = fs.rows(predictions.split)
             by_path = dict(zip(fs.column("paths")[rows], rows))
             missing = [p for p in predictions.paths if p not in by_path]
@@ -158,6 +117,6 @@ def map_features(config: dict, predictions: SplitPredictions, seed: int = 0) -> 
             x = np.empty((len(index),) + fs.feature_shape, np.float32)
             x[order] = fs.read(want[index][order])
         if x.ndim == 4 and pool in ("avg", "max"):
-            x = _pool(x, pool)
+            x = pool_features(x, pool)
         parts.append(x.reshape(len(x), -1))
     return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)), index, note

@@ -13,9 +13,11 @@ import time
 
 import numpy as np
 
+from ...cache.layout import SPLITS
 from ...errors import FeatcacheError
 from . import run_data as report_data, figures as report_figures
 from ..runs import run_dir as rundir
+from ..runs.kinds import kind_of
 from .page import esc, img, notes_html, num, page, table, write_html
 
 REPORT = "report.html"
@@ -31,11 +33,11 @@ MISTAKE_LIST_MAX = 5000  # mistakes past the thumbnails are listed as text, up t
 def choose_split(metrics: dict, config: dict, split: str | None) -> str:
     """The requested split, or test when it has images, else validation."""
     counts = {s: (metrics.get(s) or {}).get("n") or rundir.feature_records(config)[0].get("rows", {}).get(s, 0)
-              for s in report_data.SPLITS}
+              for s in SPLITS}
     if split is None:
         return "test" if counts["test"] else "validation"
-    if split not in report_data.SPLITS:
-        raise FeatcacheError(f"--split {split!r}: choose from {', '.join(report_data.SPLITS)}")
+    if split not in SPLITS:
+        raise FeatcacheError(f"--split {split!r}: choose from {', '.join(SPLITS)}")
     return split
 
 
@@ -45,7 +47,7 @@ def write_report(run_dir: str, out: str | None = None, split: str | None = None,
     """Write the HTML report of ``run_dir`` (default ``RUN_DIR/report.html``, replaced if there).
 
     ``predictions``: the split's per-image results when the caller already has them (the end of
-    ``finetune``), else :func:`report_data.split_probabilities` computes them. Returns what
+    ``finetune``), else :func:`report_data.split_predictions` computes them. Returns what
     ``featcache report --json`` prints."""
     started = time.perf_counter()
     if max_images < 0:
@@ -67,7 +69,7 @@ def write_report(run_dir: str, out: str | None = None, split: str | None = None,
     clock = time.perf_counter()
     if predictions is None:
         try:
-            predictions = report_data.split_probabilities(run_dir, split, config)
+            predictions = report_data.split_predictions(run_dir, split)
         except FeatcacheError as exc:
             notes.append(f"no per-image results: {exc}; the report shows the metrics recorded in the run")
     seconds["predictions"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -108,10 +110,7 @@ def write_report(run_dir: str, out: str | None = None, split: str | None = None,
 
 
 def _title(config: dict) -> str:
-    kind = rundir.run_kind(config)
-    if kind == "ensemble":
-        return f"ensemble of {len(config['members'])} runs ({config['settings']['weights']} weights)"
-    return f"{config['head']} on {' + '.join(r['name'] for r in rundir.feature_records(config))}"
+    return kind_of(config).title(config)
 
 
 def _base_facts(record: dict, label: str = "") -> list[tuple[str, str]]:
@@ -130,21 +129,19 @@ def _facts_section(config: dict, metrics: dict) -> str:
     record = records[0]
     rows = record.get("rows", {})
     settings = config.get("settings", {})
-    kind = rundir.run_kind(config)
-    if kind == "ensemble":  # the members and their weights stand where a model's facts would
-        described = [("members", "<br>".join(
-            esc(f"{w:.4f} x {m['run_dir']} ({m['label']}, model sha256 {m['model_sha256']})")
-            for m, w in zip(config["members"], config["weights"])))]
+    model_facts = kind_of(config).model_facts(config)
+    if model_facts is not None:
+        described = [(name, esc(text).replace("\n", "<br>")) for name, text in model_facts]
     else:
         several = len(records) > 1
         described = [fact for i, r in enumerate(records) for fact in _base_facts(r, f" {i + 1}" if several else "")]
     facts = [
-        ("kind", esc(kind)),
+        ("kind", esc(rundir.run_kind(config))),
         ("head", esc(config["head"])),
         ("settings", esc(", ".join(f"{k}={v}" for k, v in settings.items() if v is not None))),
         *described,
         ("classes", esc(", ".join(rundir.class_names(config)))),
-        ("images per split", esc(", ".join(f"{s} {rows.get(s, 0):,}" for s in report_data.SPLITS))),
+        ("images per split", esc(", ".join(f"{s} {rows.get(s, 0):,}" for s in SPLITS))),
         ("store", esc(", ".join(dict.fromkeys(r.get("store", "") for r in records)))),
         ("image folder", esc(config.get("image_root") or record.get("image_root") or "")),
         ("training time", esc(_seconds(metrics))),

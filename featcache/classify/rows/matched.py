@@ -16,7 +16,7 @@ import numpy as np
 from ...cache.store import FeatureSet
 from ...errors import FeatcacheError
 
-SPLITS = ("train", "validation", "test")
+from ...cache.layout import SPLITS
 
 
 @dataclass

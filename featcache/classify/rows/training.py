@@ -14,8 +14,8 @@ import numpy as np
 
 from ...cache.store import FeatureSet
 from ...errors import FeatcacheError
+from . import DEFAULT_MEMORY_BUDGET_MB  # noqa: F401  (read as rows.training.DEFAULT_MEMORY_BUDGET_MB)
 
-DEFAULT_MEMORY_BUDGET_MB = 2048.0
 EVAL_CHUNK_BYTES = 64 << 20  # evaluation reads at most this much at a time, whatever the budget
 
 

@@ -10,24 +10,20 @@ Every command that uses a trained run goes through :func:`load_run`, whatever it
 A run reads cached features (``feature_sets``: records with the store, key and shape) and/or
 decoded images (``image_inputs``: a fine-tuned model takes images). :meth:`Run.proba` maps
 both to (N, K) probabilities; ``predict`` computes them from new image files, ``export``
-builds the same function as one Keras model, and :func:`split_probabilities` reads them from
-the cache for the images of a split (what reports and ensembles need).
+builds the same function as one Keras model, and :func:`.cached.split_probabilities` reads
+them from the cache for the images of a split (what reports and ensembles need). Each kind
+also says what its report shows (title, facts, where its probabilities came from).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from ...cache.store import open_store
 from ...errors import FeatcacheError
 from ..heads.base import two_columns
 from . import run_dir as rundir
-from ..rows.matched import Aligned, align, read_rows
-from ..rows.training import EVAL_CHUNK_BYTES
 
 @dataclass(frozen=True, order=True)
 class ImageInput:
@@ -41,7 +37,7 @@ def image_input(record: dict) -> ImageInput:
     return ImageInput(int(record["key"]["input_size"]), str(record["key"]["resize"]))
 
 
-def _unique(records: list[dict], key) -> list[dict]:
+def unique(records: list[dict], key) -> list[dict]:
     seen, out = set(), []
     for record in records:
         if key(record) not in seen:
@@ -68,6 +64,24 @@ class Run:
     def label(self) -> str:
         """A short description for tables and titles."""
         raise NotImplementedError
+
+    @staticmethod
+    def title(config: dict) -> str:
+        """The report's title, from config.json alone (a report is written even when models cannot load)."""
+        return f"{config['head']} on {' + '.join(r['name'] for r in rundir.feature_records(config))}"
+
+    @staticmethod
+    def model_facts(config: dict) -> list[tuple[str, str]] | None:
+        """(name, text) facts the report shows in place of the feature sets' (None: those)."""
+        return None
+
+    map_refusal = ""  # why the report cannot map this kind's features ("" when it can)
+
+    @property
+    def source(self) -> str:
+        """How :func:`.cached.split_probabilities` computed this run's probabilities, in words."""
+        stores = ", ".join(dict.fromkeys(r["store"] for r in self.row_sets))
+        return f"the run's {self.config['head']} head on the cached features of {stores}"
 
     @property
     def decoded_inputs(self) -> list[ImageInput]:
@@ -140,6 +154,12 @@ class FinetuneRun(Run):
         self._top = None
 
     @property
+    def source(self) -> str:
+        if self.boundary:
+            return f"the fine-tuned top block and head on the cached boundary activations of {self.boundary['store']}"
+        return f"the fine-tuned model on the images of {self.image_root}"
+
+    @property
     def label(self) -> str:
         return f"fine-tuned ({self.config['settings'].get('unfreeze', 'top')}) {self.config['feature_set']['name']}"
 
@@ -179,14 +199,31 @@ class EnsembleRun(Run):
                 raise FeatcacheError(f"{entry['run_dir']}: its classes differ from the ensemble {run_dir}'s")
             self.members.append(member)
         self.weights = np.asarray(config["weights"], dtype=np.float64)
-        self.feature_sets = _unique([r for m in self.members for r in m.feature_sets], lambda r: r["name"])
-        self.row_sets = _unique([r for m in self.members for r in m.row_sets], lambda r: (r["store"], r["name"]))
+        self.feature_sets = unique([r for m in self.members for r in m.feature_sets], lambda r: r["name"])
+        self.row_sets = unique([r for m in self.members for r in m.row_sets], lambda r: (r["store"], r["name"]))
         self.image_inputs = sorted({i for m in self.members for i in m.image_inputs})
         self.image_root = next((m.image_root for m in self.members if m.image_inputs), "")
+
+    map_refusal = "an ensemble's members read different features; each member's own report maps its own"
 
     @property
     def label(self) -> str:
         return f"ensemble of {len(self.members)} runs"
+
+    @property
+    def source(self) -> str:
+        stores = ", ".join(dict.fromkeys(r["store"] for r in self.row_sets))
+        return f"the ensemble's {len(self.members)} members, each on its cached features ({stores}), weighted"
+
+    @staticmethod
+    def title(config: dict) -> str:
+        return f"ensemble of {len(config['members'])} runs ({config['settings']['weights']} weights)"
+
+    @staticmethod
+    def model_facts(config: dict) -> list[tuple[str, str]]:
+        """The members and their weights stand where a model's facts would."""
+        return [("members", "\n".join(f"{w:.4f} x {m['run_dir']} ({m['label']}, model sha256 {m['model_sha256']})"
+                                      for m, w in zip(config["members"], config["weights"])))]
 
     def proba(self, features, images) -> np.ndarray:
         return sum(w * m.proba(features, images) for w, m in zip(self.weights, self.members))
@@ -209,6 +246,14 @@ class EnsembleRun(Run):
 KINDS: dict[str, type[Run]] = {"head": HeadRun, "fused": HeadRun, "finetune": FinetuneRun, "ensemble": EnsembleRun}
 
 
+def kind_of(config: dict) -> type[Run]:
+    """The run kind class of a config.json."""
+    kind = rundir.run_kind(config)
+    if kind not in KINDS:
+        raise FeatcacheError(f"unknown run kind {kind!r} (written by a newer featcache?)")
+    return KINDS[kind]
+
+
 def load_run(run_dir: str, nested: bool = False) -> Run:
     """The run in ``run_dir``, whatever its kind. ``nested``: as an ensemble member (which
     cannot itself be an ensemble)."""
@@ -222,140 +267,3 @@ def load_run(run_dir: str, nested: bool = False) -> Run:
     if nested and not KINDS[kind].can_be_member:
         raise FeatcacheError(f"{run_dir}: an ensemble cannot be a member of an ensemble; list its members instead")
     return KINDS[kind](run_dir, config)
-
-
-# -- probabilities from the cache ---------------------------------------------------------------
-
-
-class CachedInputs:
-    """The images of a set of runs, matched across their feature sets (by path and content
-    digest, see align.py), with their features read from the stores and, for runs that take
-    images, the images decoded from the image folder. A context manager (stores stay open)."""
-
-    def __init__(self, runs: list[Run], what: str = ""):
-        self.runs = runs
-        self.row_sets = _unique([r for run in runs for r in run.row_sets], lambda r: (r["store"], r["name"]))
-        decoding = [run for run in runs if run.image_inputs and not getattr(run, "boundary", None)]
-        self.image_inputs = sorted({i for run in decoding for i in run.image_inputs})
-        self.image_root = next((run.image_root for run in decoding), "")
-        self._stack = contextlib.ExitStack()
-        self.sets, labels = [], []
-        self.boundaries = {}  # run index -> (boundary feature set, {image digest: row})
-        try:
-            for record in self.row_sets:
-                self.sets.append(self._open(record))
-                labels.append(f"{self.owner(record)} ({record['name']})" if len(runs) > 1 else record["name"])
-            self.aligned: Aligned = align(self.sets, labels, strict=True, what=what)
-            for j, run in enumerate(runs):
-                if getattr(run, "boundary", None):
-                    self.boundaries[j] = self._open_boundary(run)
-        except BaseException:
-            self._stack.close()
-            raise
-        # Where each feature set's features are read: the first store that has it.
-        self.source = {}
-        for i, record in enumerate(self.row_sets):
-            self.source.setdefault(record["name"], i)
-
-    def owner(self, record: dict) -> str:
-        """The run directory (the first) that reads this feature-set record."""
-        return next(run.run_dir for run in self.runs if record in run.row_sets)
-
-    def _open(self, record: dict):
-        store = record["store"]
-        owner = self.owner(record)
-        if not os.path.exists(store):
-            raise FeatcacheError(f"the run's store {store} is missing (moved or deleted); {owner} needs its cached "
-                                 "features and splits")
-        s = self._stack.enter_context(open_store(store))
-        if record["name"] not in s.feature_set_names():
-            raise FeatcacheError(f"{store}: feature set {record['name']} of run {owner} is gone from this store")
-        return s[record["name"]]
-
-    def _open_boundary(self, run):
-        store, name = run.boundary["store"], run.boundary["feature_set"]
-        s = self._stack.enter_context(open_store(store))
-        if name not in s.feature_set_names():
-            raise FeatcacheError(f"{store}: feature set {name} of run {run.run_dir} is gone from this store")
-        fs = s[name]
-        rows = fs.rows()
-        by_digest = dict(zip(fs.column("digests")[rows].tolist(), rows.tolist()))
-        missing = sum(d not in by_digest for d in self.aligned.digests)
-        if missing:
-            raise FeatcacheError(f"{store}: feature set {name} lacks {missing} of the images of run {run.run_dir}; "
-                                 "run the extract command of its boundary again to add them")
-        return fs, by_digest
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._stack.close()
-
-    def _images(self, positions: np.ndarray) -> dict[ImageInput, np.ndarray]:
-        from ...extract.images.decode import DecodeError, decode_image, read_bytes
-
-        if not self.image_inputs:
-            return {}
-        if not self.image_root or not os.path.isdir(self.image_root):
-            raise FeatcacheError(f"{self.image_root or '(none recorded)'}: the image folder of the fine-tuned run is "
-                                 "missing; its probabilities need the images")
-        out = {i: np.empty((len(positions), i.size, i.size, 3), np.uint8) for i in self.image_inputs}
-        for n, p in enumerate(positions):
-            path = os.path.join(self.image_root, self.aligned.paths[p])
-            try:
-                data = read_bytes(path)
-                if hashlib.sha256(data).hexdigest() != self.aligned.digests[p]:
-                    raise FeatcacheError(f"{path}: changed since its features were extracted (content digest differs); "
-                                         "extract again")
-                for i in self.image_inputs:
-                    out[i][n] = decode_image(data, i.size, i.resize)
-            except DecodeError as exc:
-                raise FeatcacheError(f"{path}: {exc}") from None
-        return out
-
-    def probabilities(self, positions: np.ndarray) -> list[np.ndarray]:
-        """(len(positions), K) probabilities of each run, for images at ``positions`` of the
-        alignment, read piece by piece (at most ~64 MiB of features and images at a time)."""
-        names = _unique([r for run in self.runs for r in run.feature_sets], lambda r: r["name"])
-        row_bytes = sum(int(np.prod(self.sets[self.source[r["name"]]].feature_shape)) * 4 for r in names)
-        row_bytes += sum(i.size * i.size * 3 for i in self.image_inputs)
-        row_bytes += sum(int(np.prod(fs.feature_shape)) * 4 for fs, _ in self.boundaries.values())
-        chunk = max(1, EVAL_CHUNK_BYTES // max(1, row_bytes))
-        k = len(self.runs[0].class_names)
-        out = [np.zeros((0, k))] * len(self.runs) if len(positions) == 0 else [[] for _ in self.runs]
-        for start in range(0, len(positions), chunk):
-            piece = positions[start : start + chunk]
-            features = {}
-            for record in names:
-                i = self.source[record["name"]]
-                features[record["name"]] = read_rows(self.sets[i], self.aligned.rows[i][piece]).astype(np.float32)
-            images = self._images(piece)
-            for j, run in enumerate(self.runs):
-                if j in self.boundaries:
-                    fs, by_digest = self.boundaries[j]
-                    rows = np.array([by_digest[d] for d in self.aligned.digests[piece]], dtype=np.int64)
-                    out[j].append(run.boundary_proba(read_rows(fs, rows).astype(np.float32)))
-                else:
-                    out[j].append(run.proba(features, images))
-        return [o if isinstance(o, np.ndarray) else np.concatenate(o) for o in out]
-
-
-def split_probabilities(run_dir: str, split: str, run: Run | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(paths, labels, probabilities) of a split's images, for any kind of run, from the cache.
-
-    Paths are relative to the run's image folder (config ``feature_set(s)[..]["image_root"]``),
-    sorted; labels index the run's class names; probabilities are (N, K) float64, what
-    ``predict`` would give for those images. Heads, fused heads and ensembles of them read only
-    the stores; a fine-tuned run (an end-to-end model) reads the boundary activations it was
-    trained from when that store is there, and otherwise decodes its images, whose content is
-    checked against the digests stored at extraction."""
-    from ..rows.matched import SPLITS
-
-    if split not in SPLITS:
-        raise FeatcacheError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    run = run or load_run(run_dir)
-    with CachedInputs([run]) as cache:
-        where = cache.aligned.split(split)
-        proba = cache.probabilities(where)[0]
-        return cache.aligned.paths[where], cache.aligned.labels[where], proba

@@ -6,6 +6,7 @@ Layout::
                        weights argument, class names, model file and its sha256
     model.keras        dense head (loaded with safe_mode=True)  | model.joblib  logreg pipeline
     metrics.json       untrained/train/validation/test metrics, flags, timings
+    (all of these written by :func:`write_run`, for every kind)
     history.csv        one row per epoch (logreg with lbfgs: one row)
     curves.png         loss and accuracy, train vs validation (heads with >= 2 epochs)
     confusion_matrix.png
@@ -108,11 +109,35 @@ def created() -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def config_record(head, feature_set: dict | list[dict], plan: dict, model_path: str) -> dict:
-    """config.json of a head run: one feature-set record, or a list of them (a fused head)."""
+def write_run(out: str, config: dict, metrics: dict, history: dict, title: str | None = None,
+              confusion_title: str = "{title}, {split} split", model_path: str | None = None) -> None:
+    """The one writer of a run directory, for every kind: config.json (with :func:`created`, and
+    the model file's name and sha256 when there is one), metrics.json, history.csv, and with a
+    ``title`` curves.png and the confusion matrix of the test split (validation when test is
+    empty), titled ``confusion_title``."""
+    from ..evaluation import plot_confusion, plot_curves, write_history
+
+    config = {**created(), **config}
+    if model_path:
+        config["model"] = {"file": os.path.basename(model_path), "sha256": sha256_file(model_path),
+                           **config.get("model", {})}
+    write_json(os.path.join(out, CONFIG), config)
+    write_json(os.path.join(out, METRICS), metrics)
+    write_history(history, os.path.join(out, HISTORY))
+    if title is None:
+        return
+    plot_curves(history, os.path.join(out, CURVES), title)
+    shown = "test" if metrics.get("test", {}).get("n") else "validation"
+    if metrics.get(shown, {}).get("n"):
+        plot_confusion(metrics[shown]["confusion_matrix"], class_names(config), os.path.join(out, CONFUSION),
+                       confusion_title.format(title=title, split=shown))
+
+
+def head_config(head, feature_set: dict | list[dict], plan: dict) -> dict:
+    """config.json of a head run (without the model entry, see :func:`write_run`): one
+    feature-set record, or a list of them (a fused head)."""
     fused = isinstance(feature_set, list)
     return {
-        **created(),
         "kind": "fused" if fused else "head",
         "head": head.name,
         "settings": head.settings(),
@@ -120,7 +145,6 @@ def config_record(head, feature_set: dict | list[dict], plan: dict, model_path: 
         "training": {**plan, **head.info},
         **({"feature_sets": feature_set, "class_names": feature_set[0]["class_names"]} if fused
            else {"feature_set": feature_set}),
-        "model": {"file": os.path.basename(model_path), "sha256": sha256_file(model_path)},
     }
 
 

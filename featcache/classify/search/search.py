@@ -19,6 +19,7 @@ import os
 import time
 
 from ...cache.store import open_store
+from ...cache.layout import SPLITS
 from ...errors import FeatcacheError
 from ..rows import training as data
 from ..train import harness
@@ -134,7 +135,7 @@ def _space(s, store: str, names: list[str] | None, heads: list[str], cv: int | N
                                  "split: extract with one, or use --cv K")
     return {"sets": sets, "rows": rows, "dropped": dropped, "heads": heads, "seed": seed,
             "digests": {name: rundir.feature_set_digest(fs) for name, fs in sets.items()},
-            "counts": {split: int(len(per_set[0][split])) for split in harness.SPLITS}}
+            "counts": {split: int(len(per_set[0][split])) for split in SPLITS}}
 
 
 def _search_folder(out: str) -> str:

@@ -26,9 +26,10 @@ import numpy as np
 from ...errors import FeatcacheError
 from .. import evaluation as reports
 from ..runs import run_dir as rundir
-from ..runs.kinds import CachedInputs, load_run
+from ..runs.cached import CachedInputs
+from ..runs.kinds import load_run
 
-SPLITS = ("train", "validation", "test")
+from ...cache.layout import SPLITS
 WEIGHTINGS = ("equal", "fit")
 MEMBERS_PLOT = "members.png"
 EPS = 1e-15  # probabilities are clipped here before the log, as scikit-learn's log_loss does
@@ -87,11 +88,6 @@ def _check_validation(labels: np.ndarray, class_names: list[str]) -> None:
                              "fitted weights would just favour the member most confident in it (use --weights equal)")
 
 
-def _summary(m: dict | None) -> dict:
-    m = m or {"n": 0, "accuracy": None, "loss": None}
-    return {"n": m["n"], "accuracy": m["accuracy"], "loss": m["loss"]}
-
-
 def ensemble(run_dirs: list[str], out: str, weights: str = "equal", report: bool = True) -> dict:
     """Average the probabilities of ``run_dirs`` with ``weights`` ("equal" or "fit"); write the
     run directory ``out``. Returns the summary printed by ``featcache ensemble --json``."""
@@ -129,11 +125,11 @@ def ensemble(run_dirs: list[str], out: str, weights: str = "equal", report: bool
         for i, p in enumerate(probas[split]):
             member_metrics[i][split] = reports.score(labels[split], p, len(names))
     members = [{"run_dir": run.run_dir, "label": run.label, "kind": run.kind, "weight": float(wi),
-                **{s: _summary(member_metrics[i].get(s)) for s in SPLITS}}
+                **{s: reports.summary(member_metrics[i].get(s)) for s in SPLITS}}
                for i, (run, wi) in enumerate(zip(runs, w))]
     summary = {
         "kind": "ensemble", "run_dir": out, "weights_method": weights, "weights": [float(x) for x in w],
-        "members": members, **{s: _summary(metrics.get(s)) for s in SPLITS}, "fit": fit, "warnings": warnings,
+        "members": members, **{s: reports.summary(metrics.get(s)) for s in SPLITS}, "fit": fit, "warnings": warnings,
     }
     summary["report"] = None
     if out:
@@ -151,32 +147,28 @@ def _write_run(out: str, runs, w, method: str, fit, metrics: dict, members: list
         for record in run.row_sets:
             if all((r["store"], r["name"]) != (record["store"], record["name"]) for r in records):
                 records.append(record)
-    rundir.write_json(os.path.join(out, rundir.CONFIG), {
-        **rundir.created(), "kind": "ensemble", "head": "ensemble",
+    config = {
+        "kind": "ensemble", "head": "ensemble",
         "settings": {"weights": method}, "seed": None, "class_names": names,
         "members": [{"run_dir": os.path.abspath(run.run_dir), "kind": run.kind, "head": run.config["head"],
                      "label": run.label, "model_sha256": run.config["model"]["sha256"],
                      "feature_sets": [r["name"] for r in run.row_sets]} for run in runs],
         "weights": [float(x) for x in w], "fit": fit, "feature_sets": records,
         "image_root": next((run.image_root for run in runs if run.image_root), ""),
-    })
-    rundir.write_json(os.path.join(out, rundir.METRICS), {
+    }
+    metrics = {
         "kind": "ensemble", "head": "ensemble", "feature_set": f"ensemble of {len(runs)} runs", "class_names": names,
         "weights_method": method, "weights": [float(x) for x in w], "fit": fit, **metrics, "members": members,
         "note": "validation was used to fit the weights: its metrics are optimistic; test is the honest score"
                 if method == "fit" else "equal weights: nothing was fitted",
-    })
+    }
     history = {}
     for prefix, split in (("", "train"), ("val_", "validation")):
         if split in metrics:
             history[prefix + "loss"] = [metrics[split]["loss"]]
             history[prefix + "accuracy"] = [metrics[split]["accuracy"]]
-    reports.write_history(history, os.path.join(out, rundir.HISTORY))
-    shown = "test" if "test" in metrics else "validation"
     title = f"ensemble of {len(runs)} runs ({method} weights)"
-    if shown in metrics:
-        reports.plot_confusion(metrics[shown]["confusion_matrix"], names, os.path.join(out, rundir.CONFUSION),
-                               f"{title}, {shown} split")
+    rundir.write_run(out, config, metrics, history, title)  # one row of history: no curves.png
     plot_members(members, metrics, os.path.join(out, MEMBERS_PLOT), title)
 
 

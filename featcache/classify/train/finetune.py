@@ -213,8 +213,7 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
                 "batch_size": batch_size, "optimizer": "rmsprop", "augment": recipe_aug or None,
                 "aug_seed": aug_seed if recipe_aug else None, "seed": seed,
                 "source": "cache" if from_cache else "images"}
-    rundir.write_json(os.path.join(out, rundir.CONFIG), {
-        "run_format": rundir.RUN_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    config_out = {
         "kind": "finetune", "head": "finetune", "settings": settings, "seed": seed,
         "stage_two_run": os.path.abspath(run_dir),
         "stage_two_settings": config["settings"], "feature_set": record,
@@ -222,22 +221,16 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
         "boundary": {"layer": backbone.boundary_layer, "store": os.path.abspath(from_cache) if from_cache else None,
                      "feature_set": boundary_name},
         "trainable_layers": models.trainable, "trainable_parameters": trainable_weights,
-        "model": {"file": "model.keras", "sha256": rundir.sha256_file(model_path),
-                  "input": "RGB float 0..255, decoded and resized (Pillow, " + spec.resize + ")"},
-    })
-    rundir.write_json(os.path.join(out, rundir.METRICS), {
+        "model": {"input": "RGB float 0..255, decoded and resized (Pillow, " + spec.resize + ")"},
+    }
+    metrics_out = {
         "kind": "finetune", "head": "finetune", "feature_set": record["name"], "class_names": names,
         "before": before, **evaluated,
         "overfitting": overfitting, "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu,
         "epoch_seconds": timer.seconds, "data_seconds": data_seconds,
-    })
-    reports.write_history(history, os.path.join(out, rundir.HISTORY))
+    }
     title = f"fine-tuned {spec.backbone} (--unfreeze {unfreeze}, from {settings['source']})"
-    reports.plot_curves(history, os.path.join(out, rundir.CURVES), title)
-    shown = "test" if "test" in evaluated else "validation"
-    if shown in evaluated:
-        reports.plot_confusion(evaluated[shown]["confusion_matrix"], names, os.path.join(out, rundir.CONFUSION),
-                               f"{title}, {shown} split")
+    rundir.write_run(out, config_out, metrics_out, history, title, model_path=model_path)
 
     report_path = None
     if report:  # from the probabilities just computed: no second pass over the images
@@ -253,15 +246,12 @@ def finetune(image_dir: str | None, run_dir: str, out: str, blocks: int = 1, unf
                                      image_dir, source)
         report_path = write_report(out, split=shown, predictions=given)["report"]
 
-    def summary(m):
-        return {"n": m["n"], "accuracy": m["accuracy"], "loss": m["loss"]} if m else {"n": 0, "accuracy": None, "loss": None}
-
     return {
         "run_dir": out, "stage_two_run": run_dir, "unfreeze": unfreeze, "batchnorm": settings["batchnorm"],
         "source": settings["source"], "feature_set": record["name"],
         "boundary_feature_set": boundary_name, "trainable_layers": models.trainable,
         "trainable_parameters": trainable_weights, "before": before,
-        **{s: summary(evaluated.get(s)) for s in SPLITS}, "overfitting": overfitting,
+        **{s: reports.summary(evaluated.get(s)) for s in SPLITS}, "overfitting": overfitting,
         "epochs": epochs, "epoch_seconds": [round(t, 3) for t in timer.seconds],
         "seconds": round(fit_seconds, 3), "data_seconds": round(data_seconds, 3),
         "report": report_path, "seconds_total": round(time.perf_counter() - started, 3),

@@ -16,7 +16,7 @@ from ..rows.matched import align
 from ..heads.base import Head
 from ..heads.registry import HEADS, make_head
 
-SPLITS = ("train", "validation", "test")
+from ...cache.layout import SPLITS
 
 
 def require_labelled(fs: FeatureSet, store: str) -> FeatureSet:
@@ -97,11 +97,6 @@ def fit_and_evaluate(head: Head, fs: FeatureSet, splits: dict[str, data.Rows], b
     }
 
 
-def _summary(m: dict | None) -> dict:
-    m = m or {"n": 0, "accuracy": None, "loss": None}
-    return {"n": m["n"], "accuracy": m["accuracy"], "loss": m["loss"]}
-
-
 def train(store: str, feature_set: str | None = None, base: str | None = None, head: str = "dense",
           out: str | None = None, memory_budget_mb: float = data.DEFAULT_MEMORY_BUDGET_MB, report: bool = True,
           feature_sets: list[str] | None = None, **head_options) -> dict:
@@ -135,7 +130,7 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
         **({"feature_sets": names} if names else {}),
         "untrained": {k: result["untrained"][k] for k in ("split", "n", "accuracy", "loss", "chance_accuracy",
                                                           "expected_loss", "flag", "reason")},
-        **{split: _summary(m.get(split)) for split in SPLITS},
+        **{split: reports.summary(m.get(split)) for split in SPLITS},
         "overfitting": result["overfitting"],
         "streaming": result["plan"].streaming,
         "seconds": round(result["fit_seconds"], 3),
@@ -143,7 +138,7 @@ def train(store: str, feature_set: str | None = None, base: str | None = None, h
         "run_dir": run_dir,
     }
     if run_dir:
-        _write_run(run_dir, head_obj, record, result, summary)
+        _write_run(run_dir, head_obj, record, result)
     summary["report"] = _report(run_dir) if run_dir and report else None
     summary["seconds_total"] = round(time.perf_counter() - started, 3)
     return summary
@@ -177,26 +172,19 @@ def _fused_splits(s, names: list[str], store: str):
     return fused, splits
 
 
-def _write_run(run_dir: str, head: Head, record: dict | list[dict], result: dict, summary: dict) -> None:
+def _write_run(run_dir: str, head: Head, record: dict | list[dict], result: dict) -> None:
     model_path = head.save(run_dir)
-    rundir.write_json(os.path.join(run_dir, rundir.CONFIG),
-                      rundir.config_record(head, record, result["plan"].to_dict(), model_path))
     records = record if isinstance(record, list) else [record]
     shown_name = "+".join(r["name"] for r in records)
-    rundir.write_json(os.path.join(run_dir, rundir.METRICS), {
+    metrics = {
         "kind": "fused" if isinstance(record, list) else "head",
         "head": head.name, "feature_set": shown_name, "class_names": records[0]["class_names"],
         "untrained": result["untrained"], **result["metrics"], "overfitting": result["overfitting"],
         "fit_seconds": result["fit_seconds"], "fit_cpu_seconds": result["fit_cpu_seconds"],
         "streaming": result["plan"].streaming,
-    })
-    reports.write_history(result["history"], os.path.join(run_dir, rundir.HISTORY))
-    title = f"{head.name} on {shown_name}"
-    reports.plot_curves(result["history"], os.path.join(run_dir, rundir.CURVES), title)
-    shown = "test" if result["metrics"].get("test", {}).get("n") else "validation"
-    if result["metrics"].get(shown, {}).get("n"):
-        reports.plot_confusion(result["metrics"][shown]["confusion_matrix"], records[0]["class_names"],
-                               os.path.join(run_dir, rundir.CONFUSION), f"{head.name}, {shown} split\n{shown_name}")
+    }
+    rundir.write_run(run_dir, rundir.head_config(head, record, result["plan"].to_dict()), metrics, result["history"],
+                     f"{head.name} on {shown_name}", f"{head.name}, {{split}} split\n{shown_name}", model_path)
 
 
 def _report(run_dir: str) -> str:
@@ -315,11 +303,11 @@ def score_head(head_name: str, opts: dict, fs: FeatureSet, rows: dict[str, np.nd
                               callbacks=extra(None))
     kept = {}
     if run_dir:
-        _write_run(run_dir, head, rundir.feature_set_record(fs, store), result, {})
+        _write_run(run_dir, head, rundir.feature_set_record(fs, store), result)
         kept = {"run_dir": run_dir}
     return {
         **kept,
-        **{split: _summary(result["metrics"].get(split)) for split in ("validation", "test", "train") if split in scored},
+        **{split: reports.summary(result["metrics"].get(split)) for split in ("validation", "test", "train") if split in scored},
         "untrained_flag": result["untrained"]["flag"],
         "overfitting": result["overfitting"]["flag"],
         "streaming": result["plan"].streaming,
@@ -358,7 +346,7 @@ def _cross_validate(head_name: str, opts: dict, fs: FeatureSet, rows: dict, k: i
         splits = {"train": _rows(fs, fit_rows, "train", views), "validation": data.Rows.of(fs, held_rows, "validation")}
         result = fit_and_evaluate(make_head(head_name, **opts), fs, splits, budget_mb,
                                   what=f"{fs.name} ({head_name}, fold {i + 1})", callbacks=callbacks(i))
-        folds.append({**_summary(result["metrics"]["validation"]), "epochs_run": result["epochs_run"],
+        folds.append({**reports.summary(result["metrics"]["validation"]), "epochs_run": result["epochs_run"],
                       "seconds": round(result["fit_seconds"], 3)})
     acc = np.array([f["accuracy"] for f in folds])
     loss = np.array([f["loss"] for f in folds])

@@ -21,7 +21,7 @@ RESAMPLING = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-DEFAULT_MAX_PIXELS = 100_000_000
+from ..defaults import MAX_PIXELS as DEFAULT_MAX_PIXELS
 # The formats Pillow may decode: photos (JPEG includes MPO) and common web and scan formats.
 # Others are never tried, whatever a file's name or first bytes say (EPS would start Ghostscript).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "WEBP", "TIFF")

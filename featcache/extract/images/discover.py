@@ -10,7 +10,7 @@ from ...errors import FeatcacheError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
-DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+from ..defaults import SPLIT_FRACTIONS as DEFAULT_FRACTIONS
 
 
 UNLABELED = -1  # the label of an image from a folder without classes (and of a row no longer listed)
