@@ -240,7 +240,7 @@ def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, see
     import sklearn.linear_model  # noqa: F401  (loads scipy's BLAS now, so threadpool_limits sees it)
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-    from .classify.train.harness import train
+    from .classify.train.harness import rank_key, train
     from .extract.pipeline import extract
 
     log = _quiet(log)
@@ -262,7 +262,7 @@ def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, see
         log(f"extract: {name} at {settings['size']} px -> {store}")
         extracted[name] = extract(images["root"], store, progress=False, **settings)
 
-    rows = []
+    rows, summaries = [], []
     for base, head, options in ENTRIES:
         name = f"{base}+{head}"
         run_dir = os.path.join(workdir, "runs", name)
@@ -284,9 +284,11 @@ def run_demo(workdir: str | None = None, per_class: int = DEFAULT_PER_CLASS, see
             "seconds": summary["seconds"],
             "run_dir": os.path.abspath(run_dir),
         })
-    # Ranked like `featcache compare`: by validation accuracy, then loss; the test split
+        summaries.append(summary)
+    # Ranked by `featcache compare`'s own key (validation accuracy, then loss): the test split
     # only reports, so the pick of the best model is not tuned on it.
-    rows.sort(key=lambda r: (-r["validation_accuracy"], r["validation_loss"]))
+    order = sorted(range(len(rows)), key=lambda i: rank_key(cv=False)(summaries[i]))
+    rows = [rows[i] for i in order]
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     best = rows[0]

@@ -102,3 +102,15 @@ def image_tree(tmp_path):
 @pytest.fixture
 def split_tree(tmp_path):
     return write_tree(tmp_path / "images", splits={"train": 6, "validation": 2, "test": 2})
+
+
+def pixel_store(root: pathlib.Path, classes, splits: dict, sizes) -> dict:
+    """Generated images in split folders under ``root`` and one store holding a pixels feature
+    set per size (cheap: no network). {"root", "tree", "store", "sets": names by size order}."""
+    from featcache.extract.pipeline import ExtractConfig, extract
+
+    tree = write_tree(root / "images", splits=splits, classes=classes)
+    store = root / "store.h5"
+    names = [extract(str(tree), str(store), ExtractConfig(base="pixels", size=s, progress=False))["feature_set"]
+             for s in sizes]
+    return {"root": root, "tree": tree, "store": str(store), "sets": names}

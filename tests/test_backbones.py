@@ -16,6 +16,7 @@ import pytest
 
 from featcache.errors import FeatcacheError
 from featcache.extract.bases import backbones as B
+from featcache.extract.bases.preprocessing import preprocess_function
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN_SLOW = os.environ.get("FEATCACHE_SLOW_TESTS") == "1"
@@ -160,7 +161,7 @@ def test_pixels_pseudo_base():
     assert px.default_size == 32 and px.preprocessing == "scale01" and px.top_block == ()
     with pytest.raises(ValueError):
         B.build_keras_base(px, 32, None)
-    out = B.preprocess_function(px)(np.array([[0, 51, 255]], dtype=np.uint8))
+    out = preprocess_function(px)(np.array([[0, 51, 255]], dtype=np.uint8))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [[0.0, 0.2, 1.0]], rtol=1e-6)
 
@@ -181,7 +182,7 @@ def test_preprocessing_flavour_matches_keras_preprocess_input():
     for b in B.REGISTRY.values():
         if not b.is_network:
             continue
-        fn = B.preprocess_function(b)
+        fn = preprocess_function(b)
         x = img.astype(np.float32)
         y = np.asarray(fn(x.copy()), dtype=np.float64)[0, 0, 0]
         expected = {
@@ -230,7 +231,7 @@ def test_network_builds_runs_and_splits(keras, name):
     base = B.build_keras_base(b, size, None)
     assert not base.trainable and not base.trainable_weights
     names = [layer.name for layer in base.layers]
-    x = np.asarray(B.preprocess_function(b)(_image(size)), dtype=np.float32)
+    x = np.asarray(preprocess_function(b)(_image(size)), dtype=np.float32)
 
     for prefix in b.top_block:
         assert any(n.startswith(prefix) for n in names), f"{name}: no layer starts with {prefix!r}"
@@ -313,7 +314,7 @@ def test_a_base_built_from_a_weights_file_holds_exactly_its_weights(keras, tmp_p
     assert len(loaded.weights) == len(source.weights)
     for theirs, ours in zip(source.weights, loaded.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs), err_msg=ours.path)
-    x = np.asarray(B.preprocess_function(b)(_image(size)), dtype=np.float32)
+    x = np.asarray(preprocess_function(b)(_image(size)), dtype=np.float32)
     np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(source(x, training=False)))
 
 
@@ -350,3 +351,19 @@ def test_placeholders_stay_inside_their_block_and_thread(keras):
     inside.set_weights([np.ones((3, 4)), np.zeros(4)])
     assert unset_weights(inside) == []
     assert keras.layers.Layer.add_weight.__module__.startswith("keras")  # the wrapper is gone
+
+
+@pytest.mark.parametrize("flavour", sorted({b.preprocessing for b in B.REGISTRY.values()}))
+def test_preprocessing_layers_equal_the_extraction_function(flavour):
+    """The one module that knows each preprocess_input: its Keras layers (what export builds)
+    give what extraction's function gives, for every flavour in the registry."""
+    import keras
+
+    from featcache.extract.bases.preprocessing import preprocessing
+
+    backbone = next(b for b in B.REGISTRY.values() if b.preprocessing == flavour)
+    x = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)).astype(np.float32)
+    image = keras.Input((5, 5, 3))
+    layers = keras.Model(image, preprocessing(keras, image, flavour))
+    np.testing.assert_allclose(np.asarray(layers(x)), np.asarray(preprocess_function(backbone)(x.copy())),
+                               rtol=1e-5, atol=1e-4)

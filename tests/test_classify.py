@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import CATS_DOGS, MOBILENET_025, class_image, shared_file, write_tree
+from conftest import CATS_DOGS, MOBILENET_025, class_image, pixel_store, shared_file, write_tree
 from featcache import open_store
 from featcache.classify.rows import training as data
 from featcache.classify import evaluation as reports
@@ -30,11 +30,8 @@ def _extract(tree, store, **config):
 @pytest.fixture(scope="module")
 def pixels(tmp_path_factory):
     """Three separable classes, split folders 10/4/4 per class, pixels at 8 and at 12."""
-    root = tmp_path_factory.mktemp("pixels")
-    tree = write_tree(root / "images", splits={"train": 10, "validation": 4, "test": 4}, classes=CLASSES)
-    store = root / "store.h5"
-    names = [_extract(tree, store, base="pixels", size=8), _extract(tree, store, base="pixels", size=12)]
-    return {"root": root, "tree": tree, "store": str(store), "fs": names[0], "fs12": names[1]}
+    made = pixel_store(tmp_path_factory.mktemp("pixels"), CLASSES, {"train": 10, "validation": 4, "test": 4}, (8, 12))
+    return {**made, "fs": made["sets"][0], "fs12": made["sets"][1]}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
-from conftest import REPO, class_image, write_tree
+from conftest import REPO, class_image, pixel_store, write_tree
 from featcache.classify.train import harness
 from featcache.classify.search import leaderboard
 from featcache.classify.search.search import search
@@ -26,12 +26,7 @@ CLASSES = ("cats", "dogs")
 @pytest.fixture(scope="module")
 def pixels(tmp_path_factory):
     """Two pixel feature sets of the same 2 x (8 train, 4 validation, 4 test) images."""
-    root = tmp_path_factory.mktemp("search")
-    tree = write_tree(root / "images", splits={"train": 8, "validation": 4, "test": 4}, classes=CLASSES)
-    store = root / "store.h5"
-    names = [extract(str(tree), str(store), ExtractConfig(base="pixels", size=s, progress=False))["feature_set"]
-             for s in (6, 8)]
-    return {"root": root, "tree": tree, "store": str(store), "sets": names}
+    return pixel_store(tmp_path_factory.mktemp("search"), CLASSES, {"train": 8, "validation": 4, "test": 4}, (6, 8))
 
 
 def run(*args):

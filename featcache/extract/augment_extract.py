@@ -13,10 +13,8 @@ from ..cache.layout import create_row_column, store_path_text
 from ..cache.writer import StoreWriter
 from ..errors import FeatcacheError
 from .images.augment import TRANSFORMS, VIEW_COLUMN, augment_image, make_layers, view_seed
-from .bases.backbones import get_backbone
 from .batch_loop import LoopResult
-from .config import check_decoder, key_spec, listing_attrs, resolve_decode
-from .images.discover import discover
+from .config import listing_attrs, resolve_run
 from .images.feeder import decoded_batches
 from .bases.feature_model import FeatureModel
 from .plan import digest_all
@@ -29,15 +27,10 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
     image into the augmented feature set (see the module doc). Resumable: rows and views
     already stored are kept; only what is missing runs through the model."""
     started = time.perf_counter()
-    decode = resolve_decode(config)
-    spec = key_spec(config)
-    check_decoder(decode, spec.resize)
+    decode, spec, backbone, size, listing = resolve_run(image_dir, config)
     k, seed = int(config.augment), int(config.aug_seed)
     recipe = json.loads(spec.augment)["recipe"]
     recipe = {name: recipe[name] for name in TRANSFORMS if name in recipe}  # the JSON sorted the keys
-    backbone = get_backbone(config.base)
-    size = spec.input_size
-    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks, config.unlabeled)
     if not listing.class_names:
         raise FeatcacheError(f"{image_dir}: --augment makes views of training images, which needs a labelled "
                              "folder (one subfolder of images per class)")

@@ -10,7 +10,7 @@ from ..cache.key import KeySpec
 from ..errors import FeatcacheError
 from .bases.backbones import check_size, get_backbone
 from . import defaults as EXTRACT
-from .images.discover import Listing
+from .images.discover import Listing, discover
 from .bases.feature_model import POOLINGS, gpu_compute_capability, resolve_precision
 from .images.resize import GPU_RESIZE, resolve_resize
 from .bases.weights import resolve_weights
@@ -156,3 +156,13 @@ def listing_attrs(listing: Listing, config: ExtractConfig, image_dir: str) -> di
         # The key holds only the weights' hash; stage two needs the argument to rebuild the base.
         "weights_arg": resolve_weights(backbone, config.weights, config.seed).arg,
     }
+
+
+def resolve_run(image_dir: str, config: ExtractConfig):
+    """What every extraction run (plain or augmented) settles before it touches the store:
+    (decode, key spec, backbone, input size, listing), the decoder checked against the resize."""
+    decode = resolve_decode(config)
+    spec = key_spec(config)
+    check_decoder(decode, spec.resize)
+    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks, config.unlabeled)
+    return decode, spec, get_backbone(config.base), spec.input_size, listing

@@ -15,10 +15,9 @@ import numpy as np
 
 from ..cache.writer import StoreWriter
 from ..errors import FeatcacheError
-from .bases.backbones import get_backbone
 from .batch_loop import LoopResult, run_batches
-from .config import STORAGE_DTYPES, ExtractConfig, check_decoder, key_spec, listing_attrs, resolve_decode  # noqa: F401
-from .images.discover import check_shard, discover, select_shard
+from .config import STORAGE_DTYPES, ExtractConfig, key_spec, listing_attrs, resolve_decode, resolve_run  # noqa: F401
+from .images.discover import check_shard, select_shard
 from .images.feeder import decoded_batches
 from .bases.feature_model import FeatureModel
 from .plan import copy_rows, digest_all, plan
@@ -46,12 +45,7 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
 
         return extract_augmented(image_dir, store, config)
     started = time.perf_counter()
-    decode = resolve_decode(config)
-    spec = key_spec(config)
-    check_decoder(decode, spec.resize)
-    backbone = get_backbone(config.base)
-    size = spec.input_size
-    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks, config.unlabeled)
+    decode, spec, backbone, size, listing = resolve_run(image_dir, config)
     if shard is not None:  # class names stay those of the full listing, so labels agree across shards
         listing.entries = select_shard(listing.entries, *check_shard(shard))
     with StoreWriter(store, open_file=False) as writer:  # the lock first: a second writer fails at once

@@ -1,40 +1,11 @@
-"""Keras layers the end-to-end models are made of: preprocess_input modes, pooling, the
+"""Keras layers the end-to-end models are made of: preprocess_input modes (extract/bases/preprocessing.py), pooling, the
 two-column step of binary heads, a logistic regression folded into Dense layers. Built-in
 layers only (no Lambda), so plain ``keras.models.load_model`` loads every model in safe mode."""
 from __future__ import annotations
 
 import numpy as np
 
-from ...errors import FeatcacheError
-
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications imagenet_utils, caffe mode
-TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torch mode
-
-
-def fixed_dense(keras, x, kernel, bias, name, activation=None):
-    """A frozen Dense layer with given weights: how fixed linear maps are written without Lambda."""
-    layer = keras.layers.Dense(kernel.shape[1], activation=activation, name=name, trainable=False)
-    y = layer(x)
-    layer.set_weights([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)])
-    return y
-
-
-def preprocessing(keras, x, flavour: str):
-    """keras.applications preprocess_input modes as layers (inputs: RGB 0..255)."""
-    if flavour == "tf":  # x / 127.5 - 1
-        return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="preprocess_tf")(x)
-    if flavour == "caffe":  # RGB -> BGR, minus the ImageNet mean: one fixed 3x3 map on the channel axis
-        return fixed_dense(keras, x, np.eye(3)[::-1], -np.array(CAFFE_MEAN_BGR), "preprocess_caffe")
-    if flavour == "torch":  # x / 255, then (x - mean) / std
-        x = keras.layers.Rescaling(1 / 255.0, name="preprocess_scale")(x)
-        return keras.layers.Normalization(mean=TORCH_MEAN, variance=np.square(TORCH_STD).tolist(),
-                                          name="preprocess_torch")(x)
-    if flavour == "scale01":  # the pixels base
-        return keras.layers.Rescaling(1 / 255.0, name="preprocess_scale01")(x)
-    if flavour == "none":  # the rescaling layers are inside the base
-        return x
-    raise FeatcacheError(f"preprocessing {flavour!r}: cannot be exported")
-
+from ...extract.bases.preprocessing import fixed_dense, preprocessing  # noqa: F401  (the graph's layers)
 
 def pool(keras, x, pooling: str, name: str):
     if pooling == "none" or len(x.shape) != 4:

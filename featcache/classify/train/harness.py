@@ -249,7 +249,7 @@ def compare(store: str, heads: list[str], feature_sets: list[str] | None = None,
                 entry.update(score_head(head_name, opts, fs, rows, memory_budget_mb, cv, run_dir=run_dir, store=store))
                 entries.append(entry)
         counts = {split: int(len(per_set[0][split])) for split in SPLITS}
-    entries.sort(key=_rank_key(bool(cv)))
+    entries.sort(key=rank_key(bool(cv)))
     for rank, entry in enumerate(entries, 1):
         entry["rank"] = rank
     result = {"store": store, "cv": cv, "rows": counts, "rows_left_out": dropped,
@@ -273,7 +273,8 @@ def _keep_leaderboard(result: dict, out: str, report: bool) -> None:
     rundir.write_json(os.path.join(out, "leaderboard.json"), result)
 
 
-def _rank_key(cv: bool):
+def rank_key(cv: bool):
+    """The leaderboard order of compare (and the demo): validation accuracy, then loss (CV: means)."""
     def key(entry):
         if cv:
             return (-entry["cv"]["accuracy_mean"], entry["cv"]["loss_mean"])

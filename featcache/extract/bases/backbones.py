@@ -321,27 +321,6 @@ def build_keras_base(backbone: Backbone, size: int, weights):
     return model
 
 
-def _scale01(x):
-    """The "pixels" preprocessing: the (resized) uint8 image as float32 in [0, 1]."""
-    import numpy as np
-
-    return np.asarray(x, dtype=np.float32) / np.float32(255.0)
-
-
-def preprocess_function(backbone: Backbone):
-    """The function mapping a batch of RGB images (0..255) to the base's input.
-
-    For networks: ``keras.applications.<module>.preprocess_input`` itself (note: Keras
-    modifies a float numpy batch in place for the caffe/tf/torch modes; a uint8 batch is
-    copied).  For "pixels": x -> x / 255 as float32.
-    """
-    if not backbone.is_network:
-        return _scale01
-    import importlib
-
-    return importlib.import_module(f"keras.applications.{backbone.module}").preprocess_input
-
-
 def imagenet_weights_file(backbone: Backbone, size: int) -> tuple[str | None, str | None]:
     """(file name, hash) of the no-top ImageNet weights Keras fetches for ``size``.
 

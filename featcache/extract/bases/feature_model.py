@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 from ...errors import FeatcacheError
-from .backbones import Backbone, build_keras_base, preprocess_function
+from .backbones import Backbone, build_keras_base
+from .preprocessing import preprocess_function
 from .placeholder_init import placeholder_weights
 from .weights import WeightsSource, weights_load_error
 
