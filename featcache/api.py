@@ -183,7 +183,7 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
           tensorboard: str | None = None, no_report: bool = False) -> dict:
     """Train one head on one feature set of ``store`` and write the run directory ``out``
     (``featcache train``) with its HTML report ``out/report.html`` (not with ``no_report``).
-    Options left at None take the head's default (see the README's head table); an option the
+    Options left at None take the head's default (see the head table in docs/train-and-compare.md); an option the
     chosen head does not take raises. ``feature_sets`` (two or more names, comma-separated text
     or a list) trains one fused head on all of them instead.
 

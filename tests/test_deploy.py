@@ -113,7 +113,7 @@ def test_tflite_float16_is_the_float_model_with_half_precision_weights(small, ex
     """float16 stores weights as halves and computes in float32: equal to the Keras model with
     its weights rounded to float16 (1e-4), and within 1e-2 of predict on the real photos. (Over
     the 1,000 test images the largest difference is 0.012-0.020 for MobileNetV2@160, mean 2.5e-4:
-    the README's table; a few borderline images move more than 1e-2.)"""
+    the table in docs/deploy.md; a few borderline images move more than 1e-2.)"""
     from featcache.classify.graph.build import build
 
     path, result = exports["float16"]
@@ -144,7 +144,7 @@ def test_savedmodel_signatures_after_tf_saved_model_load(small, exports):
     # Encoded files (JPEG and the BMP photo), decoded and resized inside the graph.
     encoded = loaded.signatures["serving_bytes"](image_bytes=tf.constant([read_bytes(p) for p in small["images"]]))
     diff = np.abs(encoded["probabilities"].numpy() - expected)
-    assert diff.max() < 0.05 and diff.mean() < 5e-3  # measured: 0.025 / 0.0024 (README)
+    assert diff.max() < 0.05 and diff.mean() < 5e-3  # measured: 0.025 / 0.0024 (docs/deploy.md)
     assert np.mean(encoded["probabilities"].numpy().argmax(1) == expected.argmax(1)) >= 0.95
 
 

@@ -31,7 +31,7 @@ def test_layout_is_plain_hdf5_with_self_describing_attributes(image_tree, tmp_pa
         key = json.loads(group.attrs["key"])
         assert key["backbone"] == "pixels" and key["input_size"] == 16 and key["dtype"] == "float32"
         assert json.loads(group.attrs["class_names"]) == ["cats", "dogs"]
-        blob, ends = group["paths_utf8"][:].tobytes(), group["paths_end"][:]  # as the README says
+        blob, ends = group["paths_utf8"][:].tobytes(), group["paths_end"][:]  # as docs/store-layout.md says
         paths = [blob[s:e].decode() for s, e in zip([0, *ends[:-1]], ends)]
         assert paths == sorted(paths) and paths[0] == "cats/cats.000.jpg"
         # the features are the resized image scaled to [0, 1]

@@ -105,7 +105,7 @@ BYTES_DECODING = (
     "inside the graph: JPEG with the accurate integer DCT (as Pillow), the first frame of animations, alpha "
     "composited on white, DCT-domain downscaling like Pillow's draft for +jpeg-draft, tf.image.resize with "
     "antialiasing, rounded to uint8; EXIF orientation is NOT applied (TensorFlow has no EXIF support) and CMYK "
-    "JPEGs use TensorFlow's colour conversion; measured against featcache's Pillow decoding in the README")
+    "JPEGs use TensorFlow's colour conversion; measured against featcache's Pillow decoding in docs/deploy.md")
 
 
 def signatures_record() -> dict:

@@ -30,7 +30,7 @@ from ..heads.base import POOLS
 from ..heads.registry import HEADS
 
 # The space; its defaults are sized so that 30 trials on 2,000 cached images take a few
-# minutes on 2 CPU cores (README, "Search").
+# minutes on 2 CPU cores (docs/search.md).
 DENSE_UNITS = (32, 512)  # log-uniform
 DENSE_DROPOUT = (0.0, 0.6)
 DENSE_L2 = (1e-6, 1e-2)  # log-uniform
