@@ -50,13 +50,16 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
                      resize: str = EXTRACT.RESIZE, split: str | tuple = EXTRACT.SPLIT,
                      split_seed: int = EXTRACT.SPLIT_SEED, seed: int = EXTRACT.SEED,
                      max_pixels: int = EXTRACT.MAX_PIXELS, follow_symlinks: bool = False, unlabeled: bool = False,
-                     augment: int = EXTRACT.AUGMENT, aug_seed: int = EXTRACT.AUG_SEED, progress: bool = True,
+                     augment: int = EXTRACT.AUGMENT, rehash: bool = False, aug_seed: int = EXTRACT.AUG_SEED,
+                     progress: bool = True,
                      shard: str | tuple[int, int] | None = None,
                      ray: str | None = None, shards: int | None = None, gpus_per_worker: float | None = None,
                      cpus_per_worker: int | None = None, log=None) -> dict:
     """Extract features of every image under ``image_dir`` into the HDF5 ``store``
     (``featcache extract``). Only images whose (path, content digest) is not yet stored under
-    this cache key run through the model; a re-run is cheap.
+    this cache key run through the model; a re-run is cheap: a file whose relative path, size,
+    mtime, ctime and inode are those stored with its row is not even read (``rehash=True`` reads
+    and hashes every file).
 
     A folder without class subfolders, or any tree with ``unlabeled=True``, is stored without
     labels (features and paths; ``class_names`` is empty): heads cannot train on it, but
@@ -70,7 +73,9 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
     feature shape), ``extracted``, ``reused``, ``failed``, ``failures`` and ``skipped`` (lists of
     ``{path, reason}``), ``warnings``, ``class_names``, ``seconds``, ``hash_seconds``,
     ``startup_seconds`` (model build, first compile, first batch), ``images_per_second`` (the
-    steady state after the first batch), ``decode`` and ``resize`` (as resolved); sharded runs add ``shard``, ``shard_images``, ``status``; Ray runs add
+    steady state after the first batch), ``wall_images_per_second`` (listed images over the
+    whole run), ``list_seconds``, ``setup_seconds``, ``copy_seconds``, ``write_seconds``,
+    ``files_read`` and ``copied`` (see extract/summary.py run_times), ``decode`` and ``resize`` (as resolved); sharded runs add ``shard``, ``shard_images``, ``status``; Ray runs add
     ``merge``, ``shard_dir`` and ``shards``. Images that could not be used are listed, not
     raised: check ``failed``.
     """
@@ -85,7 +90,7 @@ def extract_features(image_dir: str | os.PathLike, store: str | os.PathLike, *, 
         precision=precision, decode=decode, decode_workers=decode_workers, xla=xla, decode_processes=decode_processes,
         resize=resize, split_fractions=_split_fractions(split), split_seed=split_seed, seed=seed,
         max_pixels=max_pixels, follow_symlinks=follow_symlinks, unlabeled=unlabeled, augment=augment, aug_seed=aug_seed,
-        progress=progress,
+        progress=progress, rehash=rehash,
     )
     image_dir, store = os.fspath(image_dir), os.fspath(store)
     if ray is not None:

@@ -87,6 +87,8 @@ def cli(ctx, debug):
 @click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that leave IMAGE_DIR.")
 @click.option("--unlabeled", is_flag=True, help="Every image anywhere below IMAGE_DIR, without classes: features and "
               "paths only (a folder whose images sit directly in it is always extracted so).")
+@click.option("--rehash", is_flag=True, help="Read and hash every file, also those whose path, size, mtime, ctime and inode "
+              "match a stored row (which a re-run otherwise reuses without reading).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any image failed.")
 @click.option("--augment", type=click.IntRange(min=0), default=EXTRACT.AUGMENT, show_default=True, metavar="K",
               help="Also store K augmented views (flip, rotation, zoom, translation, contrast) per training image, as a feature set of its own.")

@@ -54,7 +54,8 @@ def chunk_map(store: str) -> list[tuple[int, int, str, int, int]]:
 
 def rows_of_chunk(store: str, dataset: str, first: int, count: int, n_rows: int) -> tuple[int, int] | None:
     """The rows whose values lie in a chunk of ``dataset`` (None: not tied to rows)."""
-    if dataset in ("features", "labels", "digests", "splits", "active", "paths_end"):
+    if dataset in ("features", "labels", "digests", "splits", "active", "paths_end",
+                   "file_sizes", "file_mtimes_ns", "file_ctimes_ns", "file_inodes"):
         return (first, min(first + count, n_rows)) if first < n_rows else None
     if dataset == "paths_utf8":
         with h5py.File(store, "r") as f:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .damage import StoreDamaged
-from .layout import SPLITS
+from .layout import SPLITS, UNKNOWN_SIZE
 
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _SPLIT_VALUES = np.array([s.encode() for s in SPLITS] + [b""], dtype="S10")
@@ -32,11 +32,14 @@ def bad_values(column: str, values: np.ndarray, n_classes: int) -> np.ndarray | 
         return ~np.isin(values, _SPLIT_VALUES)
     if column == "active":
         return values > 1
+    if column == "file_sizes":
+        return values < UNKNOWN_SIZE
     return None
 
 
 _DETAIL = {"labels": "label {value}, not one of the {n} classes", "digests": "digest {value!r}, not 64 hex digits",
-           "splits": "split {value!r}", "active": "active flag {value}"}
+           "splits": "split {value!r}", "active": "active flag {value}",
+           "file_sizes": "file size {value}"}
 
 
 def check_column(column: str, values: np.ndarray, n_classes: int, path: str, name: str) -> np.ndarray:

@@ -33,6 +33,11 @@ ROW_COLUMNS = {"labels": "int32", "digests": "S64", "splits": "S10", "active": "
 PATHS = "paths"
 FAILURE_COLUMNS = ("failure_paths", "failure_reasons")
 COMMITTED = "committed"
+# Per row: the stat of the image file when its digest was taken, so that a re-run reuses the
+# digest of a file whose path and stat are unchanged without reading it (see extract/filestat.py).
+# Absent in stores written before; a writer adds them (UNKNOWN_SIZE for the rows it finds).
+STAT_COLUMNS = {"file_sizes": "int64", "file_mtimes_ns": "int64", "file_ctimes_ns": "int64", "file_inodes": "uint64"}
+UNKNOWN_SIZE = -1  # in file_sizes: no stat recorded for the row (its file is hashed on the next run)
 CRC = "features_crc32"  # per row: zlib.crc32 of the row's feature bytes (absent: an unchecked store)
 # the datasets that hold one entry per row
 ROW_DATASETS = ("features", *ROW_COLUMNS, text.names(PATHS)[1])
@@ -105,6 +110,29 @@ def create_row_columns(group: h5py.Group, rows: int = 4096, text_bytes: int = te
     group.create_dataset(COMMITTED, data=np.zeros(3, dtype="int64"), chunks=(3,), **CHECKSUM)
 
 
+def create_stat_columns(group: h5py.Group, rows: int, chunk_rows: int = 4096) -> None:
+    """The STAT_COLUMNS, holding ``rows`` rows of "unknown" (a store written before them)."""
+    for name, dtype in STAT_COLUMNS.items():
+        create_row_column(group, name, dtype, chunk_rows)
+        if rows:
+            group[name].resize(rows, axis=0)
+            group[name][:] = UNKNOWN_SIZE if name == "file_sizes" else 0
+
+
+def unknown_stats(rows: int) -> np.ndarray:
+    """``rows`` stat records that say "not known" (STAT_COLUMNS order, int64)."""
+    out = np.zeros((rows, len(STAT_COLUMNS)), np.int64)
+    out[:, 0] = UNKNOWN_SIZE
+    return out
+
+
+def stat_columns(stats: np.ndarray) -> dict:
+    """(k, 4) int64 stat records -> the STAT_COLUMNS values (inodes as their unsigned selves)."""
+    stats = np.asarray(stats, np.int64).reshape(-1, len(STAT_COLUMNS))
+    return {name: stats[:, i].view(np.uint64) if dtype == "uint64" else stats[:, i]
+            for i, (name, dtype) in enumerate(STAT_COLUMNS.items())}
+
+
 def features_crc(features: np.ndarray) -> np.ndarray:
     """The CRC-32 of each row's bytes, little-endian whatever the machine (what CRC holds)."""
     rows = np.ascontiguousarray(features, dtype=features.dtype.newbyteorder("<")).reshape(len(features), -1)
@@ -122,7 +150,8 @@ def append_rows(group: h5py.Group, columns: dict, paths) -> None:
     for name, values in columns.items():
         ds = group[name]
         ds.resize(n + len(values), axis=0)
-        ds[n:] = np.asarray(values, dtype=ROW_COLUMNS[name]) if name in ROW_COLUMNS else values
+        dtype = ROW_COLUMNS.get(name) or STAT_COLUMNS.get(name)
+        ds[n:] = np.asarray(values, dtype=dtype) if dtype else values
     text.append(group, PATHS, [store_path_text(p) for p in paths])
 
 

@@ -24,9 +24,10 @@ from .damage import StoreDamaged
 from .hdf5 import (RESERVE_MARGIN, StoreWriteError, marked_open_for_write, open_for_write, os_reason, reserve_space,
                    trim_reserved)
 from .key import FORMAT_VERSION, KeySpec, feature_set_key
-from .layout import (COMMITTED, CRC, FAILURE_COLUMNS, PATHS, ROW_COLUMNS, ROW_DATASETS, append_failures, append_rows,
-                     check_format, create_feature_set_group, create_row_columns, extra_row_columns, features_crc,
-                     read_spec, require_root, writer_lock)
+from .layout import (COMMITTED, CRC, FAILURE_COLUMNS, PATHS, ROW_COLUMNS, ROW_DATASETS, STAT_COLUMNS, append_failures,
+                     append_rows, check_format, create_feature_set_group, create_row_columns, create_stat_columns,
+                     extra_row_columns, features_crc, read_spec, require_root, stat_columns, unknown_stats,
+                     writer_lock)
 from .store import FeatureSet, Store
 
 
@@ -38,6 +39,15 @@ class PreparedSet:
     rows: int
     paths: np.ndarray
     digests: np.ndarray
+    stats: np.ndarray | None = None  # (rows, 4) int64 in STAT_COLUMNS order; None: a store without them
+
+
+def read_stats(fs: FeatureSet) -> np.ndarray | None:
+    """The stat records of a feature set's committed rows, or None if it has no stat columns."""
+    if not all(fs.has_column(name) for name in STAT_COLUMNS):
+        return None
+    return np.stack([fs.column(name).astype(np.uint64 if dtype == "uint64" else np.int64).view(np.int64)
+                     for name, dtype in STAT_COLUMNS.items()], axis=1).reshape(fs.n_committed, len(STAT_COLUMNS))
 
 
 def _writes(method):
@@ -107,7 +117,7 @@ class StoreWriter:
             if fs is None:
                 return None
             fs.check_appendable()
-            return PreparedSet(fs.name, fs.n_committed, fs.column(PATHS), fs.column("digests"))
+            return PreparedSet(fs.name, fs.n_committed, fs.column(PATHS), fs.column("digests"), read_stats(fs))
 
     def check_rows(self, spec: KeySpec, rows) -> None:
         """Read the feature ``rows`` of ``spec`` that the caller will copy (StoreDamaged if damaged)."""
@@ -173,7 +183,17 @@ class StoreWriter:
         group[COMMITTED][2] = int(group.attrs.get("listing_generation", 0))
         self.group = group
         fs = FeatureSet(group, by_writer=True)
-        return PreparedSet(name, rows, fs.column(PATHS), fs.column("digests"))
+        return PreparedSet(name, rows, fs.column(PATHS), fs.column("digests"), read_stats(fs))
+
+    @_writes
+    def add_stat_columns(self) -> None:
+        """Give a feature set written before the stat columns its STAT_COLUMNS, "unknown" for
+        its rows (set-up phase: creates datasets)."""
+        if any(name not in self.group for name in STAT_COLUMNS):
+            for name in STAT_COLUMNS:  # a run killed while adding them left some: start again
+                if name in self.group:
+                    del self.group[name]
+            create_stat_columns(self.group, int(self.group[COMMITTED][0]))
 
     def _rewrite_torn(self, group: h5py.Group) -> None:
         """A killed writer may have torn the chunks it was rewriting: write them anew from
@@ -199,6 +219,7 @@ class StoreWriter:
             chunks=(rows_per_chunk, *feature_shape), dtype=dtype,
         )
         create_row_columns(group)
+        create_stat_columns(group, 0)
         group.attrs["key"] = json.dumps(spec.to_dict(), sort_keys=True)
         for field, value in spec.to_dict().items():
             group.attrs[field] = value
@@ -231,8 +252,10 @@ class StoreWriter:
     # -- append phase (SWMR) -----------------------------------------------------------
 
     @_writes
-    def update_rows(self, rows: np.ndarray, labels: np.ndarray, splits: np.ndarray, active: np.ndarray) -> None:
-        """Rewrite the listing columns of existing rows (a relabelled, re-split or vanished file)."""
+    def update_rows(self, rows: np.ndarray, labels: np.ndarray, splits: np.ndarray, active: np.ndarray,
+                    stat_rows: np.ndarray | None = None, stats: np.ndarray | None = None) -> None:
+        """Rewrite the listing columns of existing rows (a relabelled, re-split or vanished file),
+        and the stat records of ``stat_rows`` (files hashed again, or first stat'ed, this run)."""
         if len(rows) == 0:
             return
         g = self.group
@@ -241,27 +264,62 @@ class StoreWriter:
         new_labels, new_splits, new_active = g["labels"][:n], g["splits"][:n], g["active"][:n]
         new_labels[rows], new_splits[rows], new_active[rows] = labels, splits, active
         g["labels"][:n], g["splits"][:n], g["active"][:n] = new_labels, new_splits, new_active
+        if stat_rows is not None and len(stat_rows) and STAT_COLUMNS.keys() <= g.keys():
+            self._reserve(0, tuple(STAT_COLUMNS))
+            for name, values in stat_columns(stats).items():
+                column = g[name][:n]
+                column[stat_rows] = values
+                g[name][:n] = column
 
     @_writes
-    def append(self, features, labels, paths, digests, splits) -> None:
-        """Append rows; they count only after :meth:`commit`."""
+    def append(self, features, labels, paths, digests, splits, stats: np.ndarray | None = None) -> None:
+        """Append rows; they count only after :meth:`commit`. ``stats``: (k, 4) stat records of
+        their files (STAT_COLUMNS order; None: unknown)."""
         g = self.group
         k = len(labels)
         if k == 0:
             return
-        self._reserve(k, (*ROW_DATASETS, *([CRC] if CRC in g else [])), text.max_nbytes(paths))
-        append_rows(g, {"features": features, "labels": labels, "splits": splits,
-                        "active": np.ones(k, dtype="uint8"), "digests": digests}, paths)
+        columns = {"features": features, "labels": labels, "splits": splits, "active": np.ones(k, dtype="uint8"),
+                   "digests": digests}
+        if STAT_COLUMNS.keys() <= g.keys():
+            columns.update(stat_columns(unknown_stats(k) if stats is None else stats))
+        self._reserve(k, (*ROW_DATASETS, *(n for n in columns if n not in ROW_DATASETS), *([CRC] if CRC in g else [])),
+                      text.max_nbytes(paths))
+        append_rows(g, columns, paths)
 
-    def read_features(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of features as stored, their CRC checked (to copy them under
-        another path: a damaged row must not be copied with a fresh CRC)."""
+    def read_features(self, start: int, stop: int, pick: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) of features as stored (``pick``: only those offsets in it), their
+        CRC checked (to copy them under another path: a damaged row must not be copied with a
+        fresh CRC)."""
         what, name = f"features, {damage.row_range(start, stop)}", self.group.name.rsplit("/", 1)[-1]
         with damage.guard(self.path, what, name):
             values = damage.read(self.group["features"], slice(start, stop))
-            if CRC in self.group and np.any(features_crc(values) != self.group[CRC][start:stop]):
+            crc = self.group[CRC][start:stop] if CRC in self.group else None
+            if pick is not None:
+                values = values[pick]
+                crc = crc[pick] if crc is not None else None
+            if crc is not None and np.any(features_crc(values) != crc):
                 raise StoreDamaged(self.path, what, "checksum mismatch", name)
         return values
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Features of the sorted, distinct ``rows`` as stored, their CRC checked (to copy them
+        under other paths). One read per chunk of features they touch (HDF5 reads a chunk whole
+        anyway): sparse rows cost what their chunks cost, not a read each."""
+        rows = np.asarray(rows, np.int64)
+        features = self.group["features"]
+        out = np.empty((len(rows), *features.shape[1:]), features.dtype)
+        if not len(rows):
+            return out
+        chunk = features.chunks[0] if features.chunks else len(rows)
+        breaks = np.flatnonzero(np.diff(rows // chunk) != 0) + 1
+        spans = [(int(run[0]), int(run[-1]) + 1, run) for run in np.split(rows, breaks)]
+        done = 0
+        for start, stop, run in spans:
+            values = self.read_features(start, stop, run - start)
+            out[done : done + len(run)] = values
+            done += len(run)
+        return out
 
     @_writes
     def add_failures(self, failures: list[tuple[str, str]]) -> None:

@@ -35,7 +35,7 @@ def extract_augmented(image_dir: str, store: str, config) -> dict:
         raise FeatcacheError(f"{image_dir}: --augment makes views of training images, which needs a labelled "
                              "folder (one subfolder of images per class)")
     with StoreWriter(store, open_file=False) as writer:
-        hashed, failures = digest_all(listing)
+        hashed, failures, _ = digest_all(listing)
         hash_seconds = time.perf_counter() - started
         writer.peek(spec)  # a damaged store stops here, before it is opened for writing
         writer.open()

@@ -28,6 +28,7 @@ class LoopResult:
     steady_images: int = 0  # images of batches 2..N (dispatched once the first batch's features were back)
     steady_seconds: float = 0.0  # and the time they took
     new_rows: dict[str, int] = field(default_factory=dict)  # digest -> row
+    write_seconds: float = 0.0  # appending and committing (in the writer thread, overlapped with the model)
 
     @property
     def images_per_second(self) -> float:
@@ -40,8 +41,8 @@ class LoopResult:
 class _Appender:
     """A thread that appends and commits batches in order; errors come back to the caller."""
 
-    def __init__(self, writer, result: LoopResult, failures: list, on_commit):
-        self.writer, self.result, self.failures, self.on_commit = writer, result, failures, on_commit
+    def __init__(self, writer, result: LoopResult, failures: list, on_commit, stats=None):
+        self.writer, self.result, self.failures, self.on_commit, self.stats = writer, result, failures, on_commit, stats
         self.queue: queue.Queue = queue.Queue(maxsize=APPEND_QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="featcache-append", daemon=True)
@@ -62,13 +63,15 @@ class _Appender:
 
     def _write(self, entries, digests, features, failed) -> None:
         writer = self.writer
+        started = time.perf_counter()
         if entries:
             first_row = writer.group["features"].shape[0]
             writer.append(features, [e.label for e in entries], [e.relpath for e in entries], digests,
-                          [e.split for e in entries])
+                          [e.split for e in entries], self.stats.of(entries) if self.stats is not None else None)
             self.result.new_rows.update((d, first_row + i) for i, d in enumerate(digests))
         writer.add_failures(failed)
         writer.commit()
+        self.result.write_seconds += time.perf_counter() - started
         self.failures.extend(failed)
         self.result.extracted += len(entries)
         self.on_commit(len(entries) + len(failed))
@@ -81,12 +84,14 @@ class _Appender:
             raise self.error
 
 
-def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=lambda n: None) -> LoopResult:
-    """Run ``batches`` (:class:`~.feeder.Batch`) through ``model`` into ``writer``, one commit each."""
+def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=lambda n: None,
+                stats=None) -> LoopResult:
+    """Run ``batches`` (:class:`~.feeder.Batch`) through ``model`` into ``writer``, one commit each.
+    ``stats``: a filestat.FileStats, the stat records stored with the rows."""
     result = LoopResult()
     started = time.perf_counter()
     first_done = None
-    appender = _Appender(writer, result, failures, on_commit)
+    appender = _Appender(writer, result, failures, on_commit, stats)
     in_flight = None  # (batch, model handle): dispatched, features not fetched yet
 
     def finish(batch, handle) -> None:

@@ -53,6 +53,7 @@ class ExtractConfig:
     augment: int = EXTRACT.AUGMENT  # K augmented views per training image (0: none); see extract/augment.py
     aug_seed: int = EXTRACT.AUG_SEED  # seed of the augmented views (in the key with the recipe and K)
     unlabeled: bool = False  # list every image below the folder, without classes (a flat folder is always so)
+    rehash: bool = False  # read and hash every file, even one whose path and stat match a stored row (filestat.py)
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,8 +20,9 @@ from .config import STORAGE_DTYPES, ExtractConfig, key_spec, listing_attrs, reso
 from .images.discover import check_shard, select_shard
 from .images.feeder import decoded_batches
 from .bases.feature_model import FeatureModel
+from .filestat import FileStats, known_digests, recordable, stat_listing
 from .plan import copy_rows, digest_all, plan
-from .summary import run_summary
+from .summary import run_summary, run_times
 from .signals import SIGNALS, Interrupted, stops_cleanly  # noqa: F401 (Interrupted: part of the API)
 from .bases.weights import resolve_weights
 
@@ -45,13 +46,20 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
 
         return extract_augmented(image_dir, store, config)
     started = time.perf_counter()
+    times = {}
+    clock = time.perf_counter()
+    started_ns = time.time_ns()  # before any stat: a file modified since is racy (see filestat)
     decode, spec, backbone, size, listing = resolve_run(image_dir, config)
     if shard is not None:  # class names stay those of the full listing, so labels agree across shards
         listing.entries = select_shard(listing.entries, *check_shard(shard))
     with StoreWriter(store, open_file=False) as writer:  # the lock first: a second writer fails at once
-        hashed, failures = digest_all(listing)
-        hash_seconds = time.perf_counter() - started
+        stats = stat_listing(listing)
+        clock = _lap(times, "list_seconds", clock)
         existing = writer.peek(spec)  # read-only: readers go on while the model is built; damage stops here
+        known = None if config.rehash else known_digests(existing, listing, stats)
+        hashed, failures, files_read = digest_all(listing, known)
+        clock = _lap(times, "hash_seconds", clock)
+        file_stats = FileStats(listing, recordable(stats, started_ns))
         keep, copy, todo = plan(existing, hashed)
         writer.check_rows(spec, [row for _, _, row in copy if row is not None])  # the rows it will copy
         model = None
@@ -65,38 +73,54 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
             existing = writer.existing(spec)  # the rows peeked at (the lock is held), in-flight tail cut
             if existing is None:
                 writer.create(spec, model.output_shape, config.dtype, config.batch_size)
+            else:
+                writer.add_stat_columns()  # a store written before them gains them (rows "unknown")
             writer.set_listing_attrs(listing.class_names, config.seed, listing_attrs(listing, config, image_dir))
             writer.start_appending()
 
             if existing is not None and existing.rows:
                 rows = np.arange(existing.rows)
                 entries = [keep.get(int(r)) for r in rows]
+                kept = np.array(sorted(keep), np.int64)
                 writer.update_rows(
                     rows,
                     labels=np.array([e.label if e else -1 for e in entries], dtype="int32"),
                     splits=np.array([e.split if e else "" for e in entries], dtype="S10"),
                     active=np.array([1 if e else 0 for e in entries], dtype="uint8"),
+                    stat_rows=kept, stats=file_stats.of([keep[int(r)] for r in kept]),
                 )
-            known_rows = copy_rows(writer, [(e, d, row) for e, d, row in copy if row is not None])
             writer.add_failures(failures)
             writer.commit()
+        clock = _lap(times, "setup_seconds", clock)
+        stored_copies = [(e, d, row) for e, d, row in copy if row is not None]
+        known_rows = copy_rows(writer, stored_copies, file_stats)
+        clock = _lap(times, "copy_seconds", clock)
 
-        loop = _run_model(writer, listing, todo, config, decode, spec.resize, size, model, failures)
+        loop = _run_model(writer, listing, todo, config, decode, spec.resize, size, model, failures, file_stats)
+        clock = time.perf_counter()
         # The same bytes under several paths in this listing: extracted once, copied for the rest.
         known_rows.update(loop.new_rows)
-        with SIGNALS.critical():
-            copy_rows(writer, [(e, d, known_rows[d]) for e, d, row in copy if row is None and d in known_rows])
-            writer.commit()
+        twins = [(e, d, known_rows[d]) for e, d, row in copy if row is None and d in known_rows]
+        copy_rows(writer, twins, file_stats)
+        _lap(times, "copy_seconds", clock)
         feature_shape = writer.group["features"].shape[1:]
         n_rows = int(writer.group["active"][:].sum())
 
+    seconds = time.perf_counter() - started
     summary = run_summary(spec, store, listing, failures, n_rows, feature_shape, loop.extracted,
-                          time.perf_counter() - started, hash_seconds, loop)
-    summary["decode"] = decode
+                          seconds, times["list_seconds"] + times["hash_seconds"], loop)
+    summary.update(decode=decode, files_read=files_read, copied=len(stored_copies) + len(twins), **run_times(times, loop, seconds, listing))
     return summary
 
 
-def _run_model(writer, listing, todo, config, decode, resize, size, model, failures) -> LoopResult:
+def _lap(times: dict, name: str, since: float) -> float:
+    """Add the time since ``since`` to ``times[name]``; returns now."""
+    now = time.perf_counter()
+    times[name] = times.get(name, 0.0) + now - since
+    return now
+
+
+def _run_model(writer, listing, todo, config, decode, resize, size, model, failures, stats) -> LoopResult:
     """Decode and run the model over ``todo``, appending and committing batch by batch."""
     if not todo:
         return LoopResult()
@@ -107,6 +131,6 @@ def _run_model(writer, listing, todo, config, decode, resize, size, model, failu
     try:
         # closing: a stopped run ends its decoding processes now, not when the traceback is freed
         with contextlib.closing(decoded_batches(listing, todo, config, size, decode, resize, config.batch_size)) as batches:
-            return run_batches(writer, batches, model, config.dtype, failures, on_commit=bar.update)
+            return run_batches(writer, batches, model, config.dtype, failures, on_commit=bar.update, stats=stats)
     finally:
         bar.close()

@@ -1,21 +1,33 @@
 """What a run has to do: hash the listing, match it against the stored rows, copy known features."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..cache.layout import store_path_text
 from ..cache.writer import StoreWriter
 from .images.decode import DecodeError, file_digest
 from .images.discover import ImageEntry, Listing
+from .signals import SIGNALS
+
+COPY_BATCH_BYTES = 32 << 20  # features gathered per bulk copy (one append, one commit)
+COPY_BATCH_MAX_ROWS = 8192
 
 
-def digest_all(listing: Listing) -> tuple[list[tuple[ImageEntry, str]], list[tuple[str, str]]]:
-    """(entry, sha256) of every readable file, and (relpath, reason) of the others."""
-    hashed, failures = [], []
-    for entry in listing.entries:
+def digest_all(listing: Listing, known: list[str | None] | None = None
+               ) -> tuple[list[tuple[ImageEntry, str]], list[tuple[str, str]], int]:
+    """(entry, sha256) of every readable file, (relpath, reason) of the others, and how many
+    files were read. ``known``: per entry, a digest already known (see filestat), or None."""
+    hashed, failures, read = [], [], 0
+    for i, entry in enumerate(listing.entries):
+        if known is not None and known[i] is not None:
+            hashed.append((entry, known[i]))
+            continue
+        read += 1
         try:
             hashed.append((entry, file_digest(listing.path(entry))))
         except DecodeError as exc:
             failures.append((entry.relpath, str(exc)))
-    return hashed, failures
+    return hashed, failures, read
 
 
 def plan(existing, hashed):
@@ -48,10 +60,27 @@ def plan(existing, hashed):
     return keep, copy, unique_todo
 
 
-def copy_rows(writer: StoreWriter, copies) -> dict[str, int]:
-    """Append rows whose features are already stored (same bytes under another path).
+def copy_batch_rows(writer: StoreWriter) -> int:
+    features = writer.group["features"]
+    row_bytes = int(np.prod(features.shape[1:])) * features.dtype.itemsize
+    return max(1, min(COPY_BATCH_MAX_ROWS, COPY_BATCH_BYTES // max(row_bytes, 1)))
+
+
+def copy_rows(writer: StoreWriter, copies, stats=None, batch_rows: int | None = None) -> dict[str, int]:
+    """Append rows whose features are already stored (same bytes under another path), in
+    batches: each batch's source rows are read in sorted order, their CRCs checked (damage is
+    never copied under a fresh CRC), appended in the listing's order and committed; a signal
+    waits for the batch in hand. ``stats``: a filestat.FileStats (the copies' stat records).
 
     Returns digest -> source row for the copied digests."""
-    for entry, digest, row in copies:  # read with its CRC checked: damage is never copied under a fresh one
-        writer.append(writer.read_features(row, row + 1), [entry.label], [entry.relpath], [digest], [entry.split])
+    batch_rows = batch_rows or copy_batch_rows(writer)
+    for start in range(0, len(copies), batch_rows):
+        part = copies[start : start + batch_rows]
+        sources, where = np.unique(np.array([row for _, _, row in part], np.int64), return_inverse=True)
+        features = writer.read_rows(sources)[where]
+        entries = [e for e, _, _ in part]
+        with SIGNALS.critical():
+            writer.append(features, [e.label for e in entries], [e.relpath for e in entries], [d for _, d, _ in part],
+                          [e.split for e in entries], stats.of(entries) if stats is not None else None)
+            writer.commit()
     return {digest: row for _, digest, row in copies}

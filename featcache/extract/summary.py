@@ -34,3 +34,18 @@ def run_summary(spec: KeySpec, store: str, listing: Listing, failures, n_rows: i
         "images_per_second": round(loop.images_per_second, 2),
         "resize": spec.resize,
     }
+
+
+def run_times(times: dict, loop: LoopResult | None, seconds: float, listing: Listing) -> dict:
+    """Where a run's wall-clock time went: ``list_seconds`` (listing the folder and stat of every
+    file), ``hash_seconds`` (reading and hashing the files whose stat did not match a stored
+    row), ``setup_seconds`` (checking the store, building the model, setting the feature set
+    up), ``copy_seconds`` (bulk copies of stored features under new paths), ``write_seconds``
+    (appending and committing extracted rows; overlapped with the model, so part of the loop),
+    and ``wall_images_per_second``: the listed images over the whole run's wall clock."""
+    loop = loop or LoopResult()
+    out = {name: round(times.get(name, 0.0), 3)
+           for name in ("list_seconds", "hash_seconds", "setup_seconds", "copy_seconds")}
+    out["write_seconds"] = round(loop.write_seconds, 3)
+    out["wall_images_per_second"] = round(len(listing.entries) / seconds, 2) if seconds > 0 else 0.0
+    return out

@@ -22,7 +22,7 @@ from ...errors import FeatcacheError
 from .. import torn
 from ..hdf5 import open_for_read, os_reason
 from ..key import FORMAT_VERSION
-from ..layout import (COMMITTED, PATHS, ROW_COLUMNS, append_failures, append_rows, create_feature_set_group,
+from ..layout import (COMMITTED, PATHS, ROW_COLUMNS, UNKNOWN_SIZE, append_failures, append_rows, create_feature_set_group,
                      create_row_column, create_row_columns, require_root, writer_lock)
 from .scan import SetScan, StoreScan, scan, scannable, summary
 from ..shards import withdraw_records
@@ -127,6 +127,10 @@ def _copy_set(source: h5py.File, s: SetScan, root: h5py.Group, torn_ok: bool) ->
         create_row_column(g, name, s.columns[name].dtype.str)
         g[name].resize(len(keep), axis=0)
         g[name][:] = s.columns[name][keep]
+    if "file_sizes" in g and aside.any():  # a set-aside row's stat may be damaged: its file is hashed again
+        sizes = g["file_sizes"][:]
+        sizes[aside] = UNKNOWN_SIZE
+        g["file_sizes"][:] = sizes
     append_failures(g, s.failures or [])
     attrs = dict(s.attrs)
     if any(d.what == "class_names attribute" for d in s.damage):

@@ -27,12 +27,14 @@ from ..checks import bad_values
 from ..damage import StoreDamaged
 from ..hdf5 import METADATA_READ_ATTEMPTS, check_is_hdf5, check_length, left_by_killed_writer, open_for_read, writer_running
 from ..key import feature_set_key
-from ..layout import (COMMITTED, CRC, FAILURE_COLUMNS, GROUP, PATHS, ROW_COLUMNS, ROW_DATASETS, check_format,
-                     features_crc, read_spec)
+from ..layout import (COMMITTED, CRC, FAILURE_COLUMNS, GROUP, PATHS, ROW_COLUMNS, ROW_DATASETS, STAT_COLUMNS,
+                     UNKNOWN_SIZE, check_format, features_crc, read_spec)
 from ..virtual import check_sources, sources
 
 NEEDED = ("features", "digests")  # with the paths and any extra per-row column: a row without them is lost
 RELISTED = ("labels", "splits", "active")  # re-derived from the folder by the next extract
+# and the files' stat records (layout.STAT_COLUMNS): where damaged, the next extract hashes the file
+KEPT_WITHOUT = (*RELISTED, *STAT_COLUMNS)
 VIRTUAL_PIECE = 64  # rows read at a time from a merged store's virtual features
 _STANDARD = {"features", COMMITTED, *ROW_COLUMNS, *text.names(PATHS), *(n for c in FAILURE_COLUMNS for n in text.names(c))}
 
@@ -186,11 +188,11 @@ def _scan_set(f: h5py.File, name: str, path: str, torn_ok: bool, live: bool) -> 
     for n in row_sets:
         if lengths[n] < s.rows:
             s.mark(f"{n} dataset", f"holds {lengths[n]} of the {s.rows} committed rows", lengths[n], s.rows,
-                   lose=n not in RELISTED)
+                   lose=n not in KEPT_WITHOUT)
     n_classes = _class_count(s)
     for n in (*ROW_COLUMNS, *extras):
         if n in lengths:
-            s.columns[n] = _scan_column(s, group[n], n, n_classes, torn_ok, live, lose=n not in RELISTED)
+            s.columns[n] = _scan_column(s, group[n], n, n_classes, torn_ok, live, lose=n not in KEPT_WITHOUT)
     _scan_features(s, group, path, torn_ok, live)
     s.columns[PATHS] = _scan_text(s, group, PATHS, s.rows, torn_ok, live)
     _check_active(s)
@@ -269,7 +271,7 @@ def _scan_features(s: SetScan, group: h5py.Group, path: str, torn_ok: bool, live
 
 def _scan_column(s: SetScan, ds: h5py.Dataset, name: str, n_classes: int, torn_ok: bool, live: bool,
                  lose: bool) -> np.ndarray:
-    values = np.zeros(s.rows, ds.dtype)
+    values = np.full(s.rows, UNKNOWN_SIZE if name == "file_sizes" else 0, ds.dtype)  # placeholders where damaged
     for a, b, piece, reason in _read_pieces(s, ds, name, s.rows, s.rows, torn_ok, live, keep=True):
         if reason is not None:
             s.mark(f"{name} column", reason, a, b, lose=lose)

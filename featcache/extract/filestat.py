@@ -1,0 +1,75 @@
+"""Re-runs by file stat, as git's index does: a file whose relative path and stat are those
+recorded with a stored row keeps that row's digest without being read.
+
+What is compared (one stat record per file, ``layout.STAT_COLUMNS``): size, mtime in ns, ctime
+in ns and inode number. Size and mtime catch ordinary edits. ctime is set by the kernel on every
+change of the file's data or metadata and cannot be set back from user space: a tool that
+rewrites a file and restores its mtime (``os.utime``, ``touch -d``, ``rsync -t`` of new bytes)
+still changes the ctime, so the file is read again. The inode catches a file replaced by another
+one (an editor's save-by-rename, an extraction that recreates files) whose size and times happen
+to agree. The device number is left out, as git leaves it out by default: it changes across
+reboots and remounts on NFS and removable drives, and the path, inode and ctime already pin the
+file. The cost of a stricter check is only a re-read: a tree copied with ``cp -a`` (same mtimes,
+new inodes and ctimes) is hashed once again, never reused wrongly.
+
+Racy files (git's "racy clean" problem): a file written within the file system's timestamp
+granularity of the listing may change again without its mtime moving. Such files (mtime not
+older than RACY_NS before the run started) are hashed as usual, but their stat is not recorded
+(UNKNOWN_SIZE), so the next run hashes them again. ``rehash`` (``extract --rehash``) ignores
+the records and reads every file.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..cache.layout import STAT_COLUMNS, UNKNOWN_SIZE, store_path_text, unknown_stats
+from .images.discover import Listing
+
+# Coarser than any timestamp granularity in use (FAT: 2 s, ext3/HFS+: 1 s), and than a little clock skew.
+RACY_NS = 3_000_000_000
+
+
+def stat_listing(listing: Listing) -> np.ndarray:
+    """(n, 4) int64 stat records of the listing's files (UNKNOWN_SIZE where stat fails:
+    the file is hashed, and its read says what is wrong with it)."""
+    out = unknown_stats(len(listing.entries))
+    for i, entry in enumerate(listing.entries):
+        try:
+            st = os.stat(listing.path(entry))
+        except OSError:
+            continue
+        out[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, np.uint64(st.st_ino).view(np.int64))
+    return out
+
+
+def recordable(stats: np.ndarray, started_ns: int) -> np.ndarray:
+    """``stats`` with the racy ones (modified within RACY_NS of the run's start, or later) made unknown."""
+    out = stats.copy()
+    out[stats[:, 1] >= started_ns - RACY_NS, 0] = UNKNOWN_SIZE
+    return out
+
+
+def known_digests(existing, listing: Listing, stats: np.ndarray) -> list[str | None]:
+    """For each listed file, the stored digest of a row with the same path and stat, or None
+    (the file has to be read). ``existing``: the stored rows (writer.PreparedSet) or None."""
+    if existing is None or existing.stats is None or not existing.rows:
+        return [None] * len(listing.entries)
+    recorded = existing.stats[:, 0] != UNKNOWN_SIZE
+    by_stat = {(p, *map(int, s)): d for p, d, s, ok in zip(existing.paths, existing.digests, existing.stats, recorded)
+               if ok}
+    return [None if s[0] == UNKNOWN_SIZE else by_stat.get((store_path_text(e.relpath), *map(int, s)))
+            for e, s in zip(listing.entries, stats)]
+
+
+class FileStats:
+    """The stat records to store with a run's rows, looked up by entry."""
+
+    def __init__(self, listing: Listing, stats: np.ndarray):
+        assert stats.shape == (len(listing.entries), len(STAT_COLUMNS))
+        self.index = {e.relpath: i for i, e in enumerate(listing.entries)}
+        self.stats = stats
+
+    def of(self, entries) -> np.ndarray:
+        return self.stats[[self.index[e.relpath] for e in entries]].reshape(-1, len(STAT_COLUMNS))
