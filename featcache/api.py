@@ -24,7 +24,7 @@ from .classify.rows import DEFAULT_MEMORY_BUDGET_MB
 from .extract import defaults as EXTRACT
 
 __all__ = ["extract_features", "info", "verify", "repair", "merge", "bases", "train", "compare", "search", "report",
-           "predict", "export", "finetune", "ensemble", "demo", "FeatcacheError"]
+           "predict", "export", "finetune", "ensemble", "upgrade", "demo", "FeatcacheError"]
 
 
 
@@ -235,7 +235,7 @@ def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg"
 
 
 def report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, split: str | None = None,
-           max_images: int = 100, seed: int = 0) -> dict:
+           max_images: int = 100, seed: int = 0, trust_pickle: bool = False) -> dict:
     """Write one self-contained HTML page of a run (``featcache report``): its facts, metrics,
     curves, confusion matrix, per-class scores, the images of ``split`` it gets wrong (at most
     ``max_images`` thumbnails), its most confident right answers and a map of the features
@@ -244,10 +244,12 @@ def report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     Returns ``report`` (the path), ``run_dir``, ``head``, ``feature_set``, ``split``, ``images``,
     ``per_image``, ``mistakes``, ``mistake_thumbnails``, ``right_thumbnails``, ``map_points``,
     ``map_method``, ``notes`` (what could not be shown, and why), ``bytes``, ``stage_seconds``
-    and ``seconds``."""
+    and ``seconds``. ``trust_pickle``: see :func:`upgrade`."""
+    from .classify.heads.safe_arrays import trusting_pickles
     from .classify.report.run_page import write_report
 
-    return write_report(os.fspath(run_dir), None if out is None else os.fspath(out), split, max_images, seed)
+    with trusting_pickles(trust_pickle):
+        return write_report(os.fspath(run_dir), None if out is None else os.fspath(out), split, max_images, seed)
 
 
 def search(store: str | os.PathLike, *, out: str | os.PathLike, trials: int = 30, timeout: float | None = None,
@@ -274,23 +276,26 @@ def search(store: str | os.PathLike, *, out: str | os.PathLike, trials: int = 30
 
 
 def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str | None = None,
-            batch_size: int = 32) -> dict:
+            batch_size: int = 32, trust_pickle: bool = False) -> dict:
     """Classify image files or folders with the base and head of ``run_dir`` (``featcache predict``);
     any kind of run: a head, a fused head, a fine-tuned model or an ensemble. ``run_dir`` may
     also be an exported model (.tflite, .keras, SavedModel folder) with its card.
 
     Returns ``run_dir``, ``kind``, ``head``, ``model`` (a description), ``feature_set``,
     ``class_names``, ``predictions`` (per image: ``path``, ``predicted``, ``probability``,
-    ``top``: [{class, probability}]) and ``failures``."""
+    ``top``: [{class, probability}]) and ``failures``. ``trust_pickle``: see :func:`upgrade`."""
     from .classify.deploy.predict import predict as run_predict
+    from .classify.heads.safe_arrays import trusting_pickles
 
     if isinstance(images, (str, os.PathLike)):
         images = [images]
-    return run_predict(os.fspath(run_dir), [os.fspath(i) for i in images], top_k, weights, batch_size)
+    with trusting_pickles(trust_pickle):
+        return run_predict(os.fspath(run_dir), [os.fspath(i) for i in images], top_k, weights, batch_size)
 
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str | None = None, quantize: str = "none",
-           calibration_images: int = 300, evaluate: bool = True, weights: str | None = None) -> dict:
+           calibration_images: int = 300, evaluate: bool = True, weights: str | None = None,
+           trust_pickle: bool = False) -> dict:
     """Write preprocessing + bases + heads of ``run_dir`` (any kind of run; every base of a fused
     head or ensemble once) as a deployable model ``out`` (``featcache export``): a .keras file,
     a TensorFlow Lite file (``quantize`` none, float16 or int8, calibrated on
@@ -303,11 +308,13 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str | 
     ``input_dtype``, ``input``, ``inputs`` (``name``, ``shape``, ``values`` of each image input:
     one per distinct size, .keras only), ``class_names``, ``parameters``, ``bytes``, ``sha256``,
     ``labels``, ``card``, ``signatures``, ``calibration``, ``run_test_accuracy``,
-    ``exported_test``, ``warnings`` and ``seconds``."""
+    ``exported_test``, ``warnings`` and ``seconds``. ``trust_pickle``: see :func:`upgrade`."""
     from .classify.deploy.export import export as run_export
+    from .classify.heads.safe_arrays import trusting_pickles
 
-    return run_export(os.fspath(run_dir), os.fspath(out), weights, format=format, quantize=quantize,
-                      calibration_images_count=calibration_images, evaluate=evaluate)
+    with trusting_pickles(trust_pickle):
+        return run_export(os.fspath(run_dir), os.fspath(out), weights, format=format, quantize=quantize,
+                          calibration_images_count=calibration_images, evaluate=evaluate)
 
 
 def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: str | os.PathLike | None = None,
@@ -332,7 +339,8 @@ def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: s
                         weights=weights, seed=seed, report=not no_report)
 
 
-def ensemble(run_dirs, *, out: str | os.PathLike, weights: str = "equal", no_report: bool = False) -> dict:
+def ensemble(run_dirs, *, out: str | os.PathLike, weights: str = "equal", no_report: bool = False,
+             trust_pickle: bool = False) -> dict:
     """Average the class probabilities of runs trained on the same images and write the run
     directory ``out`` (``featcache ensemble``) with its HTML report (not with ``no_report``);
     ``weights`` is "equal" or "fit" (non-negative, summing to 1, minimising the validation
@@ -342,12 +350,31 @@ def ensemble(run_dirs, *, out: str | os.PathLike, weights: str = "equal", no_rep
     ``run_dir``, ``label``, ``kind``, ``weight`` and its ``train`` / ``validation`` / ``test``),
     the ensemble's ``train`` / ``validation`` / ``test`` (``{n, accuracy, loss}``), ``fit``
     (the optimiser's record, or None), ``warnings``, ``report`` (its path, or None) and
-    ``seconds``."""
+    ``seconds``. ``trust_pickle``: see :func:`upgrade`."""
+    from .classify.heads.safe_arrays import trusting_pickles
     from .classify.train.ensemble import ensemble as run_ensemble
 
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
-    return run_ensemble([os.fspath(d) for d in run_dirs], os.fspath(out), weights, report=not no_report)
+    with trusting_pickles(trust_pickle):
+        return run_ensemble([os.fspath(d) for d in run_dirs], os.fspath(out), weights, report=not no_report)
+
+
+def upgrade(run_dir: str | os.PathLike) -> dict:
+    """Rewrite a run directory written before the safe head format (``featcache upgrade``): its
+    pickled ``model.joblib`` is loaded once (the caller vouches for it by calling this) and
+    written as ``model.npz`` (arrays, read with ``allow_pickle=False``); config.json then names
+    the new file and its sha256 and the pickle is removed. The test split (or, without the store,
+    a seeded sample of feature rows) is predicted before and after, and must agree exactly.
+
+    Commands that load runs refuse pickled model files unless given ``trust_pickle=True``
+    (``--trust-pickle``): loading a pickle can run any code it holds.
+
+    Returns ``run_dir``, ``upgraded`` (False when there was nothing to do), ``from``, ``to``,
+    ``checked_on`` (what was predicted twice), ``rows``, ``max_abs_difference`` and ``seconds``."""
+    from .classify.runs.upgrade import upgrade as run_upgrade
+
+    return run_upgrade(os.fspath(run_dir))
 
 
 def demo(*, workdir: str | os.PathLike = "featcache-demo", per_class: int = 100, seed: int = 0, log=None) -> dict:

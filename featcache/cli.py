@@ -427,19 +427,28 @@ def search(store, as_json, **options):
         click.echo(f"  note: {_safe(note)}", err=True)
 
 
+def _trust_pickle_option(command):
+    """--trust-pickle on every command that loads run directories."""
+    return click.option("--trust-pickle", is_flag=True,
+                        help="Load pickled model files (model.joblib, written by an older featcache); "
+                             "a pickle can run any code. Better: convert the run once with `featcache upgrade RUN_DIR`.")(command)
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes shown per image.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@_trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def predict(run_dir, images, top_k, weights, batch_size, as_json):
+def predict(run_dir, images, top_k, weights, batch_size, trust_pickle, as_json):
     """Classify IMAGES (files or folders) with the base and head of RUN_DIR.
 
     RUN_DIR may also be an exported model (a .tflite or .keras file, or a SavedModel folder,
     with its model card beside it): then it runs as deployed."""
-    result = api.predict(run_dir, list(images), top_k=top_k, weights=weights, batch_size=batch_size)
+    result = api.predict(run_dir, list(images), top_k=top_k, weights=weights, batch_size=batch_size,
+                         trust_pickle=trust_pickle)
     if as_json:
         _emit_json(result)
     else:
@@ -463,15 +472,16 @@ def predict(run_dir, images, top_k, weights, batch_size, as_json):
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,
               help="Run the exported file over the run's test images and record its accuracy in the card.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
+@_trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def export(run_dir, out, format_, quantize, calibration_images, evaluate, weights, as_json):
+def export(run_dir, out, format_, quantize, calibration_images, evaluate, weights, trust_pickle, as_json):
     """Write RUN_DIR (preprocessing + base + head) as a deployable model OUT, with labels and a model card.
 
     The card (OUT.card.json, or model_card.json in a SavedModel folder) records the class names, the
     input, the run's key and metrics, and the test accuracy of the exported file itself, measured by
     running it over the run's test images."""
     result = api.export(run_dir, out, format=format_, quantize=quantize, calibration_images=calibration_images,
-                        evaluate=evaluate, weights=weights)
+                        evaluate=evaluate, weights=weights, trust_pickle=trust_pickle)
     if as_json:
         _emit_json(result)
         return
@@ -506,10 +516,11 @@ def export(run_dir, out, format_, quantize, calibration_images, evaluate, weight
 @click.option("--split", type=click.Choice(["test", "validation", "train"]), help="Split whose mistakes and map are shown [default: test, or validation if test is empty].")
 @click.option("--max-images", type=click.IntRange(min=0), default=100, show_default=True, help="Thumbnails of mistakes at most (the rest are listed by path).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the map (PCA and t-SNE).")
+@_trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def report(run_dir, out, split, max_images, seed, as_json):
+def report(run_dir, out, split, max_images, seed, trust_pickle, as_json):
     """Write one self-contained HTML page of RUN_DIR: metrics, mistakes, a map of the features."""
-    result = api.report(run_dir, out=out, split=split, max_images=max_images, seed=seed)
+    result = api.report(run_dir, out=out, split=split, max_images=max_images, seed=seed, trust_pickle=trust_pickle)
     if as_json:
         _emit_json(result)
         return
@@ -542,10 +553,11 @@ def _print_report(result: dict) -> None:
 @click.option("--weights", type=click.Choice(["equal", "fit"]), default="equal", show_default=True,
               help="equal: 1/M each; fit: non-negative weights summing to 1 that minimise the validation log loss.")
 @click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
+@_trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def ensemble(run_dirs, out, weights, no_report, as_json):
+def ensemble(run_dirs, out, weights, no_report, trust_pickle, as_json):
     """Average the class probabilities of RUN_DIRs trained on the same images; write the run directory --out."""
-    result = api.ensemble(list(run_dirs), out=out, weights=weights, no_report=no_report)
+    result = api.ensemble(list(run_dirs), out=out, weights=weights, no_report=no_report, trust_pickle=trust_pickle)
     if as_json:
         _emit_json(result)
         return
@@ -605,6 +617,22 @@ def finetune(paths, out, no_report, as_json, **options):
     click.echo(f"  {result['epochs']} epochs in {result['seconds']:.1f} s; run directory {result['run_dir']}")
     if result.get("report"):
         click.echo(f"  report {result['report']}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def upgrade(run_dir, as_json):
+    """Rewrite RUN_DIR's pickled model (model.joblib, from an older featcache) as arrays that load without
+    running code (model.npz), checked by predicting its test split before and after."""
+    result = api.upgrade(run_dir)
+    if as_json:
+        _emit_json(result)
+    elif result["upgraded"]:
+        click.echo(f"upgraded {run_dir}: {result['from']} -> {result['to']}, the same probabilities on "
+                   f"{_safe(result['checked_on'])}")
+    else:
+        click.echo(f"{run_dir}: nothing to upgrade ({result['from'] or 'no model file'} holds no pickle)")
 
 
 def main():

@@ -175,24 +175,24 @@ def test_run_dir_contents_and_records(pixels, tmp_path):
         train(pixels["store"], pixels["fs"], head="logreg", out=str(out))
 
 
-def test_logreg_run_dir_and_tampered_joblib_is_refused(pixels, tmp_path, monkeypatch):
+def test_logreg_run_dir_and_tampered_model_is_refused(pixels, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(pixels["store"], pixels["fs"], head="logreg", out=str(out))
     assert sorted(os.listdir(out)) == ["config.json", "confusion_matrix.png", "history.csv", "metrics.json",
-                                       "model.joblib", "report.html"]
+                                       "model.npz", "report.html"]
     config, head = rundir.load_head(str(out))
-    assert config["model"]["sha256"] == rundir.sha256_file(str(out / "model.joblib"))
+    assert config["model"]["sha256"] == rundir.sha256_file(str(out / "model.npz"))
     assert head.pipeline is not None
 
-    with open(out / "model.joblib", "ab") as f:
+    with open(out / "model.npz", "ab") as f:
         f.write(b"\0")
-    import joblib
+    from featcache.classify.heads import safe_arrays
 
     def never(*args, **kwargs):
-        raise AssertionError("joblib.load called on an unverified file")
+        raise AssertionError("the head file was read before its sha256 was checked")
 
-    monkeypatch.setattr(joblib, "load", never)
-    with pytest.raises(FeatcacheError, match=r"model.joblib: sha256 [0-9a-f]{64} does not match [0-9a-f]{64} "
+    monkeypatch.setattr(safe_arrays, "load_pipeline", never)
+    with pytest.raises(FeatcacheError, match=r"model.npz: sha256 [0-9a-f]{64} does not match [0-9a-f]{64} "
                                              r"recorded in config.json; refusing to load"):
         rundir.load_head(str(out))
     # The report still shows what the run directory holds, and says why there is no more.

@@ -42,7 +42,7 @@ def test_train_json(store, logreg_run):
         assert {"accuracy", "loss"} <= set(summary[part])
     assert summary["test"] == {"n": 6, "accuracy": 1.0, "loss": pytest.approx(summary["test"]["loss"])}
     assert summary["untrained"]["loss"] == pytest.approx(0.6931, abs=1e-4)
-    assert (out / "model.joblib").exists() and (out / "config.json").exists()
+    assert (out / "model.npz").exists() and (out / "config.json").exists()
 
 
 def test_train_text_and_dense_options(store):
@@ -117,7 +117,7 @@ def test_predict_refuses_a_tampered_model(store, logreg_run, tmp_path):
     out, _ = logreg_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    with open(copy / "model.joblib", "r+b") as f:
+    with open(copy / "model.npz", "r+b") as f:
         f.seek(100)
         byte = f.read(1)
         f.seek(100)

@@ -287,7 +287,7 @@ def test_a_changed_member_is_refused(members, tmp_path):
     with pytest.raises(FeatcacheError, match=f"^{copy}: this member's model is not the one the ensemble {ens} was made with"):
         split_probabilities(ens, "test")
     # A tampered model file is refused by the member's own check.
-    with open(copy / "model.joblib", "r+b") as f:
+    with open(copy / "model.npz", "r+b") as f:
         f.seek(100)
         byte = f.read(1)
         f.seek(100)

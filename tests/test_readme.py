@@ -118,4 +118,4 @@ def test_every_python_block_of_the_readme_and_docs_runs_as_written(tmp_path, mon
         except Exception as exc:  # noqa: BLE001  (name the block that failed)
             pytest.fail(f"{where} python block {i + 1} failed: {exc.__class__.__name__}: {exc}\n{block}")
     assert (tmp_path / "runs" / "dense" / "config.json").exists()
-    assert (tmp_path / "runs" / "logreg" / "model.joblib").exists()
+    assert (tmp_path / "runs" / "logreg" / "model.npz").exists()

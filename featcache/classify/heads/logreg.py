@@ -17,7 +17,7 @@ class LogRegHead(Head):
     objective as LogisticRegression's, since lbfgs needs all rows in memory."""
 
     name = "logreg"
-    model_file = "model.joblib"
+    model_file = "model.npz"  # arrays only, read with allow_pickle=False (see :mod:`.safe_arrays`)
     DEFAULTS = {"C": 1.0, "max_iter": 1000, "pool": "none", "seed": 0, "stream_epochs": 20}
 
     def __init__(self, **options):
@@ -107,14 +107,20 @@ class LogRegHead(Head):
         return logreg_layers(keras, x, self, prefix)
 
     def save(self, run_dir) -> str:
-        import joblib
+        from .safe_arrays import save_pipeline
 
         path = os.path.join(run_dir, self.model_file)
-        joblib.dump(self.pipeline, path)
+        save_pipeline(self.pipeline, path)
         return path
 
     def load(self, path, num_classes, feature_shape) -> None:
-        import joblib
+        from .safe_arrays import is_pickle_file, load_pipeline, refuse_pickle
 
         Head.build(self, num_classes, feature_shape)
-        self.pipeline = joblib.load(path)  # only after rundir.verify_model checked its sha256
+        if is_pickle_file(path):  # a run written before the safe format
+            refuse_pickle(path, os.path.dirname(path))
+            import joblib
+
+            self.pipeline = joblib.load(path)  # trusted by the user; sha256 checked by rundir.verify_model
+            return
+        self.pipeline = load_pipeline(path)  # only after rundir.verify_model checked its sha256

@@ -4,14 +4,15 @@ Layout::
 
     config.json        kind, head and settings, seed, feature-set key/name/digest, store path,
                        weights argument, class names, model file and its sha256
-    model.keras        dense head (loaded with safe_mode=True)  | model.joblib  logreg pipeline
+    model.keras        dense head (loaded with safe_mode=True)  | model.npz  logreg head as arrays
     metrics.json       untrained/train/validation/test metrics, flags, timings
-    (all of these written by :func:`write_run`, for every kind)
     history.csv        one row per epoch (logreg with lbfgs: one row)
     curves.png         loss and accuracy, train vs validation (heads with >= 2 epochs)
     confusion_matrix.png
     best.keras         with --checkpoint: the best model by validation loss
-    report.html        the self-contained HTML report (report_html.py; --no-report skips it)
+    report.html        the self-contained HTML report (report/run_page.py; --no-report skips it)
+
+All but the report are written by :func:`write_run`, for every kind.
 
 Kinds of run (``config["kind"]``; runs written before kinds existed have none, see
 :func:`run_kind`): ``head`` (one head on one feature set: ``feature_set``), ``fused`` (one head
@@ -20,10 +21,11 @@ model: ``feature_set`` is the stage-two set whose images and splits it used) and
 (weighted members, no model file of its own; see ensemble.py). Every kind has
 ``metrics.json`` with per-split metrics; :mod:`.runs` loads any kind.
 
-The model file's sha256 is checked before any load: a joblib file is a pickle, and loading a
-changed one would run whatever it contains. (The check guards against swapped, corrupted or
-tampered model files; someone who can also edit config.json is not stopped by it: load run
-directories you trust.)
+The model file's sha256 is checked before any load (swapped or corrupted files are refused). No
+file featcache loads from a run can run code: ``.keras`` files load in Keras' safe mode and
+scikit-learn heads are arrays read with ``allow_pickle=False`` (heads/safe_arrays.py). A
+``model.joblib`` (a pickle, from before that format) loads only when the user trusts it
+(``--trust-pickle``); ``featcache upgrade`` rewrites it (runs/upgrade.py).
 """
 from __future__ import annotations
 
