@@ -16,7 +16,7 @@ from featcache.cli import cli
 # command -> API function
 COMMANDS = {"extract": "extract_features", "info": "info", "verify": "verify", "repair": "repair", "merge": "merge",
             "bases": "bases", "train": "train", "compare": "compare", "search": "search", "report": "report",
-            "predict": "predict", "export": "export", "finetune": "finetune", "ensemble": "ensemble", "demo": "demo"}
+            "predict": "predict", "export": "export", "finetune": "finetune", "ensemble": "ensemble", "upgrade": "upgrade", "demo": "demo"}
 # Options that shape only the command's own output or exit status.
 CLI_ONLY = {"as_json", "strict", "no_progress"}
 # CLI parameter name -> API parameter name, where they differ.
@@ -71,7 +71,7 @@ def run(*args):
 def _without_timings(obj):
     if isinstance(obj, dict):
         return {k: _without_timings(v) for k, v in obj.items()
-                if "seconds" not in k and k not in ("images_per_second", "created")}
+                if "seconds" not in k and k not in ("images_per_second", "wall_images_per_second", "created")}
     if isinstance(obj, list):
         return [_without_timings(v) for v in obj]
     return obj
