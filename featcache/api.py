@@ -275,34 +275,39 @@ def search(store: str | os.PathLike, *, out: str | os.PathLike, trials: int = 30
                       memory_budget_mb=memory_budget_mb, log=log)
 
 
-def predict(run_dir: str | os.PathLike, images, *, top_k: int = 1, weights: str | None = None,
-            batch_size: int = 32, trust_pickle: bool = False) -> dict:
+def predict(run_dir: str | os.PathLike, images=(), *, top_k: int = 1, weights: str | None = None,
+            batch_size: int = 32, features: str | os.PathLike | None = None, trust_pickle: bool = False) -> dict:
     """Classify image files or folders with the base and head of ``run_dir`` (``featcache predict``);
     any kind of run: a head, a fused head, a fine-tuned model or an ensemble. ``run_dir`` may
     also be an exported model (.tflite, .keras, SavedModel folder) with its card.
 
     Returns ``run_dir``, ``kind``, ``head``, ``model`` (a description), ``feature_set``,
     ``class_names``, ``predictions`` (per image: ``path``, ``predicted``, ``probability``,
-    ``top``: [{class, probability}]) and ``failures``. ``trust_pickle``: see :func:`upgrade`."""
+    ``top``: [{class, probability}]) and ``failures``. ``features=STORE`` runs a head-only
+    export (``export(..., head_only=True)``) over the store's rows instead of images (each
+    prediction also has its ``split``). ``trust_pickle``: see :func:`upgrade`."""
     from .classify.deploy.predict import predict as run_predict
     from .classify.heads.safe_arrays import trusting_pickles
 
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     with trusting_pickles(trust_pickle):
-        return run_predict(os.fspath(run_dir), [os.fspath(i) for i in images], top_k, weights, batch_size)
+        return run_predict(os.fspath(run_dir), [os.fspath(i) for i in images], top_k, weights, batch_size,
+                           None if features is None else os.fspath(features))
 
 
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str | None = None, quantize: str = "none",
            calibration_images: int = 300, evaluate: bool = True, weights: str | None = None,
-           trust_pickle: bool = False) -> dict:
+           head_only: bool = False, trust_pickle: bool = False) -> dict:
     """Write preprocessing + bases + heads of ``run_dir`` (any kind of run; every base of a fused
     head or ensemble once) as a deployable model ``out`` (``featcache export``): a .keras file,
     a TensorFlow Lite file (``quantize`` none, float16 or int8, calibrated on
     ``calibration_images`` training images) or a SavedModel folder; the format comes from
     ``format`` or ``out``'s name. Labels and a model card are written beside
     it; ``evaluate=False`` (``--no-evaluate``) skips running the exported file over the run's
-    test images.
+    test images. ``head_only``: the head alone (.keras or .onnx), taking the cached features of
+    the run's feature set(s) as input; its card names the feature set and key, and its test
+    accuracy is measured on the run's cached test rows.
 
     Returns ``run_dir``, ``out``, ``kind``, ``format``, ``quantize``, ``input_shape``,
     ``input_dtype``, ``input``, ``inputs`` (``name``, ``shape``, ``values`` of each image input:
@@ -314,7 +319,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, format: str | 
 
     with trusting_pickles(trust_pickle):
         return run_export(os.fspath(run_dir), os.fspath(out), weights, format=format, quantize=quantize,
-                          calibration_images_count=calibration_images, evaluate=evaluate)
+                          calibration_images_count=calibration_images, evaluate=evaluate, head_only=head_only)
 
 
 def finetune(run_dir: str | os.PathLike, *, out: str | os.PathLike, image_dir: str | os.PathLike | None = None,

@@ -11,6 +11,7 @@ import sys
 import click
 
 from . import api
+from .classify.deploy import FORMATS as EXPORT_FORMATS
 from .extract import defaults as EXTRACT
 from .version import __version__
 from .errors import FeatcacheError
@@ -436,19 +437,21 @@ def _trust_pickle_option(command):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path())
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, type=click.Path())
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes shown per image.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--features", "features_store", type=click.Path(), metavar="STORE",
+              help="RUN_DIR is a head-only export (export --head-only): classify the rows of STORE's feature set instead of images.")
 @_trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def predict(run_dir, images, top_k, weights, batch_size, trust_pickle, as_json):
+def predict(run_dir, images, top_k, weights, batch_size, features_store, trust_pickle, as_json):
     """Classify IMAGES (files or folders) with the base and head of RUN_DIR.
 
-    RUN_DIR may also be an exported model (a .tflite or .keras file, or a SavedModel folder,
+    RUN_DIR may also be an exported model (a .tflite, .keras or .onnx file, or a SavedModel folder,
     with its model card beside it): then it runs as deployed."""
     result = api.predict(run_dir, list(images), top_k=top_k, weights=weights, batch_size=batch_size,
-                         trust_pickle=trust_pickle)
+                         features=features_store, trust_pickle=trust_pickle)
     if as_json:
         _emit_json(result)
     else:
@@ -462,9 +465,10 @@ def predict(run_dir, images, top_k, weights, batch_size, trust_pickle, as_json):
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--format", "format_", type=click.Choice(["keras", "tflite", "savedmodel"]),
-              help="keras (one .keras file), tflite (TensorFlow Lite) or savedmodel (a SavedModel folder for "
-                   "TensorFlow Serving) [default: from OUT: .keras, .tflite, no extension = savedmodel].")
+@click.option("--format", "format_", type=click.Choice(EXPORT_FORMATS),
+              help="keras (one .keras file), tflite (TensorFlow Lite), onnx (ONNX Runtime; pip install \"featcache[onnx]\") "
+                   "or savedmodel (a SavedModel folder for TensorFlow Serving) [default: from OUT: .keras, .tflite, .onnx, "
+                   "no extension = savedmodel].")
 @click.option("--quantize", type=click.Choice(["none", "float16", "int8"]), default="none", show_default=True,
               help="tflite: float16 weights, or int8 full-integer quantization (uint8 image input) calibrated on training images.")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=300, show_default=True, metavar="N",
@@ -472,18 +476,31 @@ def predict(run_dir, images, top_k, weights, batch_size, trust_pickle, as_json):
 @click.option("--evaluate/--no-evaluate", default=True, show_default=True,
               help="Run the exported file over the run's test images and record its accuracy in the card.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
+@click.option("--head-only", is_flag=True, help="The head alone (.keras or .onnx): cached features in, probabilities out; "
+              "its card names the feature set and key the input must come from (predict --features STORE runs it).")
 @_trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def export(run_dir, out, format_, quantize, calibration_images, evaluate, weights, trust_pickle, as_json):
+def export(run_dir, out, format_, quantize, calibration_images, evaluate, weights, head_only, trust_pickle, as_json):
     """Write RUN_DIR (preprocessing + base + head) as a deployable model OUT, with labels and a model card.
 
     The card (OUT.card.json, or model_card.json in a SavedModel folder) records the class names, the
     input, the run's key and metrics, and the test accuracy of the exported file itself, measured by
     running it over the run's test images."""
     result = api.export(run_dir, out, format=format_, quantize=quantize, calibration_images=calibration_images,
-                        evaluate=evaluate, weights=weights, trust_pickle=trust_pickle)
+                        evaluate=evaluate, weights=weights, head_only=head_only, trust_pickle=trust_pickle)
     if as_json:
         _emit_json(result)
+        return
+    if result.get("head_only"):
+        shown = ", ".join(f"{i['name']} {'x'.join(map(str, i['shape'][1:]))} from {i['feature_set']}" for i in result["inputs"])
+        click.echo(f"exported the head of {run_dir} -> {out}: cached features in ({_safe(shown)}), "
+                   f"probabilities of {', '.join(map(_safe, result['class_names']))} out; model card {result['card']}")
+        test = result["exported_test"]
+        if test["measured"]:
+            click.echo(f"  test accuracy of the exported head {test['accuracy']:.4f} (n={test['n']}) on the cached rows; "
+                       f"the run's {_fmt(result['run_test_accuracy'])}")
+        for warning in result["warnings"]:
+            click.echo(f"  warning: {_safe(warning)}", err=True)
         return
     inputs = result["inputs"]
     if len(inputs) == 1:

@@ -144,7 +144,9 @@ def read(model_path: str, fmt: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             card = json.load(f)
-        names, size, resize = card["class_names"], int(card["input"]["size"]), str(card["input"]["resize"])
+        names = card["class_names"]
+        if not card.get("head_only"):  # an image model: how its images are decoded
+            int(card["input"]["size"]), str(card["input"]["resize"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FeatcacheError(f"{path}: not a featcache model card ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(names, list) or not names:

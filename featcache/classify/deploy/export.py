@@ -1,9 +1,9 @@
-"""``featcache export``: a run's end-to-end model (end_to_end.py) written as a .keras file, a
-TensorFlow Lite file or a SavedModel folder, each with its labels and model card, then run
+"""``featcache export``: a run's end-to-end model (graph/build.py) written as a .keras file, a
+TensorFlow Lite file, an ONNX file or a SavedModel folder, each with its labels and model card, then run
 over the run's test images to measure what was written.
 
 Every run kind exports as .keras (a run reading images at several sizes gets one input per
-size); TensorFlow Lite and SavedModel exports take one image input, so they serve every run
+size); TensorFlow Lite, ONNX and SavedModel exports take one image input, so they serve every run
 whose feature sets share one image size and resize method.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import numpy as np
 
 from ...errors import FeatcacheError
 from ..graph.build import build
+from . import FORMATS
 
 # -- writing an export ----------------------------------------------------------------------------
 
-FORMATS = ("keras", "tflite", "savedmodel")
-SUFFIX_FORMATS = {".keras": "keras", ".tflite": "tflite", "": "savedmodel"}
+SUFFIX_FORMATS = {".keras": "keras", ".tflite": "tflite", ".onnx": "onnx", "": "savedmodel"}
 DEFAULT_CALIBRATION_IMAGES = 300
 
 
@@ -30,14 +30,14 @@ def export_format(out: str, fmt: str | None) -> str:
     suffix = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
     if fmt is None:
         if suffix not in SUFFIX_FORMATS:
-            raise FeatcacheError(f"{out}: cannot tell the format from the name; end it in .keras or .tflite, or give "
+            raise FeatcacheError(f"{out}: cannot tell the format from the name; end it in .keras, .tflite or .onnx, or give "
                                  "--format savedmodel (a SavedModel is a folder)")
         return SUFFIX_FORMATS[suffix]
     if fmt not in FORMATS:
         raise FeatcacheError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
-    if fmt in ("keras", "tflite") and suffix != "." + fmt:
+    if fmt in ("keras", "tflite", "onnx") and suffix != "." + fmt:
         raise FeatcacheError(f"{out}: the exported file name must end in .{fmt}")
-    if fmt == "savedmodel" and suffix in (".keras", ".tflite"):
+    if fmt == "savedmodel" and suffix in (".keras", ".tflite", ".onnx"):
         raise FeatcacheError(f"{out}: a SavedModel is a folder; name it without the {suffix} extension")
     return fmt
 
@@ -84,7 +84,7 @@ def _remove(path: str) -> None:
 def _write_model(model, fmt: str, out: str, names: list[str], size: int, resize: str, quantize: str, calibration,
                  run_dir: str) -> dict:
     """Write the model file or folder at ``out`` (through a temporary name beside it)."""
-    from . import savedmodel as deploy_savedmodel, tflite as deploy_tflite
+    from . import onnx as deploy_onnx, savedmodel as deploy_savedmodel, tflite as deploy_tflite
 
     parent = os.path.dirname(os.path.abspath(out))
     if fmt == "savedmodel":
@@ -103,6 +103,8 @@ def _write_model(model, fmt: str, out: str, names: list[str], size: int, resize:
         if fmt == "keras":
             model.save(tmp + ".keras")  # Keras wants the extension
             os.rename(tmp + ".keras", tmp)
+        elif fmt == "onnx":
+            deploy_onnx.write(model, tmp)
         else:
             content = deploy_tflite.convert(model, quantize, calibration, what=run_dir)
             with open(tmp, "wb") as f:
@@ -115,9 +117,11 @@ def _write_model(model, fmt: str, out: str, names: list[str], size: int, resize:
 
 
 def export(run_dir: str, out: str, weights: str | None = None, format: str | None = None, quantize: str = "none",
-           calibration_images_count: int = DEFAULT_CALIBRATION_IMAGES, evaluate: bool = True) -> dict:
+           calibration_images_count: int = DEFAULT_CALIBRATION_IMAGES, evaluate: bool = True,
+           head_only: bool = False) -> dict:
     """Write the run as a deployable model ``out`` (format from --format or the name), its
-    labels and its model card; measure the written file on the run's test split."""
+    labels and its model card; measure the written file on the run's test split. With
+    ``head_only``, the head alone (cached features in, see head_only.py)."""
     from . import run_exported as deployed, card as model_card
     from .tflite import QUANTIZATIONS
     from ..runs.kinds import load_run
@@ -135,6 +139,8 @@ def export(run_dir: str, out: str, weights: str | None = None, format: str | Non
         raise FeatcacheError(f"{run_dir}: no such run directory")
 
     run = load_run(run_dir)
+    if head_only:
+        return _export_head(run, out, fmt, quantize, card_path, labels_path, evaluate, started)
     decoded = run.decoded_inputs
     if fmt != "keras" and len(decoded) > 1:
         sizes = ", ".join(f"{s.size}x{s.size} ({s.resize})" for s in decoded)
@@ -196,6 +202,42 @@ def export(run_dir: str, out: str, weights: str | None = None, format: str | Non
         "bytes": card["model"]["bytes"], "sha256": card["model"]["sha256"],
         "labels": labels_path, "card": card_path, "signatures": sorted(signatures) if signatures else None,
         "calibration": conversion.get("calibration"),
+        "run_test_accuracy": (card["run_test_metrics"] or {}).get("accuracy"),
+        "exported_test": {k: v for k, v in measured.items() if k not in ("confusion_matrix", "per_class")},
+        "warnings": warnings, "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _export_head(run, out: str, fmt: str, quantize: str, card_path: str, labels_path: str, evaluate: bool,
+                 started: float) -> dict:
+    """``export --head-only``: the head alone, cached features in, as .keras or .onnx."""
+    from . import card as model_card, head_only, run_exported
+
+    if fmt not in head_only.FORMATS:
+        raise FeatcacheError(f"--head-only: a head exports as {' or '.join('.' + f for f in head_only.FORMATS)}, "
+                             f"not {fmt}")
+    if quantize != "none":
+        raise FeatcacheError(f"--quantize {quantize}: only for whole-model TensorFlow Lite exports")
+    model = head_only.build_model(run)
+    written = [out]
+    try:
+        _write_model(model, fmt, out, run.class_names, 0, "", "none", None, run.run_dir)
+        written += [labels_path, card_path]
+        model_card.write_labels(labels_path, run.class_names)
+        measured = (head_only.measure(run_exported.load_runner(out, fmt), run) if evaluate
+                    else {"measured": False, "reason": "export --no-evaluate"})
+        card = head_only.card(run, fmt, out, labels_path, measured)
+        model_card.write(card_path, card)
+    except BaseException:
+        for path in written:
+            _remove(path)
+        raise
+    warnings = [] if not evaluate or measured["measured"] else [
+        f"the exported head's test accuracy was not measured: {measured['reason']}"]
+    return {
+        "run_dir": run.run_dir, "out": out, "kind": run.kind, "format": fmt, "quantize": "none", "head_only": True,
+        "inputs": card["inputs"], "class_names": run.class_names, "parameters": int(model.count_params()),
+        "bytes": card["model"]["bytes"], "sha256": card["model"]["sha256"], "labels": labels_path, "card": card_path,
         "run_test_accuracy": (card["run_test_metrics"] or {}).get("accuracy"),
         "exported_test": {k: v for k, v in measured.items() if k not in ("confusion_matrix", "per_class")},
         "warnings": warnings, "seconds": round(time.perf_counter() - started, 3),

@@ -62,6 +62,9 @@ class _Exported:
         if weights:
             raise FeatcacheError(f"--weights: {path} is an exported model; its base is inside it")
         card, self.runner = load(path, fmt)
+        if card.get("head_only"):
+            raise FeatcacheError(f"{path}: a head-only export takes cached features, not images: "
+                                 "featcache predict EXPORT --features STORE")
         self.class_names = card["class_names"]
         self.inputs = [ImageInput(int(i["size"]), str(i["resize"])) for i in card.get("inputs") or [card["input"]]]
         source = (card.get("feature_sets") or [{}])[0]
@@ -73,7 +76,8 @@ class _Exported:
         return self.runner.predict_proba(arrays[0] if len(arrays) == 1 else arrays)
 
 
-def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, batch_size: int = 32) -> dict:
+def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, batch_size: int = 32,
+            features: str | None = None) -> dict:
     """Class probabilities for images, from any kind of run (head, fused, fine-tuned, ensemble)
     or an exported model (.tflite, .keras, SavedModel folder). Returns {class_names,
     predictions: [{path, predicted, probability, top: [{class, probability}]}], failures:
@@ -86,6 +90,16 @@ def predict(run_dir: str, inputs, top_k: int = 1, weights: str | None = None, ba
     if top_k < 1:
         raise FeatcacheError(f"--top-k {top_k}: must be at least 1")
     fmt = format_of(run_dir)
+    if features is not None:  # a head-only export over a store's rows
+        from .head_only import predict_stored
+
+        if fmt is None:
+            raise FeatcacheError(f"--features: {run_dir} is not an exported model; export the run with --head-only")
+        if inputs:
+            raise FeatcacheError("--features STORE predicts the store's rows; give no image files with it")
+        return predict_stored(run_dir, features, fmt, top_k)
+    if not inputs:
+        raise FeatcacheError("no images given (files or folders; or --features STORE for a head-only export)")
     if fmt is not None:
         run = _Exported(run_dir, fmt, weights)
         models, sizes, about = {}, sorted(set(run.inputs)), run.about

@@ -1,5 +1,6 @@
 """Exported models run the way a deployment runs them: a .tflite file in the LiteRT
-interpreter, a SavedModel through its ``serving_default`` signature, a .keras file in Keras.
+interpreter, a SavedModel through its ``serving_default`` signature, a .keras file in Keras,
+an .onnx file in ONNX Runtime.
 
 Each takes images decoded and resized as the model card says and returns (N, K) float64
 probabilities; ``predict`` and the export's own test measurement both use these.
@@ -14,13 +15,14 @@ import numpy as np
 from ...errors import FeatcacheError
 from ...quiet_tf import stderr_to_devnull
 from . import card as model_card
+from .onnx import OnnxModel
 from .savedmodel import is_saved_model
 
-SUFFIXES = {".tflite": "tflite", ".keras": "keras"}
+SUFFIXES = {".tflite": "tflite", ".keras": "keras", ".onnx": "onnx"}
 
 
 def format_of(path: str) -> str | None:
-    """"tflite", "keras" or "savedmodel" for an exported model's path; None for anything else
+    """"tflite", "keras", "onnx" or "savedmodel" for an exported model's path; None for anything else
     (a run directory, a missing path)."""
     path = os.fspath(path)
     if is_saved_model(path):
@@ -111,7 +113,7 @@ class KerasModel:
         return keras_proba(self.model, images)
 
 
-RUNNERS = {"tflite": TFLiteModel, "savedmodel": SavedModelModel, "keras": KerasModel}
+RUNNERS = {"tflite": TFLiteModel, "savedmodel": SavedModelModel, "keras": KerasModel, "onnx": OnnxModel}
 
 
 def load_runner(path: str, fmt: str):
@@ -122,7 +124,7 @@ def load(path: str, fmt: str | None = None):
     """(card, runner) of an exported model; the card says its class names and input."""
     fmt = fmt or format_of(path)
     if fmt is None:
-        raise FeatcacheError(f"{path}: not an exported model (.tflite, .keras or a SavedModel folder)")
+        raise FeatcacheError(f"{path}: not an exported model (.tflite, .keras, .onnx or a SavedModel folder)")
     card = model_card.read(path, fmt)
     return card, load_runner(path, fmt)
 

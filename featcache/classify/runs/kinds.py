@@ -76,6 +76,7 @@ class Run:
         return None
 
     map_refusal = ""  # why the report cannot map this kind's features ("" when it can)
+    head_only_refusal = "only a head trained on cached features exports alone"  # "" when it can
 
     @property
     def source(self) -> str:
@@ -102,6 +103,8 @@ class Run:
 
 class HeadRun(Run):
     """A dense or logreg head on one feature set (kind ``head``) or on several (``fused``)."""
+
+    head_only_refusal = ""
 
     def __init__(self, run_dir: str, config: dict):
         super().__init__(run_dir, config)
@@ -135,6 +138,7 @@ class FinetuneRun(Run):
     """An end-to-end model from ``featcache finetune``: images in, probabilities out."""
 
     kind = "finetune"
+    head_only_refusal = "a fine-tuned model reads images, not cached features; export it whole"
 
     def __init__(self, run_dir: str, config: dict):
         import keras
@@ -205,6 +209,7 @@ class EnsembleRun(Run):
         self.image_root = next((m.image_root for m in self.members if m.image_inputs), "")
 
     map_refusal = "an ensemble's members read different features; each member's own report maps its own"
+    head_only_refusal = "an ensemble's members may read images; export it whole, or each member with --head-only"
 
     @property
     def label(self) -> str:
