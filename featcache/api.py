@@ -182,7 +182,7 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
           dropout: float | None = None, l2: float | None = None, optimizer: str | None = None,
           lr: float | None = None, epochs: int | None = None, batch_size: int | None = None,
           steps_per_execution: int | None = None, C: float | None = None, max_iter: int | None = None,
-          stream_epochs: int | None = None, seed: int | None = None,
+          stream_epochs: int | None = None, seed: int | None = None, standardize: bool | None = None,
           memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, early_stopping: int | None = None,
           checkpoint: bool = False, reduce_lr: int | None = None, csv_log: bool = False,
           tensorboard: str | None = None, no_report: bool = False) -> dict:
@@ -200,7 +200,7 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
     options = _given(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
                      batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
                      stream_epochs=stream_epochs, seed=seed, early_stopping=early_stopping, checkpoint=checkpoint,
-                     reduce_lr=reduce_lr, csv_log=csv_log, tensorboard=tensorboard)
+                     reduce_lr=reduce_lr, csv_log=csv_log, tensorboard=tensorboard, standardize=standardize)
     return run_train(os.fspath(store), feature_set, base, head, os.fspath(out), memory_budget_mb,
                      report=not no_report, feature_sets=_names(feature_sets) if feature_sets is not None else None,
                      **options)
@@ -211,7 +211,7 @@ def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg"
             l2: float | None = None, optimizer: str | None = None, lr: float | None = None,
             epochs: int | None = None, batch_size: int | None = None, steps_per_execution: int | None = None,
             C: float | None = None, max_iter: int | None = None, stream_epochs: int | None = None,
-            seed: int | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+            seed: int | None = None, standardize: bool | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
             out: str | os.PathLike | None = None, no_report: bool = False) -> dict:
     """A leaderboard of heads x feature sets on the same images and metrics (``featcache compare``).
 
@@ -229,7 +229,7 @@ def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg"
 
     options = _given(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
                      batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
-                     stream_epochs=stream_epochs, seed=seed)
+                     stream_epochs=stream_epochs, seed=seed, standardize=standardize)
     return run_compare(os.fspath(store), _names(heads), _names(feature_sets) or None, cv, memory_budget_mb,
                        out=None if out is None else os.fspath(out), report=not no_report, **options)
 
@@ -402,6 +402,10 @@ def _names(value) -> list[str]:
     return [item.strip() for item in items if item and item.strip()]
 
 
+# Options whose False is a choice (--no-standardize), not a flag left off.
+_SWITCHES = ("standardize",)
+
+
 def _given(**options) -> dict:
     """The options that were set: None (the head's default) and False (a flag off) are dropped."""
-    return {k: v for k, v in options.items() if v is not None and v is not False}
+    return {k: v for k, v in options.items() if v is not None and (v is not False or k in _SWITCHES)}

@@ -289,6 +289,8 @@ def _head_options(f):
         click.option("--max-iter", type=click.IntRange(min=1), help="logreg: lbfgs iterations [1000]."),
         click.option("--stream-epochs", type=click.IntRange(min=1), help="logreg: passes of the streamed SGD solver [20]."),
         click.option("--seed", type=int, help="Seed of init, dropout and shuffling [0]."),
+        click.option("--standardize/--no-standardize", default=None,
+                     help="dense: scale inputs by the training rows' mean and variance, kept in the model, so the untrained head starts near chance [on]."),
         click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=api.DEFAULT_MEMORY_BUDGET_MB, show_default=True,
                      help="MB. Train+validation features (float32) above this stream from the store in chunks; 0 = always stream."),
     ]

@@ -80,6 +80,19 @@ class Head:
             self.feature_shape = tuple(int(d) for d in feature_shape)
             self.parts = [self.feature_shape]
 
+    def vectors(self, x) -> np.ndarray:
+        """Pooled or flattened float32 features, (N, D); a fused head's sets side by side, in order."""
+        parts = x if isinstance(x, (list, tuple)) else [x]
+        vectors = []
+        for part, shape in zip(parts, self.parts):
+            part = pool_features(np.asarray(part, dtype=np.float32), self.part_pool(shape))
+            vectors.append(part.reshape(len(part), -1))
+        return vectors[0] if len(vectors) == 1 else np.concatenate(vectors, axis=1)
+
+    def prepare(self, train: Rows, plan: Plan) -> None:
+        """What the built head takes from the training rows before the untrained check and fit
+        (the dense head: its input scaling). Nothing by default."""
+
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 

@@ -10,14 +10,26 @@ from ..rows.training import batches_forever, steps
 from .base import OPTIMIZERS, Head, float32, two_columns
 
 
+CONSTANT_VARIANCE = 1e-6  # of the largest feature variance: below it a feature counts as constant
+
+
 class DenseHead(Head):
-    """Keras Flatten (or global pooling) -> Dense(units, relu) -> Dropout -> sigmoid/softmax."""
+    """Keras Flatten (or global pooling) -> standardize -> Dense(units, relu) -> Dropout -> sigmoid/softmax.
+
+    It starts at chance: pooled ReLU features are unscaled by nature (means of 0.5 to several
+    units over thousands of inputs), and with a Glorot-initialised output the untrained head's
+    loss was 3.2 x ln K on the demo. ``standardize`` (on by default) puts a Normalization layer
+    holding the mean and variance of the training rows' (pooled or flattened) features in front
+    (computed before training, in a stream when the rows do not fit the budget; alone it brought
+    the demo to 1.6 x ln K), and the output layer starts at zero (exactly ln K). The statistics
+    live inside the model, so every export (.keras, .tflite, SavedModel, ONNX, head-only)
+    carries them."""
 
     name = "dense"
     model_file = "model.keras"
     DEFAULTS = {
         "units": 256, "dropout": 0.5, "l2": 0.0, "optimizer": "rmsprop", "lr": 2e-5,
-        "epochs": 30, "batch_size": 20, "pool": "none", "seed": 0,
+        "epochs": 30, "batch_size": 20, "pool": "none", "seed": 0, "standardize": True,
         # Batches run per compiled call: the same updates in the same order (checked: equal
         # histories), far less Keras per-step overhead on CPU.
         "steps_per_execution": 32,
@@ -45,6 +57,32 @@ class DenseHead(Head):
 
     def build(self, num_classes, feature_shape) -> None:
         super().build(num_classes, feature_shape)
+        self._build_model(None)
+
+    def prepare(self, train, plan) -> None:
+        """The input scaling: mean and variance of the training rows' vectors (float64 sums)."""
+        if not self.config["standardize"]:
+            return
+        count, total, squares = 0, 0.0, 0.0
+        for x, _ in train.chunks(plan.chunk_rows):
+            v = self.vectors(x).astype(np.float64)
+            count += len(v)
+            total = total + v.sum(axis=0)
+            squares = squares + np.square(v).sum(axis=0)
+        if not count:
+            return
+        mean = total / count
+        variance = np.maximum(squares / count - np.square(mean), 0.0)
+        # A feature (near) constant on the training rows, e.g. a ReLU unit that never fired, is
+        # left unscaled as scikit-learn's StandardScaler does: dividing by its ~0 spread would
+        # blow up the first other row where it fires.
+        variance[variance <= CONSTANT_VARIANCE * max(float(variance.max()), 1e-30)] = 1.0
+        self._build_model((mean, variance))
+        self.info["standardized"] = {"rows": int(count), "features": int(len(mean))}
+
+    def _build_model(self, statistics) -> None:
+        """The Keras model; ``statistics``: (mean, variance) of the inputs, or None before
+        prepare() (then the Normalization layer is the identity: mean 0, variance 1)."""
         import keras
 
         c = self.config
@@ -56,13 +94,21 @@ class DenseHead(Head):
         else:
             inputs = keras.Input(self.feature_shape, name="features")
             x = self._vector(keras, inputs, self.feature_shape, "")
+        if c["standardize"]:
+            width = int(x.shape[-1])
+            mean, variance = statistics if statistics is not None else (np.zeros(width), np.ones(width))
+            x = keras.layers.Normalization(mean=mean.astype(np.float32), variance=variance.astype(np.float32),
+                                           name="standardize")(x)
         regularizer = keras.regularizers.L2(c["l2"]) if c["l2"] else None
         x = keras.layers.Dense(c["units"], activation="relu", kernel_regularizer=regularizer, name="hidden")(x)
         x = keras.layers.Dropout(c["dropout"], seed=self.seed, name="dropout")(x)
+        # The output layer starts at zero: every class 1/K, the untrained loss exactly ln K, whatever
+        # the inputs; the hidden layer gets its gradient from the second step on.
         if self.binary:
-            outputs = keras.layers.Dense(1, activation="sigmoid", name="output")(x)
+            outputs = keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros", name="output")(x)
         else:
-            outputs = keras.layers.Dense(self.num_classes, activation="softmax", name="output")(x)
+            outputs = keras.layers.Dense(self.num_classes, activation="softmax", kernel_initializer="zeros",
+                                         name="output")(x)
         self.model = keras.Model(inputs, outputs, name="dense_head")
         self._compile()
 

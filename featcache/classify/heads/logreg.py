@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from ...errors import FeatcacheError
-from .base import Head, pool_features, rows_in
+from .base import Head, rows_in
 
 
 class LogRegHead(Head):
@@ -28,20 +28,11 @@ class LogRegHead(Head):
                 raise FeatcacheError(f"--{option.replace('_', '-')} {c[option]}: out of range")
         self.pipeline = None
 
-    def _prepare(self, x) -> np.ndarray:
-        """Pooled or flattened features; a fused head's sets side by side, in order."""
-        parts = x if isinstance(x, (list, tuple)) else [x]
-        vectors = []
-        for part, shape in zip(parts, self.parts):
-            part = pool_features(np.asarray(part, dtype=np.float32), self.part_pool(shape))
-            vectors.append(part.reshape(len(part), -1))
-        return vectors[0] if len(vectors) == 1 else np.concatenate(vectors, axis=1)
-
     def predict_proba(self, x) -> np.ndarray:
         if self.pipeline is None:
             # The untrained state: zero weights, the same probability for every class.
             return np.full((rows_in(x), self.num_classes), 1.0 / self.num_classes)
-        return np.asarray(self.pipeline.predict_proba(self._prepare(x)), dtype=np.float64)
+        return np.asarray(self.pipeline.predict_proba(self.vectors(x)), dtype=np.float64)
 
     def fit(self, train, validation, plan, run_dir=None, callbacks=()) -> dict:
         from sklearn.exceptions import ConvergenceWarning
@@ -59,7 +50,7 @@ class LogRegHead(Head):
         ])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            pipeline.fit(self._prepare(x), y)
+            pipeline.fit(self.vectors(x), y)
         self.pipeline = pipeline
         self.info.update(solver="lbfgs", iterations=int(np.max(pipeline[-1].n_iter_)),
                          converged=not any(issubclass(w.category, ConvergenceWarning) for w in caught))
@@ -85,7 +76,7 @@ class LogRegHead(Head):
         c = self.config
         scaler = StandardScaler()
         for x, _ in train.chunks(plan.chunk_rows):
-            scaler.partial_fit(self._prepare(x))
+            scaler.partial_fit(self.vectors(x))
         alpha = 1.0 / (c["C"] * len(train))
         sgd = SGDClassifier(loss="log_loss", alpha=alpha, random_state=self.seed)
         classes = np.arange(self.num_classes)
@@ -94,7 +85,7 @@ class LogRegHead(Head):
         for epoch in range(c["stream_epochs"]):
             rng = np.random.default_rng([self.seed, epoch])
             for x, y in train.chunks(plan.chunk_rows, rng):
-                sgd.partial_fit(scaler.transform(self._prepare(x)), y, classes=classes)
+                sgd.partial_fit(scaler.transform(self.vectors(x)), y, classes=classes)
             self._history_row(history, train, validation, plan)
         self.info.update(solver=f"SGDClassifier(log_loss) partial_fit, {c['stream_epochs']} passes, alpha=1/(C*n)={alpha:.3g} "
                                 "(streamed: lbfgs needs all rows in memory)")

@@ -68,6 +68,7 @@ def fit_and_evaluate(head: Head, fs: FeatureSet, splits: dict[str, data.Rows], b
         validation = None
     plan = data.plan(train, validation, budget_mb, int(head.config.get("batch_size", 1)))
     head.build(k, fs.feature_shape)
+    head.prepare(train, plan)
 
     probe = validation if validation is not None else train
     untrained = reports.untrained_check(reports.score(probe.labels, head.predict_rows(probe, plan), k), k)
