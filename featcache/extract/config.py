@@ -12,19 +12,15 @@ from .bases.backbones import check_size, get_backbone
 from .images.decode import DEFAULT_MAX_PIXELS
 from .images.discover import DEFAULT_FRACTIONS, Listing
 from .bases.feature_model import POOLINGS, gpu_compute_capability, resolve_precision
-from .images.resize import GPU_RESIZE, resolve_resize
+from .images.resize import GPU_DECODERS, GPU_RESIZE, resolve_resize
 from .bases.weights import resolve_weights
 
 STORAGE_DTYPES = ("float32", "float16")
-DECODERS = ("auto", "threads", "processes", "gpu")
+DECODERS = ("auto", "threads", "processes", "gpu", "hybrid")
 # Decoding processes pay for themselves once the model outruns a few decoding threads: on many
 # cores, or beside a GPU. Below this, threads (the model is the limit; nothing to gain).
 PROCESS_MIN_CORES = 8
 PROCESS_MIN_CORES_WITH_GPU = 4
-# GPU decoding beats decoding processes only where the cores are few. Measured on an H200 with
-# 16 cores (vgg16@150 fp16, benchmarks/gpu_extract.py): --decode gpu 7,400 img/s, 15 decoding
-# processes 11,000 (about 740 per process), so processes win from about 11 cores on.
-GPU_DECODE_MAX_CORES = 10
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class ExtractConfig:
     follow_symlinks: bool = False
     decode_workers: int | None = None
     xla: bool = False  # jit_compile the model step (not in the key: float rounding only)
-    decode: str = "auto"  # threads, processes or gpu (see resolve_decode); not in the key, the resize is
+    decode: str = "auto"  # threads, processes, gpu or hybrid (see resolve_decode); not in the key, the resize is
     decode_processes: bool = False  # the older spelling of decode="processes"
     progress: bool = True
     augment: int = 0  # K augmented views per training image (0: none); see extract/augment.py
@@ -67,8 +63,9 @@ def gpu_decode_installed() -> bool:
 def resolve_decode(config: ExtractConfig) -> str:
     """How images are decoded: ``config.decode`` itself, or for ``auto``:
 
-    * ``gpu`` where nvImageCodec is installed (``featcache[gpu-decode]``), a GPU is visible and
-      the cores are few (GPU_DECODE_MAX_CORES or fewer);
+    * where nvImageCodec is installed (``featcache[gpu-decode]``) and a GPU is visible:
+      ``hybrid`` (the GPU decoder and decoding processes at once) on PROCESS_MIN_CORES_WITH_GPU
+      cores or more, ``gpu`` below;
     * ``processes`` on PROCESS_MIN_CORES cores or more (PROCESS_MIN_CORES_WITH_GPU beside a GPU);
     * ``threads`` otherwise.
     """
@@ -82,8 +79,8 @@ def resolve_decode(config: ExtractConfig) -> str:
         return config.decode
     gpu = gpu_compute_capability() is not None
     cores = os.cpu_count() or 1
-    if gpu and cores <= GPU_DECODE_MAX_CORES and gpu_decode_installed():
-        return "gpu"
+    if gpu and gpu_decode_installed():
+        return "hybrid" if cores >= PROCESS_MIN_CORES_WITH_GPU else "gpu"
     return "processes" if cores >= (PROCESS_MIN_CORES_WITH_GPU if gpu else PROCESS_MIN_CORES) else "threads"
 
 
@@ -96,20 +93,20 @@ def decoding_is_the_limit() -> bool:
 def run_resize(config: ExtractConfig, decode: str | None = None) -> str:
     """The resize method of a run, resolved (never ``auto``)."""
     decode = decode or resolve_decode(config)
-    fast = config.resize == "auto" and decode != "gpu" and decoding_is_the_limit()
+    fast = config.resize == "auto" and decode not in GPU_DECODERS and decoding_is_the_limit()
     return resolve_resize(config.resize, decode, fast)
 
 
 def check_decoder(decode: str, resize: str) -> None:
     """GPU decoding: the library, a GPU and a backend that takes DLPack arrays, or one clear line."""
-    if decode != "gpu":
+    if decode not in GPU_DECODERS:
         return
     from .images.gpu_decode import check_gpu_decoding
 
     if resize != GPU_RESIZE:
-        raise FeatcacheError(f"--decode gpu resizes on the GPU ({GPU_RESIZE}); leave --resize out or pass "
+        raise FeatcacheError(f"--decode {decode} resizes on the GPU ({GPU_RESIZE}); leave --resize out or pass "
                              f"--resize {GPU_RESIZE} (not {resize})")
-    check_gpu_decoding()
+    check_gpu_decoding(decode)
 
 
 def key_spec(config: ExtractConfig) -> KeySpec:
