@@ -21,6 +21,11 @@ DECODERS = ("auto", "threads", "processes", "gpu", "hybrid")
 # cores, or beside a GPU. Below this, threads (the model is the limit; nothing to gain).
 PROCESS_MIN_CORES = 8
 PROCESS_MIN_CORES_WITH_GPU = 4
+# GPU decoding beats decoding processes only where the cores are few. Measured on an H200 with
+# 16 cores (vgg16@150 fp16, benchmarks/gpu_extract.py): --decode gpu 4,500-7,400 img/s, 15 decoding
+# processes 9,800-11,000 (about 700 per process), so processes win from about 11 cores on. --decode
+# hybrid (4,400-5,200 there, docs/gpu-decoding.md) is never picked by auto.
+GPU_DECODE_MAX_CORES = 10
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,8 @@ def gpu_decode_installed() -> bool:
 def resolve_decode(config: ExtractConfig) -> str:
     """How images are decoded: ``config.decode`` itself, or for ``auto``:
 
-    * where nvImageCodec is installed (``featcache[gpu-decode]``) and a GPU is visible:
-      ``hybrid`` (the GPU decoder and decoding processes at once) on PROCESS_MIN_CORES_WITH_GPU
-      cores or more, ``gpu`` below;
+    * ``gpu`` where nvImageCodec is installed (``featcache[gpu-decode]``), a GPU is visible and
+      the cores are few (GPU_DECODE_MAX_CORES or fewer);
     * ``processes`` on PROCESS_MIN_CORES cores or more (PROCESS_MIN_CORES_WITH_GPU beside a GPU);
     * ``threads`` otherwise.
     """
@@ -79,8 +83,8 @@ def resolve_decode(config: ExtractConfig) -> str:
         return config.decode
     gpu = gpu_compute_capability() is not None
     cores = os.cpu_count() or 1
-    if gpu and gpu_decode_installed():
-        return "hybrid" if cores >= PROCESS_MIN_CORES_WITH_GPU else "gpu"
+    if gpu and cores <= GPU_DECODE_MAX_CORES and gpu_decode_installed():
+        return "gpu"
     return "processes" if cores >= (PROCESS_MIN_CORES_WITH_GPU if gpu else PROCESS_MIN_CORES) else "threads"
 
 
