@@ -71,9 +71,10 @@ def cli(ctx, debug):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=EXTRACT.PRECISION, show_default=True,
               help="Compute precision of the base (part of the cache key). auto: fp16 on a GPU of compute capability >= 7.0; "
                    "bf16 on a CPU with AVX512_BF16/AMX for vgg16/vgg19; fp32 otherwise (depthwise bases lose fidelity in bf16).")
-@click.option("--decode", type=click.Choice(["auto", "threads", "processes", "gpu"]), default=EXTRACT.DECODE, show_default=True,
-              help="Where JPEGs are decoded. auto: gpu where nvImageCodec is installed and a GPU is visible; processes on 8+ cores "
-                   "(4+ beside a GPU); threads otherwise.")
+@click.option("--decode", type=click.Choice(EXTRACT.DECODERS), default=EXTRACT.DECODE, show_default=True,
+              help="Where JPEGs are decoded. hybrid: the GPU decoder and decoding processes at once (gpu-bilinear on both). auto: gpu "
+                   "where nvImageCodec is installed, a GPU is visible and cores <= 10; processes on 8+ cores (4+ beside a GPU); "
+                   "threads otherwise.")
 @click.option("--decode-workers", type=click.IntRange(min=1), help="Decoding threads or processes [default: threads min(4, cores), processes cores - 1].")
 @click.option("--xla", is_flag=True, help="Compile the model step with XLA (TensorFlow; measured slower on CPUs, try it on GPUs).")
 @click.option("--decode-processes", is_flag=True, help="The same as --decode processes.")

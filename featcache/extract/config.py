@@ -12,18 +12,19 @@ from .bases.backbones import check_size, get_backbone
 from . import defaults as EXTRACT
 from .images.discover import Listing, discover
 from .bases.feature_model import POOLINGS, gpu_compute_capability, resolve_precision
-from .images.resize import GPU_RESIZE, resolve_resize
+from .images.resize import GPU_DECODERS, GPU_RESIZE, resolve_resize
 from .bases.weights import resolve_weights
 
 STORAGE_DTYPES = ("float32", "float16")
-DECODERS = ("auto", "threads", "processes", "gpu")
+DECODERS = EXTRACT.DECODERS
 # Decoding processes pay for themselves once the model outruns a few decoding threads: on many
 # cores, or beside a GPU. Below this, threads (the model is the limit; nothing to gain).
 PROCESS_MIN_CORES = 8
 PROCESS_MIN_CORES_WITH_GPU = 4
 # GPU decoding beats decoding processes only where the cores are few. Measured on an H200 with
-# 16 cores (vgg16@150 fp16, benchmarks/gpu_extract.py): --decode gpu 7,400 img/s, 15 decoding
-# processes 11,000 (about 740 per process), so processes win from about 11 cores on.
+# 16 cores (vgg16@150 fp16, benchmarks/gpu_extract.py): --decode gpu 4,500-7,400 img/s, 15 decoding
+# processes 9,800-11,000 (about 700 per process), so processes win from about 11 cores on. --decode
+# hybrid (4,400-5,200 there, docs/gpu-decoding.md) is never picked by auto.
 GPU_DECODE_MAX_CORES = 10
 
 
@@ -47,7 +48,7 @@ class ExtractConfig:
     follow_symlinks: bool = False
     decode_workers: int | None = None
     xla: bool = False  # jit_compile the model step (not in the key: float rounding only)
-    decode: str = EXTRACT.DECODE  # threads, processes or gpu (see resolve_decode); not in the key, the resize is
+    decode: str = EXTRACT.DECODE  # threads, processes, gpu or hybrid (see resolve_decode); not in the key, the resize is
     decode_processes: bool = False  # the older spelling of decode="processes"
     progress: bool = True
     augment: int = EXTRACT.AUGMENT  # K augmented views per training image (0: none); see extract/augment.py
@@ -97,20 +98,20 @@ def decoding_is_the_limit() -> bool:
 def run_resize(config: ExtractConfig, decode: str | None = None) -> str:
     """The resize method of a run, resolved (never ``auto``)."""
     decode = decode or resolve_decode(config)
-    fast = config.resize == "auto" and decode != "gpu" and decoding_is_the_limit()
+    fast = config.resize == "auto" and decode not in GPU_DECODERS and decoding_is_the_limit()
     return resolve_resize(config.resize, decode, fast)
 
 
 def check_decoder(decode: str, resize: str) -> None:
     """GPU decoding: the library, a GPU and a backend that takes DLPack arrays, or one clear line."""
-    if decode != "gpu":
+    if decode not in GPU_DECODERS:
         return
     from .images.gpu_decode import check_gpu_decoding
 
     if resize != GPU_RESIZE:
-        raise FeatcacheError(f"--decode gpu resizes on the GPU ({GPU_RESIZE}); leave --resize out or pass "
+        raise FeatcacheError(f"--decode {decode} resizes on the GPU ({GPU_RESIZE}); leave --resize out or pass "
                              f"--resize {GPU_RESIZE} (not {resize})")
-    check_gpu_decoding()
+    check_gpu_decoding(decode)
 
 
 def key_spec(config: ExtractConfig) -> KeySpec:

@@ -9,6 +9,7 @@ BATCH_SIZE = 32
 DTYPE = "float32"
 PRECISION = "auto"  # resolved per device and base before keying
 DECODE = "auto"  # resolved per machine (config.resolve_decode)
+DECODERS = ("auto", "threads", "processes", "gpu", "hybrid")  # --decode choices
 RESIZE = "auto"  # resolved per machine and decoder before keying
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train, validation, test, for folders without split folders
 SPLIT = ",".join(str(f) for f in SPLIT_FRACTIONS)  # the command line's spelling

@@ -45,3 +45,31 @@ def drain(out: queue.Queue, stop: threading.Event, thread: threading.Thread):
                     item.release()
             except queue.Empty:
                 pass
+
+
+class Chunks:
+    """The listing's batches (``rows`` pairs each, in order), handed out one at a time to
+    whichever decoder asks first; thread-safe. Closed, it hands out nothing more (a stop)."""
+
+    def __init__(self, todo: list, rows: int):
+        self.todo, self.rows = todo, rows
+        self._starts = iter(range(0, len(todo), rows))
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def next(self) -> list | None:
+        """The next batch's (entry, digest) pairs, or None when there are none left."""
+        with self._lock:
+            start = None if self.closed else next(self._starts, None)
+            if start is None:
+                self.closed = True
+                return None
+            return self.todo[start : start + self.rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+
+    def __iter__(self):
+        while (pairs := self.next()) is not None:
+            yield pairs

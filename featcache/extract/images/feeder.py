@@ -26,10 +26,13 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from ...errors import FeatcacheError
-from .batches import THREAD_PREFETCH_BATCHES, collect, drain
+from .batches import THREAD_PREFETCH_BATCHES, Chunks, collect, drain
 from .decode import decode_file
 
 MODEL_HELD_SLOTS = 2  # ring slots the model may hold: the batch being dispatched and the one being fetched
+# Cores a hybrid run leaves to its main process and the GPU decoder's host threads (file reads,
+# nvImageCodec's calls, the hand-over and resize dispatch); the rest run decoding processes.
+HYBRID_HOST_CORES = 4
 MAX_CHUNK = 64  # images per process task: large enough that messages are rare, small enough to balance
 
 
@@ -45,6 +48,8 @@ def default_workers(decode: str) -> int:
     cores = os.cpu_count() or 1
     if decode == "processes":
         return max(1, cores - 1)  # one core for the main process (model dispatch, store writes)
+    if decode == "hybrid":
+        return max(1, cores - HYBRID_HOST_CORES)
     return min(4, cores)
 
 
@@ -52,12 +57,33 @@ def decoded_batches(listing, todo, config, size: int, decode: str, resize: str, 
     """Yield :class:`~.batches.Batch` es of ``rows`` images over ``todo`` ((entry, digest) pairs)."""
     workers = config.decode_workers or default_workers(decode)
     if decode == "processes":
-        return _process_batches(listing, todo, size, resize, config.max_pixels, rows, workers)
+        return process_batches(listing, todo, size, resize, config.max_pixels, rows, workers)
     if decode == "gpu":
         from .gpu_decode import gpu_batches
 
         return gpu_batches(listing, todo, size, config.max_pixels, rows, workers)
+    if decode == "hybrid":
+        return hybrid_batches(listing, todo, size, config.max_pixels, rows, workers)
     return _thread_batches(listing, todo, size, resize, config.max_pixels, rows, workers)
+
+
+def hybrid_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: int, decoder=None):
+    """The GPU decoder and ``workers`` decoding processes, each taking the next batch when free.
+
+    Both sides give ``gpu-bilinear`` images: the processes decode with Pillow (libjpeg) and
+    resize with the same float triangle filter the GPU applies (:func:`.resize.resize_array`),
+    so the run keeps the key of ``--decode gpu`` (see docs/gpu-decoding.md for why)."""
+    from .gpu_decode import gpu_batches
+    from .hybrid import QUEUED_BATCHES, interleave
+    from .resize import GPU_RESIZE
+
+    chunks = Chunks(todo, rows)
+    # The consumer may hold the model's batches, the queue's, and one a source waits to queue.
+    held = MODEL_HELD_SLOTS + QUEUED_BATCHES + 1
+    return interleave(chunks, {
+        "gpu": lambda c: gpu_batches(listing, todo, size, max_pixels, rows, min(4, workers), decoder, chunks=c),
+        "processes": lambda c: process_batches(listing, todo, size, GPU_RESIZE, max_pixels, rows, workers, c, held),
+    })
 
 
 def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
@@ -134,33 +160,42 @@ def _decode_into_ring(slot: int, start: int, paths: list[str], size: int, resize
     return reasons
 
 
-def ring_slots(rows: int, workers: int, chunk: int) -> int:
-    """Batches in the ring: the model's, plus enough decoded ahead that every process has two
-    chunks queued (no process waits at a batch boundary), and at least two."""
-    return MODEL_HELD_SLOTS + max(2, math.ceil(2 * workers * chunk / rows))
+def ring_slots(rows: int, workers: int, chunk: int, held: int = MODEL_HELD_SLOTS) -> int:
+    """Batches in the ring: those the consumer holds, plus enough decoded ahead that every
+    process has two chunks queued (no process waits at a batch boundary), and at least two."""
+    return held + max(2, math.ceil(2 * workers * chunk / rows))
 
 
-def _process_batches(listing, todo, size, resize, max_pixels, rows, workers):
+def process_batches(listing, todo, size, resize, max_pixels, rows, workers, chunks: Chunks | None = None,
+                    held: int = MODEL_HELD_SLOTS):
+    """Batches decoded by processes into the shared-memory ring. ``chunks``: where the batches
+    come from (shared with other decoders in a hybrid run); ``held``: batches the consumer may
+    hold at once (the model's two, plus a hybrid run's queue)."""
     import multiprocessing
     from multiprocessing import shared_memory
 
+    chunks = chunks if chunks is not None else Chunks(todo, rows)
     chunk = max(1, min(MAX_CHUNK, math.ceil(rows / workers)))
-    slots = ring_slots(rows, workers, chunk)
+    slots = ring_slots(rows, workers, chunk, held)
     shape = (slots, rows, size, size, 3)
     shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
     ring = np.ndarray(shape, np.uint8, shm.buf)
     # spawn: forking a process that runs TF/JAX threads is unsafe
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _attach_ring, (shm.name, shape))
     free = deque(range(slots))
-    pending: deque = deque()  # (slot, pairs, futures) in listing order
-    starts = iter(range(0, len(todo), rows))
+    pending: deque = deque()  # (slot, pairs, futures) in the order the chunks were taken
+    # Releases come from the consumer's thread; in a hybrid run this generator runs in another.
+    state = threading.Condition()
+    exhausted = []  # the chunks ran out (or were closed): no more submits
 
-    def submit() -> bool:
-        start = next(starts, None)
-        if start is None:
+    def submit() -> bool:  # with ``state`` held
+        if exhausted or not free:
+            return False
+        pairs = chunks.next()
+        if pairs is None:
+            exhausted.append(True)
             return False
         slot = free.popleft()
-        pairs = todo[start : start + rows]
         futures = [pool.submit(_decode_into_ring, slot, i, [listing.path(e) for e, _ in pairs[i : i + chunk]],
                                size, resize, max_pixels) for i in range(0, len(pairs), chunk)]
         pending.append((slot, pairs, futures))
@@ -170,24 +205,32 @@ def _process_batches(listing, todo, size, resize, max_pixels, rows, workers):
     closed = []  # the generator has ended (a stop): batches still held are released into nothing
 
     def release(slot: int) -> None:
-        free.append(slot)
-        if closed:
-            return
-        try:
-            submit()
-        except BrokenProcessPool:
-            broken.append(True)
+        with state:
+            free.append(slot)
+            if not closed:
+                try:
+                    submit()
+                except BrokenProcessPool:
+                    broken.append(True)
+            state.notify_all()
 
     try:
-        try:
-            while free and submit():
-                pass
-        except BrokenProcessPool:
-            raise DecoderDied() from None
-        while pending or broken:
-            if broken:
-                raise DecoderDied()
-            slot, pairs, futures = pending.popleft()
+        with state:
+            try:
+                while submit():
+                    pass
+            except BrokenProcessPool:
+                raise DecoderDied() from None
+        while True:
+            with state:
+                # Every slot downstream (a hybrid run's queue and model): wait for a release.
+                while not pending and not exhausted and not broken and not chunks.closed:
+                    state.wait(0.1)
+                if broken:
+                    raise DecoderDied()
+                if not pending:
+                    break
+                slot, pairs, futures = pending.popleft()
             try:
                 reasons = [r for f in futures for r in f.result()]
             except BrokenProcessPool:
@@ -202,8 +245,10 @@ def _process_batches(listing, todo, size, resize, max_pixels, rows, workers):
             batch.release = functools.partial(release, slot)
             yield batch
     finally:
-        closed.append(True)
-        for _, _, futures in pending:
+        with state:
+            closed.append(True)
+            left = list(pending)
+        for _, _, futures in left:
             for f in futures:
                 f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ...errors import FeatcacheError
 from .decode import DecodeError, decode_image, read_bytes
-from .batches import THREAD_PREFETCH_BATCHES, collect, drain
+from .batches import THREAD_PREFETCH_BATCHES, Chunks, collect, drain
 from .resize import GPU_RESIZE, triangle_weights
 
 NVIMGCODEC_MISSING = ("--decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
@@ -53,17 +53,20 @@ def gpu_visible() -> bool:
     return gpu_compute_capability() is not None
 
 
-def check_gpu_decoding() -> None:
+def check_gpu_decoding(decode: str = "gpu") -> None:
     """nvImageCodec, a Keras backend that takes DLPack device arrays, and a GPU; or one clear line."""
-    import_nvimgcodec()
+    try:
+        import_nvimgcodec()
+    except FeatcacheError as exc:
+        raise FeatcacheError(str(exc).replace("--decode gpu", f"--decode {decode}")) from None
     import keras
 
     backend = keras.backend.backend()
     if backend not in BACKENDS:
-        raise FeatcacheError(f"--decode gpu hands images to Keras on JAX or TensorFlow, not {backend}; "
+        raise FeatcacheError(f"--decode {decode} hands images to Keras on JAX or TensorFlow, not {backend}; "
                              "set KERAS_BACKEND=jax (or tensorflow), or use --decode processes")
     if not gpu_visible():
-        raise FeatcacheError(f"--decode gpu: no CUDA GPU is visible to Keras ({backend}); "
+        raise FeatcacheError(f"--decode {decode}: no CUDA GPU is visible to Keras ({backend}); "
                              "use --decode processes (or threads)")
 
 
@@ -253,24 +256,28 @@ class GpuDecoder:
         self.cpu.shutdown(wait=True, cancel_futures=True)
 
 
-def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: int, decoder: GpuDecoder | None = None):
+def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: int, decoder: GpuDecoder | None = None,
+                chunks: Chunks | None = None):
     """Yield :class:`~.batches.Batch` es decoded on the GPU, THREAD_PREFETCH_BATCHES ahead.
 
     The decoder's three stages run in three threads, a batch apart: while batch k is being
     assembled (DLPack hand-over and resize, which hold the GIL), k+1 is in nvImageCodec (which
     does not) and k+2's files are being read. One thread did all three before, and its host
-    time, not the GPU, set the rate."""
+    time, not the GPU, set the rate. ``chunks``: where the batches come from (shared with the
+    decoding processes in a hybrid run; the read stage takes the next one when it is free)."""
     decoder = decoder or GpuDecoder(size, max_pixels, workers)
+    chunks = chunks if chunks is not None else Chunks(todo, rows)
     out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
     stop = threading.Event()
-    chunks = [todo[start : start + rows] for start in range(0, len(todo), rows)]
 
     def produce():
         read = decoded = None
         try:
-            read = _ahead((decoder.read([listing.path(e) for e, _ in pairs]) for pairs in chunks), "featcache-gpu-read")
-            decoded = _ahead(((files, decoder.decode_streams(files[1])) for files in read), "featcache-gpu-decode")
-            for pairs, ((datas, streams), images) in zip(chunks, decoded):
+            read = _ahead(((pairs, decoder.read([listing.path(e) for e, _ in pairs])) for pairs in chunks),
+                          "featcache-gpu-read")
+            decoded = _ahead(((pairs, files, decoder.decode_streams(files[1])) for pairs, files in read),
+                             "featcache-gpu-decode")
+            for pairs, (datas, streams), images in decoded:
                 if stop.is_set():
                     return
                 order, images, reasons = decoder.assemble(datas, streams, images)
