@@ -8,7 +8,7 @@ packages; extraction's function is therefore ``featcache.extract_features``.
 from .version import __version__  # noqa: E402
 
 __all__ = ["__version__", "FeatcacheError", "open_store", "extract_features", "info", "verify", "repair", "merge",
-           "bases", "train", "compare", "search", "report", "predict", "export", "finetune", "ensemble", "upgrade", "demo"]
+           "bases", "train", "compare", "search", "report", "predict", "export", "finetune", "ensemble", "upgrade", "audit", "similar", "demo"]
 
 from .errors import FeatcacheError  # noqa: E402  (light: no third-party imports)
 

@@ -290,14 +290,21 @@ def _head_options(f):
         click.option("--max-iter", type=click.IntRange(min=1), help="logreg: lbfgs iterations [1000]."),
         click.option("--stream-epochs", type=click.IntRange(min=1), help="logreg: passes of the streamed SGD solver [20]."),
         click.option("--seed", type=int, help="Seed of init, dropout and shuffling [0]."),
-        click.option("--standardize/--no-standardize", default=None,
-                     help="dense: scale inputs by the training rows' mean and variance, kept in the model, so the untrained head starts near chance [on]."),
+        click.option("--standardize", type=click.BOOL, metavar="yes|no",
+                     help="dense: scale inputs by the training rows' mean and variance, kept in the model, so the untrained head starts near chance [yes]."),
         click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=api.DEFAULT_MEMORY_BUDGET_MB, show_default=True,
                      help="MB. Train+validation features (float32) above this stream from the store in chunks; 0 = always stream."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _exclude_option(command):
+    """--exclude FILE on the commands that train or score heads on a store's rows."""
+    return click.option("--exclude", type=click.Path(dir_okay=False), metavar="FILE",
+                        help="Leave out the images listed in FILE (one relative path a line, e.g. `featcache audit`'s "
+                             "exclude.txt); the run records them.")(command)
 
 
 def _fmt(value, spec=".4f") -> str:
@@ -319,6 +326,7 @@ def _fmt(value, spec=".4f") -> str:
 @click.option("--csv-log", is_flag=True, help="dense: write history.csv epoch by epoch while training (written at the end anyway).")
 @click.option("--tensorboard", type=click.Path(file_okay=False), metavar="DIR", help="dense: TensorBoard log folder (needs the tensorboard package).")
 @click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
+@_exclude_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def train(store, feature_set, feature_sets, base, head, out, memory_budget_mb, no_report, as_json, **options):
     """Train a head on a feature set of STORE (or one fused head on several); write the run directory --out."""
@@ -347,6 +355,7 @@ def train(store, feature_set, feature_sets, base, head, out, memory_budget_mb, n
 @click.option("--out", type=click.Path(), help="New folder: each entry as a run directory HEAD-FEATURE_SET (not with --cv), "
               "leaderboard.json, and leaderboard.html linking each run's report.html.")
 @click.option("--no-report", is_flag=True, help="With --out: no HTML (run directories and leaderboard.json only).")
+@_exclude_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def compare(store, heads, feature_sets, cv, memory_budget_mb, out, no_report, as_json, **options):
     """Leaderboard of heads x feature sets of STORE on the same images and metrics."""
@@ -396,6 +405,7 @@ def _print_leaderboard(store, result, cv):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler and of every trial's head.")
 @click.option("--memory-budget", "memory_budget_mb", type=click.FloatRange(min=0), default=api.DEFAULT_MEMORY_BUDGET_MB,
               show_default=True, help="MB. Train+validation features (float32) above this stream from the store in chunks.")
+@_exclude_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def search(store, as_json, **options):
     """Search heads, feature sets and head settings of STORE with Optuna (resumable).
@@ -444,17 +454,17 @@ def _trust_pickle_option(command):
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes shown per image.")
 @click.option("--weights", help="Weights file of the base, if it moved since extraction [default: as recorded].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--features", "features_store", type=click.Path(), metavar="STORE",
+@click.option("--features", type=click.Path(), metavar="STORE",
               help="RUN_DIR is a head-only export (export --head-only): classify the rows of STORE's feature set instead of images.")
 @_trust_pickle_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def predict(run_dir, images, top_k, weights, batch_size, features_store, trust_pickle, as_json):
+def predict(run_dir, images, top_k, weights, batch_size, features, trust_pickle, as_json):
     """Classify IMAGES (files or folders) with the base and head of RUN_DIR.
 
     RUN_DIR may also be an exported model (a .tflite, .keras or .onnx file, or a SavedModel folder,
     with its model card beside it): then it runs as deployed."""
     result = api.predict(run_dir, list(images), top_k=top_k, weights=weights, batch_size=batch_size,
-                         features=features_store, trust_pickle=trust_pickle)
+                         features=features, trust_pickle=trust_pickle)
     if as_json:
         _emit_json(result)
     else:
@@ -574,10 +584,12 @@ def _print_report(result: dict) -> None:
               help="equal: 1/M each; fit: non-negative weights summing to 1 that minimise the validation log loss.")
 @click.option("--no-report", is_flag=True, help="Do not write RUN_DIR/report.html (see `featcache report`).")
 @_trust_pickle_option
+@_exclude_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def ensemble(run_dirs, out, weights, no_report, trust_pickle, as_json):
+def ensemble(run_dirs, out, weights, no_report, trust_pickle, exclude, as_json):
     """Average the class probabilities of RUN_DIRs trained on the same images; write the run directory --out."""
-    result = api.ensemble(list(run_dirs), out=out, weights=weights, no_report=no_report, trust_pickle=trust_pickle)
+    result = api.ensemble(list(run_dirs), out=out, weights=weights, no_report=no_report, trust_pickle=trust_pickle,
+                          exclude=exclude)
     if as_json:
         _emit_json(result)
         return
@@ -637,6 +649,65 @@ def finetune(paths, out, no_report, as_json, **options):
     click.echo(f"  {result['epochs']} epochs in {result['seconds']:.1f} s; run directory {result['run_dir']}")
     if result.get("report"):
         click.echo(f"  report {result['report']}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--feature-set", help="Feature set name (see `featcache info`).")
+@click.option("--base", help="Use the only feature set of this base instead of naming one.")
+@click.option("--out", type=click.Path(file_okay=False), metavar="DIR",
+              help="New folder: audit.html, audit.json, CSV files and exclude.txt (for train --exclude).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Folds of the out-of-fold probabilities.")
+@click.option("--run", type=click.Path(), help="Use this logreg run's settings for the folds [default: logistic regression, C=1].")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Cosine similarity from which two images are near duplicates [default: per base family].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds.")
+@click.option("--fail-on-leaks", is_flag=True, help="Exit 1 when an image of validation or test has a twin in train.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def audit(store, feature_set, base, out, folds, run, threshold, seed, fail_on_leaks, as_json):
+    """Check the data of STORE from its cached features: label issues, duplicates, train/test leaks, outliers."""
+    result = api.audit(store, feature_set=feature_set, base=base, out=out, folds=folds, run=run,
+                       threshold=threshold, seed=seed)
+    if as_json:
+        _emit_json(result)
+    else:
+        share = result["leak_share"]
+        click.echo(f"audit of {result['feature_set']}: {result['rows']} rows in {result['seconds']:.1f} s")
+        if result["labelled"]:
+            click.echo(f"  label issues      {len(result['label_issues'])}")
+        click.echo(f"  duplicate groups  {len(result['duplicates'])} "
+                   f"({sum(d['exact'] for d in result['duplicates'])} exact)")
+        click.echo(f"  leaks             {len(result['leaks'])} groups; {share['with_a_twin_in_train']} of "
+                   f"{share['held_out_images']} validation/test images have a twin in train")
+        click.echo(f"  outliers          {len(result['outliers'])}")
+        for item in result["label_issues"][:10]:
+            click.echo(f"  label? {_safe(item['path'])}: given {_safe(item['given'])}, suggested "
+                       f"{_safe(item['suggested'])} ({item['score']:.3f})")
+        for note in result["notes"]:
+            click.echo(f"  note: {_safe(note)}", err=True)
+        if result.get("files"):
+            click.echo(f"  page {result['files']['audit.html']}; exclude list {result['files']['exclude.txt']}")
+    sys.exit(1 if fail_on_leaks and result["leaks"] else 0)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.argument("queries", nargs=-1, required=True)
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Neighbours per query.")
+@click.option("--feature-set", help="Feature set name (see `featcache info`).")
+@click.option("--base", help="Use the only feature set of this base instead of naming one.")
+@click.option("--weights", help="Weights file of the base, if it moved since extraction (queries that are files).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def similar(store, queries, k, feature_set, base, weights, as_json):
+    """The K stored images most like each QUERY: a stored image (its relative path) or any image file."""
+    result = api.similar(store, list(queries), k=k, feature_set=feature_set, base=base, weights=weights)
+    if as_json:
+        _emit_json(result)
+        return
+    for r in result["results"]:
+        click.echo(f"{_safe(r['query'])}:")
+        for n in r["neighbors"]:
+            label = f" [{_safe(n['label'])}]" if n["label"] is not None else ""
+            click.echo(f"  {n['similarity']:.4f}  {_safe(n['path'])}{label} ({n['split'] or 'no split'})")
 
 
 @cli.command()

@@ -16,9 +16,9 @@ from featcache.cli import cli
 # command -> API function
 COMMANDS = {"extract": "extract_features", "info": "info", "verify": "verify", "repair": "repair", "merge": "merge",
             "bases": "bases", "train": "train", "compare": "compare", "search": "search", "report": "report",
-            "predict": "predict", "export": "export", "finetune": "finetune", "ensemble": "ensemble", "upgrade": "upgrade", "demo": "demo"}
+            "predict": "predict", "export": "export", "finetune": "finetune", "ensemble": "ensemble", "upgrade": "upgrade", "audit": "audit", "similar": "similar", "demo": "demo"}
 # Options that shape only the command's own output or exit status.
-CLI_ONLY = {"as_json", "strict", "no_progress"}
+CLI_ONLY = {"as_json", "strict", "no_progress", "fail_on_leaks"}
 # CLI parameter name -> API parameter name, where they differ.
 RENAMED = {"ray_address": "ray", "paths": "run_dir", "format_": "format"}
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import FeatcacheError
 from . import damage, text, torn
+from .exclude import excluded_paths
 from .checks import check_active_rows, check_column, check_counter
 from .damage import StoreDamaged, damaged_chunks, guard, row_range
 from .hdf5 import METADATA_READ_ATTEMPTS, left_by_killed_writer, open_for_read, open_swmr, writer_running
@@ -165,6 +166,9 @@ class FeatureSet:
         check_active_rows(self.column("labels"), splits, active, self.labelled, self.path, self.name)
         if split is not None:
             active &= splits == split
+        excluded = excluded_paths()
+        if excluded:  # --exclude: left out of every split while the command runs
+            active &= ~np.isin(self.column("paths"), list(excluded))
         return np.flatnonzero(active)
 
     def read(self, rows: np.ndarray) -> np.ndarray:

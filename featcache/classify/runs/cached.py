@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...cache.exclude import excluding
 from ...cache.layout import SPLITS
 from ...cache.store import open_store
 from ...errors import FeatcacheError
@@ -38,6 +39,8 @@ class CachedInputs:
 
     def __init__(self, runs: list[Run], what: str = ""):
         self.runs = runs
+        # Rows a run was trained without (--exclude) stay out of its splits here too.
+        self.excluded = sorted({p for run in runs for p in rundir.excluded(run.config)})
         self.row_sets = unique([r for run in runs for r in run.row_sets], lambda r: (r["store"], r["name"]))
         decoding = [run for run in runs if run.image_inputs and not getattr(run, "boundary", None)]
         self.image_inputs = sorted({i for run in decoding for i in run.image_inputs})
@@ -46,6 +49,8 @@ class CachedInputs:
         self.sets, labels = [], []
         self.boundaries = {}  # run index -> (boundary feature set, {image digest: row})
         try:
+            if self.excluded:
+                self._stack.enter_context(excluding(self.excluded))
             for record in self.row_sets:
                 self.sets.append(self._open(record))
                 labels.append(f"{self.owner(record)} ({record['name']})" if len(runs) > 1 else record["name"])

@@ -119,7 +119,11 @@ def write_run(out: str, config: dict, metrics: dict, history: dict, title: str |
     empty), titled ``confusion_title``."""
     from ..evaluation import plot_confusion, plot_curves, write_history
 
+    from ...cache.exclude import excluded_paths
+
     config = {**created(), **config}
+    if excluded_paths():  # --exclude: the rows left out, so reports and ensembles leave them out too
+        config["excluded"] = {"paths": sorted(excluded_paths()), "count": len(excluded_paths())}
     if model_path:
         config["model"] = {"file": os.path.basename(model_path), "sha256": sha256_file(model_path),
                            **config.get("model", {})}
@@ -159,6 +163,11 @@ def feature_records(config: dict) -> list[dict]:
     """The feature-set records of a run: the one it was trained on, or every one (fused heads,
     ensembles: each distinct set of the members)."""
     return config["feature_sets"] if "feature_sets" in config else [config["feature_set"]]
+
+
+def excluded(config: dict) -> list[str]:
+    """The relative paths a run was trained without (``--exclude``)."""
+    return list((config.get("excluded") or {}).get("paths", []))
 
 
 def class_names(config: dict) -> list[str]:

@@ -1,0 +1,204 @@
+"""``featcache audit``: one feature set of a store checked for label issues, duplicates, leaks
+across splits and outliers, from its cached features alone.
+
+Writes, with ``out``: audit.json (what ``--json`` prints), label_issues.csv, duplicates.csv,
+leaks.csv, outliers.csv, exclude.txt (the flagged label issues and all but one member of each
+duplicate group, one relative path a line: give it to ``train --exclude``) and audit.html.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import numpy as np
+
+from ..errors import FeatcacheError
+from . import labels as label_audit, neighbours
+
+# Cosine similarity of avg-pooled features at and above which two images count as near
+# duplicates, per base family (measured by benchmarks/audit.py: near-copies re-encoded at JPEG
+# quality 70, resized and slightly cropped, against the closest distinct photos).
+NEAR_DUPLICATE = {"pixels": 0.995}
+NEAR_DUPLICATE_DEFAULT = 0.95
+READ_ROWS = 8192  # rows read and pooled at a time
+MAX_CONFUSED_PAIRS = 10
+
+
+def near_duplicate_threshold(backbone: str) -> float:
+    return NEAR_DUPLICATE.get(backbone, NEAR_DUPLICATE_DEFAULT)
+
+
+def read_vectors(fs, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 feature vectors (N, D), their unit-length copies), read in pieces. A network's
+    spatial features are averaged over H and W (an embedding that does not move with the
+    object); the pixels base's are its image, kept whole."""
+    pool = fs.spec.backbone != "pixels"
+    pooled = []
+    for start in range(0, len(rows), READ_ROWS):
+        x = fs.read(rows[start : start + READ_ROWS]).astype(np.float32)
+        pooled.append(x.mean(axis=(1, 2)) if x.ndim == 4 and pool else x.reshape(len(x), -1))
+    x = np.concatenate(pooled) if pooled else np.zeros((0, 1), np.float32)
+    return x, neighbours.vectors(x)
+
+
+def _run_model(run_dir: str | None):
+    """The classifier factory of the out-of-fold step: a run's logreg settings, or the default."""
+    if run_dir is None:
+        return None, "logistic regression (standardized features, C=1)"
+    from ..classify.runs.run_dir import read_config, run_kind
+
+    config = read_config(run_dir)
+    if run_kind(config) != "head" or config["head"] != "logreg":
+        raise FeatcacheError(f"--run {run_dir}: the audit's folds can use a logreg run's settings; this is a "
+                             f"{config['head']} {run_kind(config)} run")
+    settings = config["settings"]
+    c, max_iter, seed = float(settings["C"]), int(settings["max_iter"]), int(settings.get("seed", 0))
+    return (lambda: label_audit.default_model(c, max_iter, seed)), f"the logreg settings of {run_dir} (C={c})"
+
+
+def audit(store: str, feature_set: str | None = None, base: str | None = None, out: str | None = None,
+          folds: int = label_audit.DEFAULT_FOLDS, run_dir: str | None = None, threshold: float | None = None,
+          seed: int = 0) -> dict:
+    from ..cache.store import open_store
+
+    started = time.perf_counter()
+    if not os.path.isfile(store):
+        raise FeatcacheError(f"{store}: no such store")
+    make_model, model_text = _run_model(run_dir)
+    if out is not None:
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            raise FeatcacheError(f"{out}: exists and is not an empty folder; choose a new --out")
+    with open_store(store) as s:
+        fs = s.select(feature_set, base)
+        rows = fs.rows()
+        paths = fs.column("paths")[rows].astype(str).tolist()
+        digests = fs.column("digests")[rows].astype(str).tolist()
+        splits = np.asarray(fs.column("splits")[rows].astype(str).tolist(), dtype=object)
+        labelled = fs.labelled
+        given = fs.column("labels")[rows].astype(np.int64) if labelled else None
+        class_names = fs.class_names
+        name, backbone = fs.name, fs.spec.backbone
+        image_root = str(fs.attrs.get("image_root", ""))
+        x, v = read_vectors(fs, rows)
+    threshold = near_duplicate_threshold(backbone) if threshold is None else float(threshold)
+    notes = []
+
+    # duplicates: the same bytes (digest) or features within the threshold, as connected groups
+    by_digest: dict[str, list[int]] = {}
+    for i, d in enumerate(digests):
+        by_digest.setdefault(d, []).append(i)
+    exact_edges = [(g[0], j) for g in by_digest.values() if len(g) > 1 for j in g[1:]]
+    near = neighbours.pairs_above(v, threshold)
+    similarity = {(a, b): s for a, b, s in near}
+    duplicate_groups = []
+    for members in neighbours.groups(len(rows), exact_edges + [(a, b) for a, b, _ in near]):
+        members = sorted(members, key=lambda i: (splits[i] != "train", paths[i]))  # the kept one first
+        exact = len({digests[i] for i in members}) == 1
+        sims = [similarity.get((min(a, b), max(a, b)), 1.0 if digests[a] == digests[b] else None)
+                for a in members for b in members if a < b]
+        sims = [s for s in sims if s is not None]
+        duplicate_groups.append({"rows": members, "paths": [paths[i] for i in members],
+                                 "splits": [splits[i] for i in members], "exact": exact,
+                                 "similarity": round(float(min(sims)) if sims else 1.0, 6)})
+    duplicate_groups.sort(key=lambda g: (-g["similarity"], g["paths"]))
+
+    # leaks: groups that join the training split with validation or test
+    leaks = [g for g in duplicate_groups if "train" in g["splits"] and {"validation", "test"} & set(g["splits"])]
+    held_out = [i for i, sp in enumerate(splits) if sp in ("validation", "test")]
+    twinned = {i for g in leaks for i in g["rows"] if splits[i] in ("validation", "test")}
+    if not splits.size or not any(splits):
+        notes.append("the store has no splits (unlabelled): leaks across splits cannot be told")
+
+    # outliers
+    scores = neighbours.outlier_scores(v)
+    flagged = neighbours.flag_outliers(scores)
+
+    # label issues
+    issues, confused, per_class = [], [], []
+    if not labelled:
+        notes.append("the store is unlabelled: label issues need labels (duplicates and outliers only)")
+    else:
+        proba = label_audit.out_of_fold(x, given, folds, seed, make_model)
+        found = label_audit.find_label_issues(given, proba)
+        issues = [{"row": int(r), "path": paths[r], "split": splits[r], "given": class_names[given[r]],
+                   "suggested": class_names[s], "score": round(float(found.quality[r]), 6)}
+                  for r, s in zip(found.rows, found.suggested)]
+        predicted = proba.argmax(axis=1)
+        counts = {}
+        for g, p in zip(given, predicted):
+            if g != p:
+                counts[(g, p)] = counts.get((g, p), 0) + 1
+        confused = [{"given": class_names[g], "predicted": class_names[p], "rows": n}
+                    for (g, p), n in sorted(counts.items(), key=lambda kv: -kv[1])[:MAX_CONFUSED_PAIRS]]
+        suspect = np.zeros(len(rows), bool)
+        suspect[found.rows] = True
+        for j, cname in enumerate(class_names):
+            mine = given == j
+            per_class.append({"class": cname, "rows": int(mine.sum()),
+                              **{sp: int(np.sum(mine & (splits == sp))) for sp in ("train", "validation", "test")},
+                              "label_issues": int(np.sum(mine & suspect)),
+                              "out_of_fold_accuracy": round(float(np.mean(predicted[mine] == j)), 4) if mine.any() else None})
+
+    result = {
+        "store": store, "feature_set": name, "rows": int(len(rows)), "labelled": bool(labelled),
+        "class_names": class_names,
+        "settings": {"folds": folds if labelled else None, "model": model_text if labelled else None,
+                     "near_duplicate_threshold": threshold, "outlier_neighbours": neighbours.OUTLIER_NEIGHBOURS,
+                     "outlier_z": neighbours.OUTLIER_Z, "seed": seed},
+        "label_issues": issues,
+        "duplicates": [{k: g[k] for k in ("paths", "splits", "similarity", "exact")} for g in duplicate_groups],
+        "leaks": [{k: g[k] for k in ("paths", "splits", "similarity")} for g in leaks],
+        "leak_share": {"held_out_images": len(held_out), "with_a_twin_in_train": len(twinned),
+                       "share": round(len(twinned) / len(held_out), 6) if held_out else None},
+        "outliers": [{"path": paths[r], "split": splits[r] or None, "score": round(float(scores[r]), 6)} for r in flagged],
+        "per_class": per_class, "confused_pairs": confused, "notes": notes,
+        "seconds": None,
+    }
+    exclude = sorted({i["path"] for i in issues} | {p for g in duplicate_groups for p in g["paths"][1:]})
+    result["exclude"] = {"paths": len(exclude)}
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        result["files"] = write_outputs(out, result, exclude, image_root)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    if out is not None:  # the JSON file holds the final timing too
+        _write_json(os.path.join(out, "audit.json"), result)
+    return result
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _csv(path: str, header: list[str], rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_outputs(out: str, result: dict, exclude: list[str], image_root: str) -> dict:
+    from .page import write_page
+
+    files = {name: os.path.join(out, name) for name in
+             ("audit.json", "label_issues.csv", "duplicates.csv", "leaks.csv", "outliers.csv", "exclude.txt",
+              "audit.html")}
+    _csv(files["label_issues.csv"], ["path", "split", "given", "suggested", "score"],
+         [[i["path"], i["split"], i["given"], i["suggested"], i["score"]] for i in result["label_issues"]])
+    _csv(files["duplicates.csv"], ["group", "path", "split", "similarity", "exact"],
+         [[g, p, s, d["similarity"], d["exact"]] for g, d in enumerate(result["duplicates"])
+          for p, s in zip(d["paths"], d["splits"])])
+    _csv(files["leaks.csv"], ["group", "path", "split", "similarity"],
+         [[g, p, s, d["similarity"]] for g, d in enumerate(result["leaks"]) for p, s in zip(d["paths"], d["splits"])])
+    _csv(files["outliers.csv"], ["path", "split", "score"], [[o["path"], o["split"], o["score"]] for o in result["outliers"]])
+    with open(files["exclude.txt"], "w", encoding="utf-8") as f:
+        f.write("# featcache audit: flagged label issues and all but one member of each duplicate group;\n"
+                "# one path (relative to the image folder) a line; edit freely, then: featcache train ... --exclude FILE\n")
+        f.writelines(p + "\n" for p in exclude)
+    write_page(files["audit.html"], result, image_root)
+    return files

@@ -1,0 +1,93 @@
+"""Nearest neighbours of cached feature vectors: exact cosine search in blocks (memory stays
+flat), near-duplicate groups, outlier scores, and the queries of ``featcache similar``.
+
+Vectors are the cached features (a network's average-pooled when spatial, see job.read_vectors),
+L2-normalized; similarity is their dot product (cosine). Exact search costs N x N x D multiply-adds in blocks of rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK_ROWS = 2048  # query rows per matrix product: BLOCK_ROWS x N similarities at a time
+OUTLIER_NEIGHBOURS = 5
+# Robust z-score (median and MAD of the outlier scores) above which a row is flagged.
+OUTLIER_Z = 3.5
+
+
+def vectors(features: np.ndarray) -> np.ndarray:
+    """(N, D) float32 unit-length copies of feature vectors (flattened)."""
+    x = np.asarray(features, dtype=np.float32)
+    x = x.reshape(len(x), -1)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def knn(v: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: bool = True):
+    """(similarities, indices), each (Q, k), best first, of ``queries`` (default: every row of
+    ``v`` against the others) among the rows of ``v``."""
+    q = v if queries is None else queries
+    k = min(k, len(v) - (1 if exclude_self and queries is None else 0))
+    sims = np.empty((len(q), k), np.float32)
+    idx = np.empty((len(q), k), np.int64)
+    for start in range(0, len(q), BLOCK_ROWS):
+        s = q[start : start + BLOCK_ROWS] @ v.T
+        if exclude_self and queries is None:
+            s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
+        ps = np.take_along_axis(s, part, axis=1)
+        order = np.argsort(-ps, axis=1, kind="stable")
+        idx[start : start + len(s)] = np.take_along_axis(part, order, axis=1)
+        sims[start : start + len(s)] = np.take_along_axis(ps, order, axis=1)
+    return sims, idx
+
+
+def pairs_above(v: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """Every pair (i < j) whose cosine similarity reaches ``threshold``."""
+    out = []
+    for start in range(0, len(v), BLOCK_ROWS):
+        s = v[start : start + BLOCK_ROWS] @ v.T
+        rows, cols = np.nonzero(s >= threshold)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            i = start + r
+            if i < c:
+                out.append((i, c, float(s[r, c])))
+    return out
+
+
+def groups(n: int, edges) -> list[list[int]]:
+    """Connected groups (of two or more) of the graph on n nodes with ``edges`` (union-find)."""
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        members.setdefault(find(i), []).append(i)
+    return [m for m in members.values() if len(m) > 1]
+
+
+def outlier_scores(v: np.ndarray, k: int = OUTLIER_NEIGHBOURS) -> np.ndarray:
+    """1 - the mean cosine similarity to the k nearest other rows (higher: more isolated)."""
+    if len(v) < 2:
+        return np.zeros(len(v))
+    sims, _ = knn(v, k)
+    return 1.0 - sims.mean(axis=1).astype(np.float64)
+
+
+def flag_outliers(scores: np.ndarray, z: float = OUTLIER_Z) -> np.ndarray:
+    """Rows whose robust z-score ((score - median) / (1.4826 MAD)) exceeds ``z``, worst first."""
+    if len(scores) < 3:
+        return np.zeros(0, np.int64)
+    median = np.median(scores)
+    mad = np.median(np.abs(scores - median)) * 1.4826
+    robust = (scores - median) / max(mad, 1e-12)
+    rows = np.flatnonzero(robust > z)
+    return rows[np.argsort(-scores[rows], kind="stable")]

@@ -1,0 +1,210 @@
+"""featcache audit and similar (issue 22): label issues by confident learning, exact and near
+duplicates, leaks across splits, outliers and "images like this one", from cached features,
+on a planted fixture whose answer is known; --exclude leaving the flagged rows out of training."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from featcache.auditing.labels import confident_joint, find_label_issues
+from featcache.cli import cli
+from featcache.errors import FeatcacheError
+
+CLASSES = ("birds", "cats", "dogs")
+TINTS = {"birds": (220, 60, 40), "cats": (40, 200, 70), "dogs": (50, 70, 230)}
+SPLITS = {"train": 16, "validation": 5, "test": 5}
+
+
+def picture(name: str, seed: int) -> Image.Image:
+    """Random 8x8 blocks blended with the class's tint: classes told apart by colour, images
+    within a class far apart (cosine of their pixels well under the near-duplicate threshold)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.uniform(0, 255, (8, 8, 3))
+    img = 0.5 * blocks + 0.5 * np.array(TINTS[name])
+    return Image.fromarray(img.astype(np.uint8), "RGB").resize((64, 64), Image.NEAREST)
+
+
+def near_copy(src, dst):
+    """JPEG quality 70, resized and cropped by a pixel: what a re-export or a thumbnail does."""
+    img = Image.open(src).convert("RGB")
+    img = img.resize((66, 66), Image.BILINEAR).crop((1, 1, 65, 65))
+    img.save(dst, quality=70)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A split-folder tree with known problems, and its pixels store:
+    - 4 training images moved to another class's folder (label errors),
+    - 2 training images copied, re-encoded, under new names in train (near duplicates),
+    - 2 test images copied, re-encoded, into train (leaks), 1 validation image byte for byte (exact leak),
+    - 1 byte-for-byte copy inside train (an exact duplicate),
+    - 1 image unlike every other (an outlier)."""
+    import featcache
+
+    root = tmp_path_factory.mktemp("audit")
+    images = root / "images"
+    seed = 0
+    for split, n in SPLITS.items():
+        for name in CLASSES:
+            (images / split / name).mkdir(parents=True)
+            for i in range(n):
+                seed += 1
+                picture(name, seed).save(images / split / name / f"{name}{i:02d}.jpg", quality=95)
+    moved = []
+    for (src, dst) in [("birds", "cats"), ("cats", "dogs"), ("dogs", "birds"), ("cats", "birds")]:
+        name = sorted(os.listdir(images / "train" / src))[len(moved)]
+        shutil.move(images / "train" / src / name, images / "train" / dst / f"moved_{name}")
+        moved.append(f"train/{dst}/moved_{name}")
+    near = [("train/cats/cats10.jpg", "train/cats/cats10_copy.jpg"), ("train/dogs/dogs11.jpg", "train/dogs/dogs11_copy.jpg")]
+    leaks = [("test/birds/birds00.jpg", "train/birds/from_test_birds00.jpg"),
+             ("test/dogs/dogs02.jpg", "train/dogs/from_test_dogs02.jpg")]
+    for src, dst in near + leaks:
+        near_copy(images / src, images / dst)
+    shutil.copy(images / "validation/cats/cats03.jpg", images / "train/cats/exact_from_validation.jpg")
+    shutil.copy(images / "train/birds/birds12.jpg", images / "train/birds/birds12_twin.jpg")
+    outlier = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)), "RGB")
+    outlier.save(images / "train/dogs/odd_one.jpg", quality=95)
+    store = root / "store.h5"
+    featcache.extract_features(images, store, base="pixels", size=8, weights="none", progress=False)
+    return {"root": root, "images": images, "store": str(store), "moved": moved, "near": near, "leaks": leaks}
+
+
+def test_confident_learning_on_a_worked_example():
+    """Worked by hand: t0 = (0.9 + 0.8 + 0.2) / 3, t1 = (0.9 + 0.7 + 0.8) / 3 = 0.8; row 2
+    (labelled 0, p1 = 0.8 >= t1) is the one confident off-diagonal entry; row 4 (p1 = 0.7 <
+    t1) is counted nowhere; calibration scales class 1's row from 2 to its 3 rows."""
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7], [0.2, 0.8]])
+    joint, t = confident_joint(labels, proba)
+    np.testing.assert_allclose(t, [1.9 / 3, 0.8])
+    np.testing.assert_allclose(joint, [[2, 1], [0, 3]])
+    found = find_label_issues(labels, proba)
+    assert found.rows.tolist() == [2] and found.suggested.tolist() == [1]
+    assert found.quality[2] == pytest.approx(0.2)
+
+
+def test_the_audit_finds_what_was_planted(planted, tmp_path):
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(cli, ["audit", planted["store"], "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    audit = json.loads(result.output)
+    assert audit["rows"] == 3 * sum(SPLITS.values()) + 7 and audit["feature_set"].startswith("pixels-8")
+    # label issues: the moved images (confident learning's thresholds may leave a borderline one:
+    # here 3 of 4 at least), each suggested back to its own class, and few others
+    flagged = [i["path"] for i in audit["label_issues"]]
+    found = set(planted["moved"]) & set(flagged)
+    assert len(found) >= 3 and len(found) / len(flagged) >= 0.65, audit["label_issues"]
+    for item in audit["label_issues"]:
+        if item["path"] in planted["moved"]:
+            assert item["given"] != item["suggested"] and item["suggested"] in item["path"].split("moved_")[1]
+    scores = [i["score"] for i in audit["label_issues"]]
+    assert scores == sorted(scores)  # worst first
+    # duplicates: the near copies, the exact copies (the same bytes: exact), the leaks
+    groups = [set(d["paths"]) for d in audit["duplicates"]]
+    for a, b in planted["near"] + planted["leaks"]:
+        assert {a, b} in groups
+    assert {"train/birds/birds12.jpg", "train/birds/birds12_twin.jpg"} in groups
+    exact = [d for d in audit["duplicates"] if d["exact"]]
+    assert sorted(map(sorted, (d["paths"] for d in exact))) == [
+        ["train/birds/birds12.jpg", "train/birds/birds12_twin.jpg"],
+        ["train/cats/exact_from_validation.jpg", "validation/cats/cats03.jpg"]]
+    assert len(audit["duplicates"]) == 6  # nothing else is that close
+    # leaks: groups across train and validation/test, with their splits
+    leak_groups = {frozenset(zip(leak["paths"], leak["splits"])) for leak in audit["leaks"]}
+    assert leak_groups == {frozenset({(a, "test"), (b, "train")}) for a, b in planted["leaks"]} | {
+        frozenset({("validation/cats/cats03.jpg", "validation"), ("train/cats/exact_from_validation.jpg", "train")})}
+    assert audit["leak_share"] == {"held_out_images": 30, "with_a_twin_in_train": 3, "share": 0.1}
+    # outliers: the odd one first
+    assert audit["outliers"][0]["path"] == "train/dogs/odd_one.jpg"
+    # per class and the files
+    assert sum(c["rows"] for c in audit["per_class"]) == audit["rows"]
+    assert {c["class"] for c in audit["per_class"]} == set(CLASSES)
+    for name in ("audit.json", "label_issues.csv", "duplicates.csv", "leaks.csv", "outliers.csv", "exclude.txt", "audit.html"):
+        assert (out / name).is_file(), name
+    page = (out / "audit.html").read_text()
+    assert "data:image/jpeg;base64" in page and "moved_" in page and "<script" not in page
+    excluded = [l for l in (out / "exclude.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert found <= set(excluded)
+    assert "train/birds/birds12_twin.jpg" in excluded and "train/birds/birds12.jpg" not in excluded  # one kept
+    assert json.loads((out / "audit.json").read_text())["label_issues"] == audit["label_issues"]
+
+
+def test_fail_on_leaks_exits_1(planted):
+    result = CliRunner().invoke(cli, ["audit", planted["store"], "--fail-on-leaks"])
+    assert result.exit_code == 1 and "leaks             3 groups" in result.output
+
+
+def test_exclude_leaves_the_flagged_rows_out_and_the_run_records_them(planted, tmp_path):
+    import featcache
+
+    out = tmp_path / "audit"
+    featcache.audit(planted["store"], out=out)
+    plain = featcache.train(planted["store"], out=tmp_path / "plain", head="logreg", no_report=True)
+    cleaned = featcache.train(planted["store"], out=tmp_path / "cleaned", head="logreg", exclude=out / "exclude.txt",
+                              no_report=True)
+    config = json.loads((tmp_path / "cleaned" / "config.json").read_text())
+    excluded = [l for l in (out / "exclude.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert config["excluded"]["paths"] == sorted(excluded) and config["excluded"]["count"] == len(excluded)
+    in_train = [p for p in excluded if p.startswith("train/")]
+    in_test = [p for p in excluded if p.startswith("test/")]
+    assert cleaned["train"]["n"] == plain["train"]["n"] - len(in_train)
+    assert cleaned["test"]["n"] == plain["test"]["n"] - len(in_test)
+    # the run's report reads the same rows later (the recorded exclusion), with no "changed" note
+    report = featcache.report(tmp_path / "cleaned", out=tmp_path / "r.html")
+    assert report["images"] == cleaned["test"]["n"] and not any("changed" in n for n in report["notes"])
+    board = featcache.compare(planted["store"], heads="logreg", exclude=out / "exclude.txt")
+    assert board["leaderboard"][0]["validation"]["n"] == cleaned["validation"]["n"]
+
+
+def test_similar_finds_the_copies_of_stored_paths_and_of_new_files(planted, tmp_path):
+    import featcache
+
+    result = featcache.similar(planted["store"], ["train/cats/cats10.jpg"], k=3)
+    (first,) = result["results"]
+    assert first["stored"] and first["neighbors"][0]["path"] == "train/cats/cats10_copy.jpg"
+    assert all(n["path"] != "train/cats/cats10.jpg" for n in first["neighbors"])  # not itself
+    query = tmp_path / "query.jpg"
+    near_copy(planted["images"] / "test/dogs/dogs04.jpg", query)
+    cli_result = CliRunner().invoke(cli, ["similar", planted["store"], str(query), "-k", "2", "--json"])
+    assert cli_result.exit_code == 0, cli_result.output
+    (hit,) = json.loads(cli_result.output)["results"]
+    assert not hit["stored"] and hit["neighbors"][0]["path"] == "test/dogs/dogs04.jpg"
+    assert hit["neighbors"][0]["label"] == "dogs" and hit["neighbors"][0]["similarity"] > 0.99
+    with pytest.raises(FeatcacheError, match="neither a stored image"):
+        featcache.similar(planted["store"], ["no/such.jpg"])
+
+
+def test_an_unlabelled_store_gets_duplicates_and_outliers_and_says_why(planted, tmp_path):
+    import featcache
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted((planted["images"] / "train" / "cats").iterdir())[:8]:
+        shutil.copy(path, flat / path.name)
+    shutil.copy(flat / sorted(os.listdir(flat))[0], flat / "zz_copy.jpg")
+    store = tmp_path / "flat.h5"
+    featcache.extract_features(flat, store, base="pixels", size=8, weights="none", progress=False)
+    audit = featcache.audit(store)
+    assert not audit["labelled"] and audit["label_issues"] == []
+    assert any("unlabelled" in note for note in audit["notes"])
+    assert [d["exact"] for d in audit["duplicates"]] == [True]
+
+
+def test_fewer_rows_than_folds_and_a_damaged_store_are_one_line(planted, tmp_path):
+    import featcache
+    from conftest import pixel_store
+
+    small = pixel_store(tmp_path / "small", ("a", "b"), {"train": 1, "validation": 1}, (8,))
+    with pytest.raises(FeatcacheError, match="out-of-fold probabilities need at least 5 rows"):
+        featcache.audit(small["store"])
+    broken = tmp_path / "broken.h5"
+    shutil.copy(planted["store"], broken)
+    with open(broken, "r+b") as f:  # overwrite the middle of the file: features and checksums
+        f.seek(os.path.getsize(broken) // 2)
+        f.write(os.urandom(4096))
+    result = CliRunner().invoke(cli, ["audit", str(broken)])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
