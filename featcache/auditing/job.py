@@ -90,7 +90,7 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
     for i, d in enumerate(digests):
         by_digest.setdefault(d, []).append(i)
     exact_edges = [(g[0], j) for g in by_digest.values() if len(g) > 1 for j in g[1:]]
-    near = neighbours.pairs_above(v, threshold)
+    near, scores = neighbours.scan(v, threshold)  # one pass over all pairs: duplicates and outliers
     similarity = {(a, b): s for a, b, s in near}
     duplicate_groups = []
     for members in neighbours.groups(len(rows), exact_edges + [(a, b) for a, b, _ in near]):
@@ -111,8 +111,6 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
     if not splits.size or not any(splits):
         notes.append("the store has no splits (unlabelled): leaks across splits cannot be told")
 
-    # outliers
-    scores = neighbours.outlier_scores(v)
     flagged = neighbours.flag_outliers(scores)
 
     # label issues

@@ -41,6 +41,24 @@ def knn(v: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: 
     return sims, idx
 
 
+def scan(v: np.ndarray, threshold: float, k: int = OUTLIER_NEIGHBOURS) -> tuple[list[tuple[int, int, float]], np.ndarray]:
+    """One pass over all pairs: (every pair i < j at or above ``threshold``, the outlier score of
+    every row: 1 - its mean similarity to its k nearest others)."""
+    n = len(v)
+    k = max(1, min(k, n - 1))
+    pairs, scores = [], np.zeros(n)
+    for start in range(0, n, BLOCK_ROWS):
+        s = v[start : start + BLOCK_ROWS] @ v.T
+        rows, cols = np.nonzero(s >= threshold)
+        pairs += [(start + r, c, float(s[r, c])) for r, c in zip(rows.tolist(), cols.tolist()) if start + r < c]
+        if n < 2:
+            break
+        s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf
+        top = np.partition(s, s.shape[1] - k, axis=1)[:, -k:]
+        scores[start : start + len(s)] = 1.0 - top.mean(axis=1)
+    return pairs, scores
+
+
 def pairs_above(v: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
     """Every pair (i < j) whose cosine similarity reaches ``threshold``."""
     out = []
