@@ -289,6 +289,8 @@ def _head_options(f):
         click.option("-C", "--C", "C", type=click.FloatRange(min=0, min_open=True), help="logreg: inverse L2 strength [1.0]."),
         click.option("--max-iter", type=click.IntRange(min=1), help="logreg: lbfgs iterations [1000]."),
         click.option("--stream-epochs", type=click.IntRange(min=1), help="logreg: passes of the streamed SGD solver [20]."),
+        click.option("--neighbors", type=click.IntRange(min=1), help="knn: neighbours that vote [5]."),
+        click.option("--metric", type=click.Choice(["cosine", "euclidean"]), help="knn: distance [cosine]."),
         click.option("--seed", type=int, help="Seed of init, dropout and shuffling [0]."),
         click.option("--standardize", type=click.BOOL, metavar="yes|no",
                      help="dense: scale inputs by the training rows' mean and variance, kept in the model, so the untrained head starts near chance [yes]."),
@@ -317,7 +319,7 @@ def _fmt(value, spec=".4f") -> str:
 @click.option("--feature-sets", metavar="A,B[,C]", help="Fuse several feature sets of the same images: one head on their "
               "concatenation (each pooled per --pool or flattened), a multi-input model.")
 @click.option("--base", help="Use the only feature set of this base instead of naming one.")
-@click.option("--head", type=click.Choice(["dense", "logreg"]), default="dense", show_default=True)
+@click.option("--head", type=click.Choice(["dense", "logreg", "knn"]), default="dense", show_default=True)
 @click.option("--out", type=click.Path(), required=True, help="New run directory (model, config, metrics, plots).")
 @_head_options
 @click.option("--early-stopping", type=click.IntRange(min=1), metavar="PATIENCE", help="dense: stop when validation loss has not improved for PATIENCE epochs (best weights kept).")

@@ -208,3 +208,31 @@ def test_fewer_rows_than_folds_and_a_damaged_store_are_one_line(planted, tmp_pat
         f.write(os.urandom(4096))
     result = CliRunner().invoke(cli, ["audit", str(broken)])
     assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+
+
+def test_scan_finds_the_pairs_and_scores_of_a_brute_force_pass():
+    from featcache.auditing import neighbours
+
+    v = neighbours.vectors(np.random.default_rng(0).normal(size=(300, 16)))
+    pairs, scores = neighbours.scan(v, 0.6)
+    s = v @ v.T
+    expected = {(i, j) for i in range(300) for j in range(i + 1, 300) if s[i, j] >= 0.6}
+    assert {(a, b) for a, b, _ in pairs} == expected
+    np.fill_diagonal(s, -np.inf)
+    np.testing.assert_allclose(scores, 1 - np.sort(s, axis=1)[:, -5:].mean(axis=1), rtol=1e-5)
+
+
+def test_the_knn_head_stands_beside_dense_and_logreg(planted, tmp_path):
+    import featcache
+
+    board = featcache.compare(planted["store"], heads="dense,logreg,knn", epochs=2)
+    heads = {e["head"] for e in board["leaderboard"]}
+    assert heads == {"dense", "logreg", "knn"}
+    run = featcache.train(planted["store"], out=tmp_path / "knn", head="knn", neighbors=3, no_report=True)
+    assert run["test"]["accuracy"] >= 0.9  # the classes differ by colour: neighbours agree
+    files = sorted(os.listdir(tmp_path / "knn"))
+    assert "model.npz" in files and not any(f.endswith((".joblib", ".pkl")) for f in files)
+    predicted = featcache.predict(tmp_path / "knn", [str(planted["images"] / "test" / "dogs")])["predictions"]
+    assert sum(p["predicted"] == "dogs" for p in predicted) >= 4
+    with pytest.raises(FeatcacheError, match="a knn head keeps its training rows"):
+        featcache.export(tmp_path / "knn", tmp_path / "m.keras")

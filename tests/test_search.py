@@ -39,10 +39,10 @@ def states(out, name="search"):
 
 
 def test_search_writes_every_artifact_and_best_is_an_ordinary_run(pixels, tmp_path, monkeypatch):
-    from featcache.classify.search import search as search_module
+    from featcache.classify.heads import dense as dense_head
 
     # Keras costs ~2 CPU s per fit plus ~0.1 s per epoch on these few rows: fewer epochs, same code.
-    monkeypatch.setattr(search_module, "DENSE_EPOCHS", (2, 4, 2))
+    monkeypatch.setattr(dense_head, "DENSE_EPOCHS", (2, 4, 2))
     out = tmp_path / "search"
     result = run("search", pixels["store"], "--out", out, "--trials", 4, "--json")
     assert result.exit_code == 0, result.stderr

@@ -13,7 +13,7 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
           lr: float | None = None, epochs: int | None = None, batch_size: int | None = None,
           steps_per_execution: int | None = None, C: float | None = None, max_iter: int | None = None,
           stream_epochs: int | None = None, seed: int | None = None, standardize: bool | None = None,
-          memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, early_stopping: int | None = None,
+          neighbors: int | None = None, metric: str | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB, early_stopping: int | None = None,
           checkpoint: bool = False, reduce_lr: int | None = None, csv_log: bool = False,
           tensorboard: str | None = None, no_report: bool = False, exclude: str | os.PathLike | None = None) -> dict:
     """Train one head on one feature set of ``store`` and write the run directory ``out``
@@ -31,7 +31,8 @@ def train(store: str | os.PathLike, *, out: str | os.PathLike, feature_set: str 
     options = given_options(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
                      batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
                      stream_epochs=stream_epochs, seed=seed, early_stopping=early_stopping, checkpoint=checkpoint,
-                     reduce_lr=reduce_lr, csv_log=csv_log, tensorboard=tensorboard, standardize=standardize)
+                     reduce_lr=reduce_lr, csv_log=csv_log, tensorboard=tensorboard, standardize=standardize,
+                     neighbors=neighbors, metric=metric)
     with exclude_file(exclude):
         return run_train(os.fspath(store), feature_set, base, head, os.fspath(out), memory_budget_mb,
                          report=not no_report, feature_sets=name_list(feature_sets) if feature_sets is not None else None,
@@ -42,7 +43,8 @@ def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg"
             l2: float | None = None, optimizer: str | None = None, lr: float | None = None,
             epochs: int | None = None, batch_size: int | None = None, steps_per_execution: int | None = None,
             C: float | None = None, max_iter: int | None = None, stream_epochs: int | None = None,
-            seed: int | None = None, standardize: bool | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+            seed: int | None = None, standardize: bool | None = None, neighbors: int | None = None,
+            metric: str | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
             out: str | os.PathLike | None = None, no_report: bool = False,
             exclude: str | os.PathLike | None = None) -> dict:
     """A leaderboard of heads x feature sets on the same images and metrics (``featcache compare``).
@@ -61,7 +63,8 @@ def compare(store: str | os.PathLike, *, heads: str | list[str] = "dense,logreg"
 
     options = given_options(pool=pool, units=units, dropout=dropout, l2=l2, optimizer=optimizer, lr=lr, epochs=epochs,
                      batch_size=batch_size, steps_per_execution=steps_per_execution, C=C, max_iter=max_iter,
-                     stream_epochs=stream_epochs, seed=seed, standardize=standardize)
+                     stream_epochs=stream_epochs, seed=seed, standardize=standardize, neighbors=neighbors,
+                     metric=metric)
     with exclude_file(exclude):
         return run_compare(os.fspath(store), name_list(heads), name_list(feature_sets) or None, cv, memory_budget_mb,
                            out=None if out is None else os.fspath(out), report=not no_report, **options)

@@ -45,6 +45,11 @@ class Head:
         self.parts: list[tuple[int, ...]] = [()]  # the input shape of each feature set
         self.info: dict = {}  # what training found out (iterations, convergence, parameters...)
 
+    @staticmethod
+    def suggest(trial) -> dict:
+        """This kind's options for one Optuna trial of ``featcache search`` (its search space)."""
+        raise NotImplementedError
+
     @classmethod
     def accepts(cls, option: str) -> bool:
         return option in cls.DEFAULTS

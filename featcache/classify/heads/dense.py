@@ -10,6 +10,15 @@ from ..rows.training import batches_forever, steps
 from .base import OPTIMIZERS, Head, float32, two_columns
 
 
+# Search space of `featcache search` (Optuna), see suggest().
+DENSE_UNITS = (32, 512)  # log-uniform
+DENSE_DROPOUT = (0.0, 0.6)
+DENSE_L2 = (1e-6, 1e-2)  # log-uniform
+DENSE_OPTIMIZERS = ("adam", "rmsprop", "adamw")
+DENSE_LR = (1e-5, 1e-2)  # log-uniform
+DENSE_BATCH_SIZES = (16, 32, 64, 128)
+DENSE_EPOCHS = (5, 30, 5)  # (low, high, step): the most epochs; early stopping ends most trials sooner
+EARLY_STOPPING = 3  # patience in epochs; the best epoch's weights are kept
 CONSTANT_VARIANCE = 1e-6  # of the largest feature variance: below it a feature counts as constant
 
 
@@ -50,6 +59,19 @@ class DenseHead(Head):
             if not ok:
                 raise FeatcacheError(f"--{option.replace('_', '-')} {c[option]}: out of range")
         self.model = None
+
+    @staticmethod
+    def suggest(trial) -> dict:
+        return dict(
+            units=trial.suggest_int("units", *DENSE_UNITS, log=True),
+            dropout=trial.suggest_float("dropout", *DENSE_DROPOUT),
+            l2=trial.suggest_float("l2", *DENSE_L2, log=True),
+            optimizer=trial.suggest_categorical("optimizer", DENSE_OPTIMIZERS),
+            lr=trial.suggest_float("lr", *DENSE_LR, log=True),
+            batch_size=trial.suggest_categorical("batch_size", DENSE_BATCH_SIZES),
+            epochs=trial.suggest_int("epochs", DENSE_EPOCHS[0], DENSE_EPOCHS[1], step=DENSE_EPOCHS[2]),
+            early_stopping=EARLY_STOPPING,
+        )
 
     @property
     def binary(self) -> bool:

@@ -10,6 +10,9 @@ from ...errors import FeatcacheError
 from .base import Head, rows_in
 
 
+LOGREG_C = (1e-4, 1e2)  # search space of C (log-uniform), see suggest()
+
+
 class LogRegHead(Head):
     """scikit-learn Pipeline(StandardScaler, LogisticRegression(lbfgs)) on flattened or pooled
     features. Streamed (over the memory budget): StandardScaler.partial_fit, then
@@ -19,6 +22,10 @@ class LogRegHead(Head):
     name = "logreg"
     model_file = "model.npz"  # arrays only, read with allow_pickle=False (see :mod:`.safe_arrays`)
     DEFAULTS = {"C": 1.0, "max_iter": 1000, "pool": "none", "seed": 0, "stream_epochs": 20}
+
+    @staticmethod
+    def suggest(trial) -> dict:
+        return {"C": trial.suggest_float("C", *LOGREG_C, log=True)}
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -4,9 +4,10 @@ from __future__ import annotations
 from ...errors import FeatcacheError
 from .base import Head
 from .dense import DenseHead
+from .knn import KNNHead
 from .logreg import LogRegHead
 
-HEADS: dict[str, type[Head]] = {"dense": DenseHead, "logreg": LogRegHead}
+HEADS: dict[str, type[Head]] = {"dense": DenseHead, "logreg": LogRegHead, "knn": KNNHead}
 
 
 def make_head(name: str, **options) -> Head:

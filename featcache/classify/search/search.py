@@ -31,15 +31,6 @@ from ..heads.registry import HEADS
 
 # The space; its defaults are sized so that 30 trials on 2,000 cached images take a few
 # minutes on 2 CPU cores (docs/search.md).
-DENSE_UNITS = (32, 512)  # log-uniform
-DENSE_DROPOUT = (0.0, 0.6)
-DENSE_L2 = (1e-6, 1e-2)  # log-uniform
-DENSE_OPTIMIZERS = ("adam", "rmsprop", "adamw")
-DENSE_LR = (1e-5, 1e-2)  # log-uniform
-DENSE_BATCH_SIZES = (16, 32, 64, 128)
-DENSE_EPOCHS = (5, 30, 5)  # (low, high, step): the most epochs; early stopping ends most trials sooner
-EARLY_STOPPING = 3  # patience in epochs; the best epoch's weights are kept
-LOGREG_C = (1e-4, 1e2)  # log-uniform
 SCORED = ("train", "validation")  # trials never see the test split
 
 
@@ -179,19 +170,7 @@ def suggest(trial, space: dict) -> tuple[str, str, dict]:
     options = {"seed": space["seed"]}
     if len(sets[name].feature_shape) == 3:  # (H, W, C) features: flatten them or pool them
         options["pool"] = trial.suggest_categorical("pool", POOLS)
-    if head == "dense":
-        options.update(
-            units=trial.suggest_int("units", *DENSE_UNITS, log=True),
-            dropout=trial.suggest_float("dropout", *DENSE_DROPOUT),
-            l2=trial.suggest_float("l2", *DENSE_L2, log=True),
-            optimizer=trial.suggest_categorical("optimizer", DENSE_OPTIMIZERS),
-            lr=trial.suggest_float("lr", *DENSE_LR, log=True),
-            batch_size=trial.suggest_categorical("batch_size", DENSE_BATCH_SIZES),
-            epochs=trial.suggest_int("epochs", DENSE_EPOCHS[0], DENSE_EPOCHS[1], step=DENSE_EPOCHS[2]),
-            early_stopping=EARLY_STOPPING,
-        )
-    else:
-        options["C"] = trial.suggest_float("C", *LOGREG_C, log=True)
+    options.update(HEADS[head].suggest(trial))  # each head kind knows its own search space
     return head, name, options
 
 
@@ -202,7 +181,9 @@ def _pruning(trial):
     import keras
     import optuna
 
-    stride = DENSE_EPOCHS[1]
+    from ..heads import dense
+
+    stride = dense.DENSE_EPOCHS[1]  # the most epochs of a dense trial
 
     class ReportValidationLoss(keras.callbacks.Callback):
         def __init__(self, fold):
