@@ -141,9 +141,10 @@ def speed(args) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
     v = neighbours.vectors(x)
-    pairs, scores = neighbours.scan(v, 0.95)
+    pairs, (top_sims, top_idx) = neighbours.scan(v, 0.95)
+    pairs += neighbours.standing_out(top_sims, top_idx, 0.75, 0.08)
     groups = neighbours.groups(n, [(a, b) for a, b, _ in pairs])
-    flagged = neighbours.flag_outliers(scores)
+    flagged = neighbours.flag_outliers(neighbours.outlier_scores_of(top_sims))
     dup_seconds = time.perf_counter() - t
     t = time.perf_counter()
     proba = label_audit.out_of_fold(x, labels, 5, 0)

@@ -214,12 +214,23 @@ def test_scan_finds_the_pairs_and_scores_of_a_brute_force_pass():
     from featcache.auditing import neighbours
 
     v = neighbours.vectors(np.random.default_rng(0).normal(size=(300, 16)))
-    pairs, scores = neighbours.scan(v, 0.6)
+    pairs, (top_sims, top_idx) = neighbours.scan(v, 0.6)
     s = v @ v.T
     expected = {(i, j) for i in range(300) for j in range(i + 1, 300) if s[i, j] >= 0.6}
     assert {(a, b) for a, b, _ in pairs} == expected
     np.fill_diagonal(s, -np.inf)
-    np.testing.assert_allclose(scores, 1 - np.sort(s, axis=1)[:, -5:].mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(top_sims, -np.sort(-s, axis=1)[:, :5], rtol=1e-5)
+    assert (top_idx[:, 0] == s.argmax(axis=1)).all()
+
+
+def test_a_copy_stands_out_among_its_originals_neighbours():
+    """Mutual nearest neighbours, similar enough, and clear of the next best of either."""
+    from featcache.auditing import neighbours
+
+    top_sims = np.array([[0.90, 0.70], [0.90, 0.72], [0.80, 0.79], [0.80, 0.78]], np.float32)
+    top_idx = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])
+    found = neighbours.standing_out(top_sims, top_idx, floor=0.75, gap=0.08)
+    assert [(a, b) for a, b, _ in found] == [(0, 1)]  # (2, 3) are mutual but do not stand out
 
 
 def test_the_knn_head_stands_beside_dense_and_logreg(planted, tmp_path):

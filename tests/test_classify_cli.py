@@ -136,4 +136,4 @@ def test_export_command(store, logreg_run, tmp_path):
     again = run("export", out, target)
     assert again.exit_code == 1 and "exists; choose another file name" in again.stderr
     wrong = run("export", out, tmp_path / "model.h5")
-    assert wrong.exit_code == 1 and "cannot tell the format from the name; end it in .keras or .tflite" in wrong.stderr
+    assert wrong.exit_code == 1 and "cannot tell the format from the name; end it in .keras, .tflite or .onnx" in wrong.stderr

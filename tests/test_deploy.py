@@ -262,8 +262,8 @@ def test_export_command_text_and_refusals(small, exports, tmp_path):
                                                                                "reason": "export --no-evaluate"}
     cases = [
         (["--format", "tflite"], tmp_path / "x.keras", f"{tmp_path / 'x.keras'}: the exported file name must end in .tflite"),
-        ([], tmp_path / "x.h5", f"{tmp_path / 'x.h5'}: cannot tell the format from the name; end it in .keras or "
-                                ".tflite, or give --format savedmodel (a SavedModel is a folder)"),
+        ([], tmp_path / "x.h5", f"{tmp_path / 'x.h5'}: cannot tell the format from the name; end it in .keras, "
+                                ".tflite or .onnx, or give --format savedmodel (a SavedModel is a folder)"),
         (["--format", "savedmodel"], tmp_path / "x.tflite",
          f"{tmp_path / 'x.tflite'}: a SavedModel is a folder; name it without the .tflite extension"),
         (["--quantize", "int8"], tmp_path / "x.keras", "--quantize int8: only for TensorFlow Lite exports (.tflite)"),

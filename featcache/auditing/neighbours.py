@@ -41,12 +41,14 @@ def knn(v: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: 
     return sims, idx
 
 
-def scan(v: np.ndarray, threshold: float, k: int = OUTLIER_NEIGHBOURS) -> tuple[list[tuple[int, int, float]], np.ndarray]:
-    """One pass over all pairs: (every pair i < j at or above ``threshold``, the outlier score of
-    every row: 1 - its mean similarity to its k nearest others)."""
+def scan(v: np.ndarray, threshold: float, k: int = OUTLIER_NEIGHBOURS):
+    """One pass over all pairs: (every pair i < j at or above ``threshold``, the k nearest other
+    rows of every row as (similarities, indices), each (N, k), best first)."""
     n = len(v)
     k = max(1, min(k, n - 1))
-    pairs, scores = [], np.zeros(n)
+    pairs = []
+    top_sims = np.zeros((n, k), np.float32)
+    top_idx = np.zeros((n, k), np.int64)
     for start in range(0, n, BLOCK_ROWS):
         s = v[start : start + BLOCK_ROWS] @ v.T
         rows, cols = np.nonzero(s >= threshold)
@@ -54,22 +56,32 @@ def scan(v: np.ndarray, threshold: float, k: int = OUTLIER_NEIGHBOURS) -> tuple[
         if n < 2:
             break
         s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf
-        top = np.partition(s, s.shape[1] - k, axis=1)[:, -k:]
-        scores[start : start + len(s)] = 1.0 - top.mean(axis=1)
-    return pairs, scores
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        sims = np.take_along_axis(s, part, axis=1)
+        order = np.argsort(-sims, axis=1, kind="stable")
+        top_idx[start : start + len(s)] = np.take_along_axis(part, order, axis=1)
+        top_sims[start : start + len(s)] = np.take_along_axis(sims, order, axis=1)
+    return pairs, (top_sims, top_idx)
 
 
-def pairs_above(v: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """Every pair (i < j) whose cosine similarity reaches ``threshold``."""
+def standing_out(top_sims: np.ndarray, top_idx: np.ndarray, floor: float, gap: float) -> list[tuple[int, int, float]]:
+    """Pairs of mutual nearest neighbours whose similarity reaches ``floor`` and exceeds the next
+    best similarity of either by ``gap``: a copy stands out from its original's other neighbours
+    even when resizing and re-encoding moved it further than two distinct photos can be."""
+    if top_sims.shape[1] < 2:
+        return []
+    nn, s1, s2 = top_idx[:, 0], top_sims[:, 0], top_sims[:, 1]
     out = []
-    for start in range(0, len(v), BLOCK_ROWS):
-        s = v[start : start + BLOCK_ROWS] @ v.T
-        rows, cols = np.nonzero(s >= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            i = start + r
-            if i < c:
-                out.append((i, c, float(s[r, c])))
+    for i in np.flatnonzero((nn[nn] == np.arange(len(nn))) & (np.arange(len(nn)) < nn) & (s1 >= floor)).tolist():
+        j = int(nn[i])
+        if s1[i] - max(s2[i], s2[j]) >= gap:
+            out.append((i, j, float(s1[i])))
     return out
+
+
+def outlier_scores_of(top_sims: np.ndarray) -> np.ndarray:
+    """1 - the mean similarity to the k nearest other rows (higher: more isolated)."""
+    return 1.0 - top_sims.mean(axis=1).astype(np.float64)
 
 
 def groups(n: int, edges) -> list[list[int]]:
@@ -90,14 +102,6 @@ def groups(n: int, edges) -> list[list[int]]:
     for i in range(n):
         members.setdefault(find(i), []).append(i)
     return [m for m in members.values() if len(m) > 1]
-
-
-def outlier_scores(v: np.ndarray, k: int = OUTLIER_NEIGHBOURS) -> np.ndarray:
-    """1 - the mean cosine similarity to the k nearest other rows (higher: more isolated)."""
-    if len(v) < 2:
-        return np.zeros(len(v))
-    sims, _ = knn(v, k)
-    return 1.0 - sims.mean(axis=1).astype(np.float64)
 
 
 def flag_outliers(scores: np.ndarray, z: float = OUTLIER_Z) -> np.ndarray:

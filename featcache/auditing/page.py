@@ -20,8 +20,8 @@ def _card(image_root: str, path: str, caption: str, cls: str = "wrong") -> str:
 def write_page(path: str, result: dict, image_root: str) -> int:
     started = time.perf_counter()
     sections = [f"<h1>Audit of {esc(result['feature_set'])}</h1>",
-                f'<p class="sub">{num(result["rows"])} rows of {esc(result["store"])}; near duplicates at cosine '
-                f'&ge; {result["settings"]["near_duplicate_threshold"]}</p>', notes_html(result["notes"])]
+                f'<p class="sub">{num(result["rows"])} rows of {esc(result["store"])}; near duplicates: '
+                f'{esc(result["settings"]["near_duplicates"])}</p>', notes_html(result["notes"])]
     share = result["leak_share"]
     summary = [["label issues", num(len(result["label_issues"])) if result["labelled"] else "– (unlabelled)"],
                ["duplicate groups", num(len(result["duplicates"]))],

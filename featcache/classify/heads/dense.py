@@ -27,8 +27,8 @@ class DenseHead(Head):
 
     It starts at chance: pooled ReLU features are unscaled by nature (means of 0.5 to several
     units over thousands of inputs), and with a Glorot-initialised output the untrained head's
-    loss was 3.2 x ln K on the demo. ``standardize`` (on by default) puts a Normalization layer
-    holding the mean and variance of the training rows' (pooled or flattened) features in front
+    loss was 3.2 x ln K on the demo. ``standardize`` (on by default) puts a layer holding the
+    mean and variance of the training rows' (pooled or flattened) features in front
     (computed before training, in a stream when the rows do not fit the budget; alone it brought
     the demo to 1.6 x ln K), and the output layer starts at zero (exactly ln K). The statistics
     live inside the model, so every export (.keras, .tflite, SavedModel, ONNX, head-only)
@@ -104,7 +104,7 @@ class DenseHead(Head):
 
     def _build_model(self, statistics) -> None:
         """The Keras model; ``statistics``: (mean, variance) of the inputs, or None before
-        prepare() (then the Normalization layer is the identity: mean 0, variance 1)."""
+        prepare() (then the standardize layer is the identity)."""
         import keras
 
         c = self.config
@@ -117,10 +117,16 @@ class DenseHead(Head):
             inputs = keras.Input(self.feature_shape, name="features")
             x = self._vector(keras, inputs, self.feature_shape, "")
         if c["standardize"]:
-            width = int(x.shape[-1])
-            mean, variance = statistics if statistics is not None else (np.zeros(width), np.ones(width))
-            x = keras.layers.Normalization(mean=mean.astype(np.float32), variance=variance.astype(np.float32),
-                                           name="standardize")(x)
+            # (x - mean) / std as a Rescaling with per-feature scale and offset: constants in the
+            # model's config, which every converter (TFLite, tf2onnx) folds; a Normalization
+            # layer's statistics became graph inputs in the ONNX export.
+            if statistics is None:
+                scale, offset = 1.0, 0.0
+            else:
+                mean, variance = statistics
+                std = np.sqrt(variance)
+                scale, offset = (1.0 / std).astype(np.float32).tolist(), (-mean / std).astype(np.float32).tolist()
+            x = keras.layers.Rescaling(scale=scale, offset=offset, name="standardize")(x)
         regularizer = keras.regularizers.L2(c["l2"]) if c["l2"] else None
         x = keras.layers.Dense(c["units"], activation="relu", kernel_regularizer=regularizer, name="hidden")(x)
         x = keras.layers.Dropout(c["dropout"], seed=self.seed, name="dropout")(x)
