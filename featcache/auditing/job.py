@@ -53,7 +53,7 @@ def read_vectors(fs, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _run_model(run_dir: str | None):
     """The classifier factory of the out-of-fold step: a run's logreg settings, or the default."""
     if run_dir is None:
-        return None, "logistic regression (standardized features, C=1)"
+        return None, f"logistic regression (standardized features, C={label_audit.DEFAULT_C})"
     from ..classify.runs.run_dir import read_config, run_kind
 
     config = read_config(run_dir)
