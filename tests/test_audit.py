@@ -247,3 +247,21 @@ def test_the_knn_head_stands_beside_dense_and_logreg(planted, tmp_path):
     assert sum(p["predicted"] == "dogs" for p in predicted) >= 4
     with pytest.raises(FeatcacheError, match="a knn head keeps its training rows"):
         featcache.export(tmp_path / "knn", tmp_path / "m.keras")
+
+
+def test_search_and_ensemble_take_exclude_too(planted, tmp_path):
+    import featcache
+
+    out = tmp_path / "audit"
+    featcache.audit(planted["store"], out=out)
+    exclude = out / "exclude.txt"
+    excluded = [l for l in exclude.read_text().splitlines() if l and not l.startswith("#")]
+    found = featcache.search(planted["store"], out=tmp_path / "search", trials=2, heads="logreg", exclude=exclude)
+    best = json.loads((tmp_path / "search" / "best" / "config.json").read_text())
+    assert best["excluded"]["paths"] == sorted(excluded)
+    assert found["rows"]["train"] == 3 * SPLITS["train"] + 7 - sum(p.startswith("train/") for p in excluded)
+    a = featcache.train(planted["store"], out=tmp_path / "a", head="logreg", no_report=True)
+    b = featcache.train(planted["store"], out=tmp_path / "b", head="logreg", C=0.1, no_report=True)
+    ens = featcache.ensemble([a["run_dir"], b["run_dir"]], out=tmp_path / "ens", exclude=exclude, no_report=True)
+    assert ens["test"]["n"] == a["test"]["n"] - sum(p.startswith("test/") for p in excluded)
+    assert json.loads((tmp_path / "ens" / "config.json").read_text())["excluded"]["count"] == len(excluded)
