@@ -134,3 +134,9 @@ def test_a_head_only_export_is_not_fed_images_nor_a_store_without_its_feature_se
     other = pixel_store(tmp_path / "other", CLASSES, {"train": 2, "validation": 1, "test": 1}, (8,))
     with pytest.raises(FeatcacheError, match="no feature set mobilenet_0.25-64"):
         featcache.predict(out, features=other["store"])
+
+
+def test_int8_is_refused_for_onnx_with_the_measured_reason(photos, tmp_path):
+    result = CliRunner().invoke(cli, ["export", photos["runs"]["logreg"], str(tmp_path / "q.onnx"), "--quantize", "int8"])
+    assert result.exit_code == 1 and "not offered for ONNX exports" in result.output
+    assert not any(tmp_path.iterdir())
