@@ -40,7 +40,7 @@ def write_page(path: str, result: dict, image_root: str) -> int:
             + table(["given", "predicted", "rows"], pairs, {2}) + "</section>")
     if result["label_issues"]:
         cards = [_card(image_root, i["path"], f'given <span class="true">{esc(i["given"])}</span>, suggested '
-                       f'<span class="pred">{esc(i["suggested"])}</span> <span class="p">{i["score"]:.3f}</span>')
+                       f'<span class="pred">{esc(i["suggested"])}</span> <span class="p">p(given) {i["score"]:.3g}</span>')
                  for i in result["label_issues"][:MAX_SHOWN]]
         sections.append("<section><h2>Label issues (worst first)</h2><div class=gallery>" + "".join(cards) + "</div></section>")
     for title, key in (("Leaks across splits", "leaks"), ("Duplicate groups", "duplicates")):
