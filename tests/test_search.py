@@ -328,7 +328,7 @@ def test_bad_input_gets_one_line(pixels, tmp_path):
         return result.stderr.removeprefix("error: ").rstrip("\n")
 
     assert error(store, "--out", tmp_path / "a", "--trials", 0) == "--trials 0: must be at least 1"
-    assert error(store, "--out", tmp_path / "a", "--heads", "dense,svm") == "--heads: unknown head 'svm'; choose from dense, logreg"
+    assert error(store, "--out", tmp_path / "a", "--heads", "dense,svm") == "--heads: unknown head 'svm'; choose from dense, logreg, knn"
     assert error(store, "--out", tmp_path / "a", "--feature-sets", "nope") == (
         f"{store}: no feature set 'nope' (feature sets: {', '.join(sorted(pixels['sets']))})")
 
