@@ -8,12 +8,13 @@ duplicate group, one relative path a line: give it to ``train --exclude``) and a
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..classify.runs.run_dir import write_json
 from ..errors import FeatcacheError
 from . import labels as label_audit, neighbours
 
@@ -50,6 +51,40 @@ def read_vectors(fs, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, neighbours.vectors(x)
 
 
+@dataclass
+class StoredRows:
+    """The active rows of one feature set, as the audit and ``similar`` read them."""
+
+    name: str
+    backbone: str
+    class_names: list[str]
+    paths: list[str]
+    digests: list[str]
+    splits: np.ndarray  # (N,) object: "train", "validation", "test" or "" (unlabelled)
+    labels: np.ndarray | None  # (N,) int64 class indices, None when unlabelled
+    features: np.ndarray  # (N, D) float32 vectors (see read_vectors)
+    unit: np.ndarray  # (N, D) their unit-length copies
+    image_root: str
+
+
+def read_stored(store: str, feature_set: str | None, base: str | None) -> StoredRows:
+    """One feature set of ``store`` (by name, or the only one of ``base``), read whole."""
+    from ..cache.store import open_store
+
+    if not os.path.isfile(store):
+        raise FeatcacheError(f"{store}: no such store")
+    with open_store(store) as s:
+        fs = s.select(feature_set, base)
+        rows = fs.rows()
+        x, v = read_vectors(fs, rows)
+        return StoredRows(
+            fs.name, fs.spec.backbone, fs.class_names, fs.column("paths")[rows].astype(str).tolist(),
+            fs.column("digests")[rows].astype(str).tolist(),
+            np.asarray(fs.column("splits")[rows].astype(str).tolist(), dtype=object),
+            fs.column("labels")[rows].astype(np.int64) if fs.labelled else None, x, v,
+            str(fs.attrs.get("image_root", "")))
+
+
 def _run_model(run_dir: str | None):
     """The classifier factory of the out-of-fold step: a run's logreg settings, or the default."""
     if run_dir is None:
@@ -68,27 +103,16 @@ def _run_model(run_dir: str | None):
 def audit(store: str, feature_set: str | None = None, base: str | None = None, out: str | None = None,
           folds: int = label_audit.DEFAULT_FOLDS, run_dir: str | None = None, threshold: float | None = None,
           seed: int = 0) -> dict:
-    from ..cache.store import open_store
-
     started = time.perf_counter()
-    if not os.path.isfile(store):
-        raise FeatcacheError(f"{store}: no such store")
     make_model, model_text = _run_model(run_dir)
     if out is not None:
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
             raise FeatcacheError(f"{out}: exists and is not an empty folder; choose a new --out")
-    with open_store(store) as s:
-        fs = s.select(feature_set, base)
-        rows = fs.rows()
-        paths = fs.column("paths")[rows].astype(str).tolist()
-        digests = fs.column("digests")[rows].astype(str).tolist()
-        splits = np.asarray(fs.column("splits")[rows].astype(str).tolist(), dtype=object)
-        labelled = fs.labelled
-        given = fs.column("labels")[rows].astype(np.int64) if labelled else None
-        class_names = fs.class_names
-        name, backbone = fs.name, fs.spec.backbone
-        image_root = str(fs.attrs.get("image_root", ""))
-        x, v = read_vectors(fs, rows)
+    stored = read_stored(store, feature_set, base)
+    paths, digests, splits, given = stored.paths, stored.digests, stored.splits, stored.labels
+    labelled, class_names, name, backbone = given is not None, stored.class_names, stored.name, stored.backbone
+    image_root, x, v = stored.image_root, stored.features, stored.unit
+    rows = np.arange(len(paths))
     rule = near_duplicate_rule(backbone, threshold)
     notes = []
 
@@ -172,16 +196,8 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
         result["files"] = write_outputs(out, result, exclude, image_root)
     result["seconds"] = round(time.perf_counter() - started, 3)
     if out is not None:  # the JSON file holds the final timing too
-        _write_json(os.path.join(out, "audit.json"), result)
+        write_json(os.path.join(out, "audit.json"), result)
     return result
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _csv(path: str, header: list[str], rows) -> None:

@@ -15,19 +15,21 @@ import numpy as np
 
 from ..errors import FeatcacheError
 from . import neighbours
-from .job import read_vectors
+from .job import read_stored
 
 DEFAULT_K = 5
 
 
-def _query_vectors(files: list[str], fs, store: str, weights: str | None) -> np.ndarray:
-    """Vectors of image files, extracted on the fly as the feature set was."""
+def _query_vectors(files: list[str], store: str, name: str, weights: str | None) -> np.ndarray:
+    """Vectors of image files, extracted on the fly as the feature set ``name`` was."""
+    from ..cache.store import open_store
     from ..classify.graph.base_recipe import recipe_for
     from ..classify.runs.run_dir import feature_set_record
     from ..extract.bases.feature_model import FeatureModel
     from ..extract.images.decode import DecodeError, decode_image, read_bytes
 
-    record = feature_set_record(fs, store)
+    with open_store(store) as s:
+        record = feature_set_record(s[name], store)
     recipe = recipe_for(record, store, weights)
     spec = recipe.spec
     model = FeatureModel(recipe.backbone, spec.input_size, recipe.weights, recipe.layer, spec.pooling,
@@ -46,31 +48,21 @@ def _query_vectors(files: list[str], fs, store: str, weights: str | None) -> np.
 
 def similar(store: str, queries: list[str], k: int = DEFAULT_K, feature_set: str | None = None,
             base: str | None = None, weights: str | None = None) -> dict:
-    from ..cache.store import open_store
-
     started = time.perf_counter()
     if k < 1:
         raise FeatcacheError(f"-k {k}: must be at least 1")
     if not queries:
         raise FeatcacheError("no query given (a stored image's relative path, or an image file)")
-    if not os.path.isfile(store):
-        raise FeatcacheError(f"{store}: no such store")
-    with open_store(store) as s:
-        fs = s.select(feature_set, base)
-        rows = fs.rows()
-        paths = fs.column("paths")[rows].astype(str).tolist()
-        splits = fs.column("splits")[rows].astype(str).tolist()
-        labels = fs.column("labels")[rows] if fs.labelled else None
-        names = fs.class_names
-        _, v = read_vectors(fs, rows)
-        where = {p: i for i, p in enumerate(paths)}
-        files = [q for q in queries if q not in where]
-        for q in files:
-            if not os.path.isfile(q):
-                raise FeatcacheError(f"{q}: neither a stored image of {fs.name} (paths are relative to the image "
-                                     "folder) nor an image file")
-        extracted = dict(zip(files, _query_vectors(files, fs, store, weights))) if files else {}
-        name = fs.name
+    stored = read_stored(store, feature_set, base)
+    paths, splits, labels, names, v = stored.paths, stored.splits, stored.labels, stored.class_names, stored.unit
+    where = {p: i for i, p in enumerate(paths)}
+    files = [q for q in queries if q not in where]
+    for q in files:
+        if not os.path.isfile(q):
+            raise FeatcacheError(f"{q}: neither a stored image of {stored.name} (paths are relative to the image "
+                                 "folder) nor an image file")
+    extracted = dict(zip(files, _query_vectors(files, store, stored.name, weights))) if files else {}
+    name = stored.name
     results = []
     for q in queries:
         stored = q in where
@@ -78,7 +70,7 @@ def similar(store: str, queries: list[str], k: int = DEFAULT_K, feature_set: str
         sims, idx = neighbours.knn(v, k + (1 if stored else 0), queries=qv, exclude_self=False)
         hits = [(float(sv), int(i)) for sv, i in zip(sims[0], idx[0]) if not (stored and i == where[q])][:k]
         results.append({"query": q, "stored": stored, "neighbors": [
-            {"path": paths[i], "split": splits[i] or None, "label": names[int(labels[i])] if labels is not None else None,
+            {"path": paths[i], "split": str(splits[i]) or None, "label": names[int(labels[i])] if labels is not None else None,
              "similarity": round(sv, 6)} for sv, i in hits]})
     return {"store": store, "feature_set": name, "k": k, "results": results,
             "seconds": round(time.perf_counter() - started, 3)}
