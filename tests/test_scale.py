@@ -371,3 +371,31 @@ def test_decoding_processes_hash_what_they_decode(tmp_path, reads):
     for path, (digest, label, split, features) in reference.items():
         assert ours[path][:3] == (digest, label, split), path
         np.testing.assert_array_equal(ours[path][3], features, err_msg=path)
+
+
+def test_merge_carries_the_shards_stat_records(tmp_path):
+    from featcache.cache.shards import merge
+    from featcache.extract.scale.sharding import run_shard, shard_store_name
+
+    tree = bmp_tree(tmp_path / "i", per_class=5)
+    single = tmp_path / "single.h5"
+    extract(str(tree), str(single), ExtractConfig(**PIXELS))
+    shards = [tmp_path / shard_store_name(i, 2) for i in range(2)]
+    for i, path in enumerate(shards):
+        run_shard(str(tree), str(path), ExtractConfig(**PIXELS), (i, 2))
+    merge([str(p) for p in shards], str(tmp_path / "merged.h5"))
+    expected = stored_stats(single)
+    assert UNKNOWN_SIZE not in {s[0] for s in expected.values()}
+    assert stored_stats(tmp_path / "merged.h5") == expected
+    verified = json.loads(CliRunner().invoke(cli, ["verify", str(tmp_path / "merged.h5"), "--json"]).stdout)
+    assert verified["ok"] and verified["unchecked"] == []
+
+    old_paths = set(rows_by_path(shards[1]))
+    with h5py.File(shards[1], "r+") as f:  # a shard written before the stat columns
+        group = next(iter(f["feature_sets"].values()))
+        for name in STAT_COLUMNS:
+            del group[name]
+    merge([str(p) for p in shards], str(tmp_path / "mixed.h5"))
+    mixed = stored_stats(tmp_path / "mixed.h5")
+    assert mixed.keys() == expected.keys() and old_paths
+    assert all(mixed[p][0] == UNKNOWN_SIZE if p in old_paths else mixed[p] == expected[p] for p in expected)
