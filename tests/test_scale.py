@@ -4,6 +4,7 @@ Every re-run is compared row for row (by path: digest, label, split, features) w
 extraction of the same tree into a new store."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -298,3 +299,103 @@ def test_json_says_where_the_time_went_and_rehash_is_an_option(tmp_path):
     rehashed = json.loads(CliRunner().invoke(cli, ["extract", str(tree), str(store), *PIXEL_ARGS, "--json",
                                                    "--rehash"]).output)
     assert rehashed["files_read"] == 6 and rehashed["reused"] == 6
+
+
+@pytest.fixture
+def decoder_reads(monkeypatch):
+    """The paths whose bytes the decoders read (in this process: the threads decoder)."""
+    from featcache.extract.images import decode
+
+    seen = []
+    real = decode.read_bytes
+
+    def counting(path):
+        seen.append(os.path.relpath(path))
+        return real(path)
+
+    monkeypatch.setattr(decode, "read_bytes", counting)
+    return seen
+
+
+def twin_tree(root):
+    """8 distinct cats and dogs, plus byte-identical twins: in one batch, across batches, of a
+    dog in the cats folder, and an unreadable file."""
+    tree = bmp_tree(root, per_class=4)
+    for name in ("cats/cats.000.bmp", "cats/cats.000.bmp", "dogs/dogs.003.bmp"):
+        shutil.copy(tree / name, tree / "cats" / f"twin-{len(os.listdir(tree / 'cats'))}.bmp")
+    shutil.copy(tree / "cats/cats.001.bmp", tree / "dogs/zz-twin.bmp")
+    (tree / "dogs/empty.bmp").write_bytes(b"")
+    backdate(tree)
+    return tree
+
+
+def test_a_cold_run_reads_each_file_once_and_extracts_twins_once(tmp_path, reads, decoder_reads):
+    tree = twin_tree(tmp_path / "i")
+    store = tmp_path / "cold.h5"
+    cold = extract(str(tree), str(store), ExtractConfig(**PIXELS))
+    listed = rel(tree, *(f"{c}/{n}" for c in ("cats", "dogs") for n in os.listdir(tree / c)))
+    assert reads == [] and sorted(decoder_reads) == listed  # no pass before the model: one read each
+    assert (cold["extracted"], cold["copied"], cold["failed"], cold["files_read"]) == (8, 4, 1, 13)
+    assert cold["failures"] == [{"path": "dogs/empty.bmp", "reason": "empty file (0 bytes)"}]
+    rows = rows_by_path(store)
+    for twin, of in (("cats/twin-4.bmp", "cats/cats.000.bmp"), ("cats/twin-5.bmp", "cats/cats.000.bmp"),
+                     ("cats/twin-6.bmp", "dogs/dogs.003.bmp"), ("dogs/zz-twin.bmp", "cats/cats.001.bmp")):
+        assert rows[twin][0] == rows[of][0] == hashlib.sha256((tree / of).read_bytes()).hexdigest()
+        np.testing.assert_array_equal(rows[twin][3], rows[of][3])
+    # The same rows as a store grown in two runs (the second one hashing before its plan).
+    grown = tmp_path / "grown.h5"
+    half = tmp_path / "half"
+    shutil.copytree(tree, half, copy_function=shutil.copy2)
+    for name in ("dogs", "cats/twin-5.bmp", "cats/twin-6.bmp"):
+        shutil.rmtree(half / name) if (half / name).is_dir() else os.remove(half / name)
+    (half / "dogs").mkdir()
+    extract(str(half), str(grown), ExtractConfig(**PIXELS))
+    shutil.rmtree(half)
+    shutil.copytree(tree, half, copy_function=shutil.copy2)
+    extract(str(half), str(grown), ExtractConfig(**PIXELS))
+    theirs = rows_by_path(grown)
+    assert rows.keys() == theirs.keys()
+    for path, (digest, label, split, features) in theirs.items():
+        assert rows[path][:3] == (digest, label, split), path
+        np.testing.assert_array_equal(rows[path][3], features, err_msg=path)
+
+
+def test_decoding_processes_hash_what_they_decode(tmp_path, reads):
+    tree = twin_tree(tmp_path / "i")
+    threads, processes = tmp_path / "t.h5", tmp_path / "p.h5"
+    extract(str(tree), str(threads), ExtractConfig(**PIXELS))
+    result = extract(str(tree), str(processes), ExtractConfig(**PIXELS, decode="processes", decode_workers=2))
+    assert reads == [] and (result["extracted"], result["copied"], result["failed"]) == (8, 4, 1)
+    ours, reference = rows_by_path(processes), rows_by_path(threads)
+    assert ours.keys() == reference.keys()
+    for path, (digest, label, split, features) in reference.items():
+        assert ours[path][:3] == (digest, label, split), path
+        np.testing.assert_array_equal(ours[path][3], features, err_msg=path)
+
+
+def test_merge_carries_the_shards_stat_records(tmp_path):
+    from featcache.cache.shards import merge
+    from featcache.extract.scale.sharding import run_shard, shard_store_name
+
+    tree = bmp_tree(tmp_path / "i", per_class=5)
+    single = tmp_path / "single.h5"
+    extract(str(tree), str(single), ExtractConfig(**PIXELS))
+    shards = [tmp_path / shard_store_name(i, 2) for i in range(2)]
+    for i, path in enumerate(shards):
+        run_shard(str(tree), str(path), ExtractConfig(**PIXELS), (i, 2))
+    merge([str(p) for p in shards], str(tmp_path / "merged.h5"))
+    expected = stored_stats(single)
+    assert UNKNOWN_SIZE not in {s[0] for s in expected.values()}
+    assert stored_stats(tmp_path / "merged.h5") == expected
+    verified = json.loads(CliRunner().invoke(cli, ["verify", str(tmp_path / "merged.h5"), "--json"]).stdout)
+    assert verified["ok"] and verified["unchecked"] == []
+
+    old_paths = set(rows_by_path(shards[1]))
+    with h5py.File(shards[1], "r+") as f:  # a shard written before the stat columns
+        group = next(iter(f["feature_sets"].values()))
+        for name in STAT_COLUMNS:
+            del group[name]
+    merge([str(p) for p in shards], str(tmp_path / "mixed.h5"))
+    mixed = stored_stats(tmp_path / "mixed.h5")
+    assert mixed.keys() == expected.keys() and old_paths
+    assert all(mixed[p][0] == UNKNOWN_SIZE if p in old_paths else mixed[p] == expected[p] for p in expected)

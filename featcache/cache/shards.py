@@ -14,7 +14,7 @@ atomically is something every file system does, including shared ones.
 
 :func:`merge` builds a store whose ``features`` are HDF5 virtual datasets over the shards'
 committed rows (no feature bytes copied). The small row columns (labels, paths, digests,
-splits, active) and the failures are copied. Virtual sources are stored as paths relative
+splits, active, the file stat records) and the failures are copied. Virtual sources are stored as paths relative
 to the merged file's folder; HDF5 resolves those against the folder of the merged file,
 so the folder holding the merged file and its shards can be moved as a whole.
 """
@@ -34,8 +34,9 @@ from ..errors import FeatcacheError
 from .hdf5 import check_is_hdf5
 from .key import FORMAT_VERSION
 from .layout import (CRC, GROUP, PATHS, ROW_COLUMNS, SPLITS, append_failures, append_rows, create_feature_set_group,
-                     create_row_columns, require_root, writer_lock)
+                     create_row_columns, create_stat_columns, require_root, stat_columns, unknown_stats, writer_lock)
 from .store import Store
+from .writer import read_stats
 
 MARKER_SUFFIX = ".shard.json"
 MARKER_FORMAT = 1
@@ -275,6 +276,7 @@ def _read_shard_set(path: str, store: Store, name: str, record: dict):
         "rows": rows,
         "columns": {c: fs.column(c) for c in ROW_COLUMNS},
         "crc": fs.column(CRC) if fs.has_crc else None,
+        "stats": read_stats(fs),  # None: a shard written before the stat columns
         "paths": fs.column(PATHS),
         "failures": fs.failures(),
         "attrs": {k: _attr_value(v) for k, v in fs.attrs.items()},  # for comparing
@@ -389,6 +391,11 @@ def _write_merged_set(root: h5py.Group, name: str, parts: list[tuple[str, dict]]
     columns = {c: np.concatenate([p["columns"][c] for _, p in parts]) for c in ROW_COLUMNS}
     if checked:
         columns[CRC] = np.concatenate([p["crc"] for _, p in parts])
+    # The file stat records too (a re-run against the merged store reads no unchanged file);
+    # "unknown" for the rows of a shard written before them.
+    create_stat_columns(g, 0, chunk_rows=max(total, 1))
+    columns.update(stat_columns(np.concatenate([unknown_stats(p["rows"]) if p["stats"] is None else p["stats"]
+                                                for _, p in parts])))
     append_rows(g, columns, paths)
     append_failures(g, failures)
     g["committed"][:] = [total, len(failures), int(first["raw_attrs"].get("listing_generation", 0))]

@@ -6,13 +6,21 @@ host), and the store appends (a writer thread: appending and committing a batch 
 the model). Each batch is still committed on its own, in order, so a killed run loses at most
 the batches in flight; on SIGINT/SIGTERM the batches already through the model are committed
 before the run stops.
+
+A batch's digests are those of the bytes its decoders read (a cold run hashes nowhere else, see
+:mod:`.plan`). A row whose digest an earlier row of the run already has (a byte-identical twin)
+is dropped before the model runs and returned in ``LoopResult.twins``: the caller copies the
+features of the first one (a bulk copy), so twins are extracted once.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .images.feeder import DecoderDied
 from .signals import Interrupted
@@ -29,6 +37,7 @@ class LoopResult:
     steady_seconds: float = 0.0  # and the time they took
     new_rows: dict[str, int] = field(default_factory=dict)  # digest -> row
     write_seconds: float = 0.0  # appending and committing (in the writer thread, overlapped with the model)
+    twins: list = field(default_factory=list)  # (entry, digest) dropped: an earlier row had these bytes
 
     @property
     def images_per_second(self) -> float:
@@ -84,6 +93,31 @@ class _Appender:
             raise self.error
 
 
+def take_rows(images, rows: list[int]):
+    """Rows ``rows`` of a batch's images: numpy, or a backend tensor (GPU decoding)."""
+    if isinstance(images, np.ndarray):
+        return images[rows]
+    import keras
+
+    return keras.ops.take(images, np.asarray(rows, np.int32), axis=0)
+
+
+def drop_twins(batch, seen: set, twins: list):
+    """``batch`` without the rows whose digest is in ``seen`` (or earlier in the batch); those
+    rows go to ``twins``, the others' digests into ``seen``."""
+    keep = []
+    for i, (entry, digest) in enumerate(zip(batch.entries, batch.digests)):
+        if digest in seen:
+            twins.append((entry, digest))
+        else:
+            seen.add(digest)
+            keep.append(i)
+    if len(keep) == len(batch.entries):
+        return batch
+    return dataclasses.replace(batch, entries=[batch.entries[i] for i in keep],
+                               digests=[batch.digests[i] for i in keep], images=take_rows(batch.images, keep))
+
+
 def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=lambda n: None,
                 stats=None) -> LoopResult:
     """Run ``batches`` (:class:`~.feeder.Batch`) through ``model`` into ``writer``, one commit each.
@@ -93,6 +127,7 @@ def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=la
     first_done = None
     appender = _Appender(writer, result, failures, on_commit, stats)
     in_flight = None  # (batch, model handle): dispatched, features not fetched yet
+    seen: set = set()  # digests of the rows sent to the model
 
     def finish(batch, handle) -> None:
         nonlocal first_done
@@ -108,6 +143,7 @@ def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=la
     try:
         try:
             for batch in batches:
+                batch = drop_twins(batch, seen, result.twins)
                 handle = model.dispatch(batch.images) if len(batch.entries) else None
                 done, in_flight = in_flight, (batch, handle)
                 if done is not None:

@@ -34,14 +34,17 @@ RACY_NS = 3_000_000_000
 def stat_listing(listing: Listing) -> np.ndarray:
     """(n, 4) int64 stat records of the listing's files (UNKNOWN_SIZE where stat fails:
     the file is hashed, and its read says what is wrong with it)."""
-    out = unknown_stats(len(listing.entries))
+    n = len(listing.entries)
+    sizes, mtimes, ctimes = np.full(n, UNKNOWN_SIZE, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    inodes = np.zeros(n, np.uint64)
+    path, stat = listing.path, os.stat
     for i, entry in enumerate(listing.entries):
         try:
-            st = os.stat(listing.path(entry))
+            st = stat(path(entry))
         except OSError:
             continue
-        out[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, np.uint64(st.st_ino).view(np.int64))
-    return out
+        sizes[i], mtimes[i], ctimes[i], inodes[i] = st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+    return np.stack([sizes, mtimes, ctimes, inodes.view(np.int64)], axis=1)
 
 
 def recordable(stats: np.ndarray, started_ns: int) -> np.ndarray:
@@ -53,14 +56,30 @@ def recordable(stats: np.ndarray, started_ns: int) -> np.ndarray:
 
 def known_digests(existing, listing: Listing, stats: np.ndarray) -> list[str | None]:
     """For each listed file, the stored digest of a row with the same path and stat, or None
-    (the file has to be read). ``existing``: the stored rows (writer.PreparedSet) or None."""
+    (the file has to be read). ``existing``: the stored rows (writer.PreparedSet) or None.
+
+    One dict look-up per file (its path's last stored row), the stat compared for all files at
+    once; only a file whose path has several stored rows (older versions of it) and whose stat
+    differs from the last one's is looked up among those rows."""
+    n = len(listing.entries)
     if existing is None or existing.stats is None or not existing.rows:
-        return [None] * len(listing.entries)
-    recorded = existing.stats[:, 0] != UNKNOWN_SIZE
-    by_stat = {(p, *map(int, s)): d for p, d, s, ok in zip(existing.paths, existing.digests, existing.stats, recorded)
-               if ok}
-    return [None if s[0] == UNKNOWN_SIZE else by_stat.get((store_path_text(e.relpath), *map(int, s)))
-            for e, s in zip(listing.entries, stats)]
+        return [None] * n
+    last, earlier = {}, {}
+    for row, path in enumerate(existing.paths.tolist()):
+        if path in last:
+            earlier.setdefault(path, []).append(last[path])
+        last[path] = row
+    listed = [store_path_text(e.relpath) for e in listing.entries]
+    rows = np.fromiter((last.get(p, -1) for p in listed), np.int64, n)
+    stored = existing.stats[np.maximum(rows, 0)]
+    usable = (rows >= 0) & (stats[:, 0] != UNKNOWN_SIZE)
+    same = usable & (stored[:, 0] != UNKNOWN_SIZE) & (stored == stats).all(axis=1)
+    for i in np.flatnonzero(usable & ~same):  # an older row of the same path may hold this stat
+        for row in reversed(earlier.get(listed[i], ())):  # the latest first, as before
+            if existing.stats[row, 0] != UNKNOWN_SIZE and (existing.stats[row] == stats[i]).all():
+                rows[i], same[i] = row, True
+    digests = existing.digests[np.maximum(rows, 0)].tolist()
+    return [d if ok else None for d, ok in zip(digests, same.tolist())]
 
 
 class FileStats:

@@ -56,11 +56,17 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
         stats = stat_listing(listing)
         clock = _lap(times, "list_seconds", clock)
         existing = writer.peek(spec)  # read-only: readers go on while the model is built; damage stops here
-        known = None if config.rehash else known_digests(existing, listing, stats)
-        hashed, failures, files_read = digest_all(listing, known)
-        clock = _lap(times, "hash_seconds", clock)
         file_stats = FileStats(listing, recordable(stats, started_ns))
-        keep, copy, todo = plan(existing, hashed)
+        if existing is None or not existing.rows:
+            # Cold: nothing stored to match, so no pass before the model; the decoders hash the
+            # bytes they decode, and the batch loop drops twins (see plan's docstring).
+            keep, copy, failures, files_read = {}, [], [], len(listing.entries)
+            todo = [(e, None) for e in listing.entries]
+        else:
+            known = None if config.rehash else known_digests(existing, listing, stats)
+            hashed, failures, files_read = digest_all(listing, known)
+            keep, copy, todo = plan(existing, hashed)
+        clock = _lap(times, "hash_seconds", clock)
         writer.check_rows(spec, [row for _, _, row in copy if row is not None])  # the rows it will copy
         model = None
         if todo or existing is None:
@@ -100,7 +106,8 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
         clock = time.perf_counter()
         # The same bytes under several paths in this listing: extracted once, copied for the rest.
         known_rows.update(loop.new_rows)
-        twins = [(e, d, known_rows[d]) for e, d, row in copy if row is None and d in known_rows]
+        twins = [(e, d, known_rows[d]) for e, d, row in copy + [(e, d, None) for e, d in loop.twins]
+                 if row is None and d in known_rows]
         copy_rows(writer, twins, file_stats)
         _lap(times, "copy_seconds", clock)
         feature_shape = writer.group["features"].shape[1:]

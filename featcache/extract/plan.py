@@ -1,5 +1,23 @@
-"""What a run has to do: hash the listing, match it against the stored rows, copy known features."""
+"""What a run has to do: hash the listing, match it against the stored rows, copy known features.
+
+Where files are hashed (one read per file in a cold run):
+
+* A cold run (no stored rows under the key) hashes nothing up front. Every listed file goes to
+  the decoders with no digest, and each decoding thread or process hashes the very bytes it
+  decodes (:func:`.images.decode.decode_file_hashed`); the batch loop, before a batch goes
+  through the model, drops the rows whose digest an earlier row of this run already has
+  (byte-identical twins) and copies their features at the end (:mod:`.batch_loop`). No serial
+  pass, no second read, and twins are extracted once.
+* A re-run hashes only the files whose stat does not match a stored row (see :mod:`.filestat`),
+  in a pool of threads (``hashlib`` and reads let go of the GIL), before the plan. Their digests
+  decide whether they are extracted at all: a moved or renamed folder, the usual reason for an
+  unmatched stat, is copied in bulk without decoding a file or building the model. Hashing them
+  in the decoders instead would decode every moved file to throw the image away.
+"""
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -11,23 +29,44 @@ from .signals import SIGNALS
 
 COPY_BATCH_BYTES = 32 << 20  # features gathered per bulk copy (one append, one commit)
 COPY_BATCH_MAX_ROWS = 8192
+HASH_THREADS = min(8, 2 * (os.cpu_count() or 1))  # reads and sha256 run outside the GIL: threads scale
+
+
+HASH_CHUNK = 256  # files per task: a million files are 4,000 tasks, not a million futures
+
+
+def _digests(paths: list[str]) -> list[tuple[str | None, str | None]]:
+    """(sha256, None) or (None, why not) of each file."""
+    out = []
+    for path in paths:
+        try:
+            out.append((file_digest(path), None))
+        except DecodeError as exc:
+            out.append((None, str(exc)))
+    return out
 
 
 def digest_all(listing: Listing, known: list[str | None] | None = None
                ) -> tuple[list[tuple[ImageEntry, str]], list[tuple[str, str]], int]:
     """(entry, sha256) of every readable file, (relpath, reason) of the others, and how many
-    files were read. ``known``: per entry, a digest already known (see filestat), or None."""
-    hashed, failures, read = [], [], 0
-    for i, entry in enumerate(listing.entries):
-        if known is not None and known[i] is not None:
-            hashed.append((entry, known[i]))
-            continue
-        read += 1
-        try:
-            hashed.append((entry, file_digest(listing.path(entry))))
-        except DecodeError as exc:
-            failures.append((entry.relpath, str(exc)))
-    return hashed, failures, read
+    files were read (in HASH_THREADS threads). ``known``: per entry, a digest already known (see
+    filestat), or None."""
+    entries = listing.entries
+    unread = [i for i in range(len(entries)) if known is None or known[i] is None]
+    results = {}
+    if unread:
+        with ThreadPoolExecutor(min(HASH_THREADS, len(unread))) as pool:
+            paths = [listing.path(entries[i]) for i in unread]
+            chunks = pool.map(_digests, [paths[k : k + HASH_CHUNK] for k in range(0, len(paths), HASH_CHUNK)])
+            results = dict(zip(unread, (r for chunk in chunks for r in chunk)))
+    hashed, failures = [], []
+    for i, entry in enumerate(entries):
+        digest, reason = (known[i], None) if i not in results else results[i]
+        if digest is None:
+            failures.append((entry.relpath, reason))
+        else:
+            hashed.append((entry, digest))
+    return hashed, failures, len(unread)
 
 
 def plan(existing, hashed):
@@ -37,7 +76,7 @@ def plan(existing, hashed):
     for a known digest under a new path, images to extract)."""
     stored_row, digest_row = {}, {}
     if existing is not None:
-        for i, (p, d) in enumerate(zip(existing.paths, existing.digests)):
+        for i, (p, d) in enumerate(zip(existing.paths.tolist(), existing.digests.tolist())):
             stored_row[(p, d)] = i
             digest_row.setdefault(d, i)
     keep, copy, todo = {}, [], []

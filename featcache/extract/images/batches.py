@@ -21,11 +21,14 @@ class Batch:
     release: Callable[[], None] = field(default=lambda: None)  # the images' buffer may be reused
 
 
-def collect(batch_pairs, results, images_of) -> Batch:
-    """A Batch from (entry, digest) pairs and per-image (ok, reason) results."""
+def collect(batch_pairs, results, images_of, digests=None) -> Batch:
+    """A Batch from (entry, digest) pairs and per-image failure reasons (None: decoded).
+    ``digests``: per pair, the sha256 of the bytes the decoder read (the pair's digest is None
+    in a cold run, see plan); the pair's own digest where not given."""
     good = [i for i, reason in enumerate(results) if reason is None]
     failed = [(batch_pairs[i][0].relpath, reason) for i, reason in enumerate(results) if reason is not None]
-    return Batch([batch_pairs[i][0] for i in good], [batch_pairs[i][1] for i in good], images_of(good), failed)
+    digests = digests or [d for _, d in batch_pairs]
+    return Batch([batch_pairs[i][0] for i in good], [digests[i] for i in good], images_of(good), failed)
 
 
 def drain(out: queue.Queue, stop: threading.Event, thread: threading.Thread):

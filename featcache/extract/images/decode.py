@@ -177,6 +177,20 @@ def thumbnail_image(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS
     return _decode(data, max_pixels, side, shrink)
 
 
+def decode_file_hashed(path: str, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS):
+    """``(image, None, sha256)``, ``(None, reason, sha256)`` or, unreadable, ``(None, reason,
+    None)``: :func:`decode_file` that hashes the bytes it decodes (one read per file)."""
+    try:
+        data = read_bytes(path)
+    except DecodeError as exc:
+        return None, str(exc), None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return decode_image(data, size, resize, max_pixels), None, digest
+    except DecodeError as exc:
+        return None, str(exc), digest
+
+
 def decode_file(path: str, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS):
     """``(image, None)`` or ``(None, reason)``: :func:`decode_image` of a file, in a form a
     decoding worker process can send back (no exception crosses the process boundary)."""

@@ -27,7 +27,7 @@ import numpy as np
 
 from ...errors import FeatcacheError
 from .batches import THREAD_PREFETCH_BATCHES, Chunks, collect, drain
-from .decode import decode_file
+from .decode import decode_file_hashed
 
 MODEL_HELD_SLOTS = 2  # ring slots the model may hold: the batch being dispatched and the one being fetched
 # Cores a hybrid run leaves to its main process and the GPU decoder's host threads (file reads,
@@ -90,16 +90,16 @@ def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
     """Decode file by file in threads, THREAD_PREFETCH_BATCHES batches ahead, in a producer thread."""
     out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
     stop = threading.Event()
-    decode = functools.partial(decode_file, size=size, resize=resize, max_pixels=max_pixels)
+    decode = functools.partial(decode_file_hashed, size=size, resize=resize, max_pixels=max_pixels)
 
     def emit(pairs, decoded):
         decoded = list(decoded)
-        images = [image for image, _ in decoded]
+        images = [image for image, _, _ in decoded]
 
         def stack(good):
             return np.stack([images[i] for i in good]) if good else np.zeros((0, size, size, 3), np.uint8)
 
-        out.put(collect(pairs, [reason for _, reason in decoded], stack))
+        out.put(collect(pairs, [reason for _, reason, _ in decoded], stack, [digest for _, _, digest in decoded]))
 
     def produce():
         pool = ThreadPoolExecutor(workers)
@@ -149,15 +149,16 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _decode_into_ring(slot: int, start: int, paths: list[str], size: int, resize: str, max_pixels: int) -> list:
-    """Decode ``paths`` into rows start.. of ring slot ``slot``; the failure reason of each (None: ok)."""
+    """Decode ``paths`` into rows start.. of ring slot ``slot``; (failure reason or None, sha256
+    of the bytes read) of each."""
     ring = _RING[1][slot]
-    reasons = []
+    results = []
     for i, path in enumerate(paths):
-        image, reason = decode_file(path, size, resize, max_pixels)
+        image, reason, digest = decode_file_hashed(path, size, resize, max_pixels)
         if image is not None:
             ring[start + i] = image
-        reasons.append(reason)
-    return reasons
+        results.append((reason, digest))
+    return results
 
 
 def ring_slots(rows: int, workers: int, chunk: int, held: int = MODEL_HELD_SLOTS) -> int:
@@ -232,7 +233,7 @@ def process_batches(listing, todo, size, resize, max_pixels, rows, workers, chun
                     break
                 slot, pairs, futures = pending.popleft()
             try:
-                reasons = [r for f in futures for r in f.result()]
+                results = [r for f in futures for r in f.result()]
             except BrokenProcessPool:
                 raise DecoderDied() from None
 
@@ -241,7 +242,7 @@ def process_batches(listing, todo, size, resize, max_pixels, rows, workers, chun
                     return ring[slot, :n]  # the common case: no copy
                 return ring[slot, good]
 
-            batch = collect(pairs, reasons, images_of)
+            batch = collect(pairs, [r for r, _ in results], images_of, [d for _, d in results])
             batch.release = functools.partial(release, slot)
             yield batch
     finally:

@@ -20,6 +20,7 @@ thousand sizes pays for many.
 from __future__ import annotations
 
 import functools
+import hashlib
 import queue
 import threading
 import time
@@ -186,7 +187,8 @@ class GpuDecoder:
             return None, str(exc)
 
     def read(self, paths: list[str]):
-        """Stage one: each file's bytes (or why not), and a CodeStream for each JPEG the GPU takes."""
+        """Stage one: each file's bytes (or why not), a CodeStream for each JPEG the GPU takes,
+        and each file's sha256 (None: unreadable), hashed here so a file is read once."""
         started = time.perf_counter()
         datas = []
         for path in paths:
@@ -194,11 +196,12 @@ class GpuDecoder:
                 datas.append(read_bytes(path))
             except DecodeError as exc:
                 datas.append(exc)
+        digests = [hashlib.sha256(d).hexdigest() if isinstance(d, bytes) else None for d in datas]
         parsed = time.perf_counter()
         streams = {i: s for i, d in enumerate(datas) if isinstance(d, bytes) and (s := self._gpu_candidate(d)) is not None}
         self.seconds["read"] += parsed - started
         self.seconds["parse"] += time.perf_counter() - parsed
-        return datas, streams
+        return datas, streams, digests
 
     def decode_streams(self, streams: dict) -> list:
         """Stage two: nvImageCodec decodes the streams (it lets go of the GIL meanwhile); None
@@ -249,7 +252,7 @@ class GpuDecoder:
 
     def decode(self, paths: list[str]):
         """The three stages one after the other (a run overlaps them: :func:`gpu_batches`)."""
-        datas, streams = self.read(paths)
+        datas, streams, _ = self.read(paths)
         return self.assemble(datas, streams, self.decode_streams(streams))
 
     def close(self) -> None:
@@ -277,11 +280,12 @@ def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: i
                           "featcache-gpu-read")
             decoded = _ahead(((pairs, files, decoder.decode_streams(files[1])) for pairs, files in read),
                              "featcache-gpu-decode")
-            for pairs, (datas, streams), images in decoded:
+            for pairs, (datas, streams, digests), images in decoded:
                 if stop.is_set():
                     return
                 order, images, reasons = decoder.assemble(datas, streams, images)
-                ok = collect([pairs[i] for i in order], [None] * len(order), lambda good: images)
+                ok = collect([pairs[i] for i in order], [None] * len(order), lambda good: images,
+                             [digests[i] for i in order])
                 ok.failed = [(pairs[i][0].relpath, reason) for i, reason in sorted(reasons.items())]
                 out.put(ok)
         except BaseException as exc:  # surface decoder crashes in the main thread
