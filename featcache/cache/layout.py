@@ -49,6 +49,8 @@ MAX_ATTRS_COMPACT = 256
 def store_path_text(relpath: str) -> str:
     """A relative path as stored: file names that are not valid UTF-8 keep their bytes as
     backslash escapes, so every name can be stored and maps to one stable string."""
+    if relpath.isascii():  # nearly every path: itself, without two codec calls
+        return relpath
     return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 

@@ -73,6 +73,9 @@ def bad_ends(offsets: np.ndarray, nbytes: int) -> int | None:
 def decode(blob: bytes, offsets: np.ndarray) -> list[str]:
     """Entries from their bytes back to back and their end offsets (UnicodeDecodeError if not UTF-8)."""
     starts = [0, *offsets[:-1].tolist()] if len(offsets) else []
+    if blob.isascii():  # byte offsets are character offsets: one decode, then slices
+        whole = blob.decode("ascii")
+        return [whole[s:e] for s, e in zip(starts, offsets.tolist())]
     return [blob[s:e].decode("utf-8") for s, e in zip(starts, offsets.tolist())]
 
 

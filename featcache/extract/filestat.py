@@ -54,32 +54,37 @@ def recordable(stats: np.ndarray, started_ns: int) -> np.ndarray:
     return out
 
 
-def known_digests(existing, listing: Listing, stats: np.ndarray) -> list[str | None]:
-    """For each listed file, the stored digest of a row with the same path and stat, or None
-    (the file has to be read). ``existing``: the stored rows (writer.PreparedSet) or None.
+def matched_rows(existing, listing: Listing, stats: np.ndarray) -> np.ndarray:
+    """For each listed file, the stored row with the same path and stat (its digest is known
+    without reading the file), or -1 (the file has to be read). ``existing``: the stored rows
+    (writer.PreparedSet) or None.
 
     One dict look-up per file (its path's last stored row), the stat compared for all files at
     once; only a file whose path has several stored rows (older versions of it) and whose stat
     differs from the last one's is looked up among those rows."""
     n = len(listing.entries)
     if existing is None or existing.stats is None or not existing.rows:
-        return [None] * n
-    last, earlier = {}, {}
-    for row, path in enumerate(existing.paths.tolist()):
-        if path in last:
-            earlier.setdefault(path, []).append(last[path])
-        last[path] = row
+        return np.full(n, -1, np.int64)
+    paths = existing.paths.tolist()
+    last = dict(zip(paths, range(len(paths))))  # a path's last row wins
     listed = [store_path_text(e.relpath) for e in listing.entries]
-    rows = np.fromiter((last.get(p, -1) for p in listed), np.int64, n)
+    rows = np.fromiter(map(last.get, listed, [-1] * n), np.int64, n)
     stored = existing.stats[np.maximum(rows, 0)]
     usable = (rows >= 0) & (stats[:, 0] != UNKNOWN_SIZE)
     same = usable & (stored[:, 0] != UNKNOWN_SIZE) & (stored == stats).all(axis=1)
-    for i in np.flatnonzero(usable & ~same):  # an older row of the same path may hold this stat
-        for row in reversed(earlier.get(listed[i], ())):  # the latest first, as before
-            if existing.stats[row, 0] != UNKNOWN_SIZE and (existing.stats[row] == stats[i]).all():
-                rows[i], same[i] = row, True
-    digests = existing.digests[np.maximum(rows, 0)].tolist()
-    return [d if ok else None for d, ok in zip(digests, same.tolist())]
+    retry = np.flatnonzero(usable & ~same)
+    if len(retry):  # an older row of the same path may hold this stat
+        earlier = {}
+        for row, path in enumerate(paths):
+            if last[path] != row:
+                earlier.setdefault(path, []).append(row)
+        for i in retry:
+            for row in reversed(earlier.get(listed[i], ())):  # the latest first, as before
+                if existing.stats[row, 0] != UNKNOWN_SIZE and (existing.stats[row] == stats[i]).all():
+                    rows[i], same[i] = row, True
+                    break
+    rows[~same] = -1
+    return rows
 
 
 class FileStats:

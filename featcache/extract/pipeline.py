@@ -20,8 +20,8 @@ from .config import STORAGE_DTYPES, ExtractConfig, key_spec, listing_attrs, reso
 from .images.discover import check_shard, select_shard
 from .images.feeder import decoded_batches
 from .bases.feature_model import FeatureModel
-from .filestat import FileStats, known_digests, recordable, stat_listing
-from .plan import copy_rows, digest_all, plan
+from .filestat import FileStats, recordable, stat_listing
+from .plan import copy_rows, plan_run
 from .summary import run_summary, run_times
 from .signals import SIGNALS, Interrupted, stops_cleanly  # noqa: F401 (Interrupted: part of the API)
 from .bases.weights import resolve_weights
@@ -63,9 +63,7 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
             keep, copy, failures, files_read = {}, [], [], len(listing.entries)
             todo = [(e, None) for e in listing.entries]
         else:
-            known = None if config.rehash else known_digests(existing, listing, stats)
-            hashed, failures, files_read = digest_all(listing, known)
-            keep, copy, todo = plan(existing, hashed)
+            keep, copy, todo, failures, files_read = plan_run(existing, listing, None if config.rehash else stats)
         clock = _lap(times, "hash_seconds", clock)
         writer.check_rows(spec, [row for _, _, row in copy if row is not None])  # the rows it will copy
         model = None
@@ -85,16 +83,16 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
             writer.start_appending()
 
             if existing is not None and existing.rows:
-                rows = np.arange(existing.rows)
-                entries = [keep.get(int(r)) for r in rows]
+                # Every stored row: listed ones take their entry's label and split, the rest go inactive.
                 kept = np.array(sorted(keep), np.int64)
-                writer.update_rows(
-                    rows,
-                    labels=np.array([e.label if e else -1 for e in entries], dtype="int32"),
-                    splits=np.array([e.split if e else "" for e in entries], dtype="S10"),
-                    active=np.array([1 if e else 0 for e in entries], dtype="uint8"),
-                    stat_rows=kept, stats=file_stats.of([keep[int(r)] for r in kept]),
-                )
+                entries = [keep[r] for r in kept.tolist()]
+                labels, splits = np.full(existing.rows, -1, "int32"), np.full(existing.rows, b"", "S10")
+                active = np.zeros(existing.rows, "uint8")
+                labels[kept] = [e.label for e in entries]
+                splits[kept] = [e.split for e in entries]
+                active[kept] = 1
+                writer.update_rows(np.arange(existing.rows), labels=labels, splits=splits, active=active,
+                                   stat_rows=kept, stats=file_stats.of(entries))
             writer.add_failures(failures)
             writer.commit()
         clock = _lap(times, "setup_seconds", clock)

@@ -24,6 +24,7 @@ import numpy as np
 from ..cache.layout import store_path_text
 from ..cache.writer import StoreWriter
 from .images.decode import DecodeError, file_digest
+from .filestat import matched_rows
 from .images.discover import ImageEntry, Listing
 from .signals import SIGNALS
 
@@ -46,40 +47,55 @@ def _digests(paths: list[str]) -> list[tuple[str | None, str | None]]:
     return out
 
 
-def digest_all(listing: Listing, known: list[str | None] | None = None
+def digest_all(listing: Listing, unread: list[int] | None = None
                ) -> tuple[list[tuple[ImageEntry, str]], list[tuple[str, str]], int]:
-    """(entry, sha256) of every readable file, (relpath, reason) of the others, and how many
-    files were read (in HASH_THREADS threads). ``known``: per entry, a digest already known (see
-    filestat), or None."""
+    """(entry, sha256) of each readable file of ``unread`` (indices into the listing's entries;
+    None: every file), (relpath, reason) of the others, and how many files were read (in
+    HASH_THREADS threads)."""
     entries = listing.entries
-    unread = [i for i in range(len(entries)) if known is None or known[i] is None]
-    results = {}
-    if unread:
+    unread = range(len(entries)) if unread is None else unread
+    results = []
+    if len(unread):
         with ThreadPoolExecutor(min(HASH_THREADS, len(unread))) as pool:
             paths = [listing.path(entries[i]) for i in unread]
             chunks = pool.map(_digests, [paths[k : k + HASH_CHUNK] for k in range(0, len(paths), HASH_CHUNK)])
-            results = dict(zip(unread, (r for chunk in chunks for r in chunk)))
+            results = [r for chunk in chunks for r in chunk]
     hashed, failures = [], []
-    for i, entry in enumerate(entries):
-        digest, reason = (known[i], None) if i not in results else results[i]
+    for i, (digest, reason) in zip(unread, results):
         if digest is None:
-            failures.append((entry.relpath, reason))
+            failures.append((entries[i].relpath, reason))
         else:
-            hashed.append((entry, digest))
+            hashed.append((entries[i], digest))
     return hashed, failures, len(unread)
 
 
-def plan(existing, hashed):
-    """Match the listing against stored rows.
+def plan_run(existing, listing: Listing, stats: np.ndarray | None):
+    """A re-run's plan: files whose stat matches a stored row (filestat) are kept without being
+    read; the others are hashed and matched by plan. ``stats``: the listing's stat records, or
+    None to read every file (--rehash). Returns (keep, copy, todo, failures, files read)."""
+    rows = np.full(len(listing.entries), -1, np.int64) if stats is None else matched_rows(existing, listing, stats)
+    hashed, failures, files_read = digest_all(listing, np.flatnonzero(rows < 0).tolist())
+    matched = np.flatnonzero(rows >= 0).tolist()
+    entries = listing.entries
+    keep, copy, todo = plan(existing, hashed, zip(rows[matched].tolist(), [entries[i] for i in matched]))
+    return keep, copy, todo, failures, files_read
 
-    Returns (row updates for stored (path, digest) pairs, rows whose features can be copied
-    for a known digest under a new path, images to extract)."""
+
+def plan(existing, hashed, matched=()):
+    """Match hashed files against stored rows.
+
+    ``matched``: (stored row, entry) pairs already known to be unchanged (by stat), kept as
+    they are. Returns (row updates for stored (path, digest) pairs, rows whose features can be
+    copied for a known digest under a new path, images to extract)."""
+    keep = dict(matched)
+    if not hashed:  # an unchanged re-run: no look-up table over the stored rows
+        return keep, [], []
     stored_row, digest_row = {}, {}
     if existing is not None:
         for i, (p, d) in enumerate(zip(existing.paths.tolist(), existing.digests.tolist())):
             stored_row[(p, d)] = i
             digest_row.setdefault(d, i)
-    keep, copy, todo = {}, [], []
+    copy, todo = [], []
     for entry, digest in hashed:
         row = stored_row.get((store_path_text(entry.relpath), digest))
         if row is not None:

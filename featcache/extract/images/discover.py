@@ -6,6 +6,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...errors import FeatcacheError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -42,12 +44,18 @@ class Listing:
 
 def hash_split(relpath: str, fractions=DEFAULT_FRACTIONS, seed: int = 0) -> str:
     """Split from a hash of the relative path: adding images never moves existing ones."""
-    digest = hashlib.sha256(f"{seed}:{relpath}".encode("utf-8", "surrogateescape")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    return hash_splits([relpath], fractions, seed)[0]
+
+
+def hash_splits(relpaths: list[str], fractions=DEFAULT_FRACTIONS, seed: int = 0) -> list[str]:
+    """:func:`hash_split` of each path: the hashes one C call each, the thresholds in numpy
+    (a million paths in about a second, where a call per path took several)."""
+    sha256, prefix = hashlib.sha256, f"{seed}:"
+    heads = b"".join([sha256((prefix + r).encode("utf-8", "surrogateescape")).digest()[:8] for r in relpaths])
+    u = np.frombuffer(heads, ">u8") / 2**64
     train, validation, _ = fractions
-    if u < train:
-        return "train"
-    return "validation" if u < train + validation else "test"
+    names = np.array(["train", "validation", "test"], dtype=object)
+    return names[(u >= train).astype(np.int8) + (u >= train + validation)].tolist()
 
 
 def _is_hidden(name: str) -> bool:
@@ -112,7 +120,7 @@ def _walk_class_folder(root: str, class_dir: str, follow_symlinks: bool, skipped
             keep.append((d.path, prefix + d.name))
         for f in sorted(files, key=lambda c: c.name):
             name = f.name
-            if _is_hidden(name):
+            if name[0] == ".":  # hidden (_is_hidden, inline: this runs once per file)
                 continue
             if not name.lower().endswith(IMAGE_EXTENSIONS):
                 skipped.append((prefix + name, f"not an image file name ({os.path.splitext(name)[1] or 'no extension'})"))
@@ -174,8 +182,10 @@ def discover(
     entries = []
     for split, folder in per_split:
         for name in _class_dirs(folder):
-            for rel in _walk_class_folder(root, os.path.join(folder, name), follow_symlinks, skipped):
-                entries.append(ImageEntry(rel, index[name], split or hash_split(rel, fractions, split_seed)))
+            rels = _walk_class_folder(root, os.path.join(folder, name), follow_symlinks, skipped)
+            splits = [split] * len(rels) if split else hash_splits(rels, fractions, split_seed)
+            label = index[name]
+            entries += [ImageEntry(rel, label, s) for rel, s in zip(rels, splits)]
     entries.sort(key=lambda e: e.relpath)
 
     counts = {name: 0 for name in class_names}
