@@ -7,6 +7,7 @@ does around the decoder runs for real: CodeStream checks, DLPack into the Keras 
 resize on the backend, the CPU path for rejected files, joining both into one batch."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import io
@@ -59,29 +60,89 @@ def aligned(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def at_address(interface: dict) -> np.ndarray:
+    """The memory a __cuda_array_interface__ describes (here host memory), as a writable array."""
+    shape = tuple(interface["shape"])
+    memory = (ctypes.c_uint8 * int(np.prod(shape))).from_address(interface["data"][0])
+    return np.ctypeslib.as_array(memory).reshape(shape)
+
+
+class FakeImage:
+    """What featcache uses of nvimgcodec.Image: shape, __cuda_array_interface__, DLPack export
+    (counted: each is a hand-over into the backend), cuda(). Its "device" memory is host memory."""
+
+    handovers = 0
+    external = False  # over memory nvImageCodec does not own (as_image): decode writes into it
+
+    def __init__(self, array: np.ndarray, external=False):
+        self.array, self.external = array, external
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.array.shape, "typestr": "|u1", "data": (self.array.ctypes.data, False), "version": 3,
+                "stream": 1}
+
+    def __dlpack__(self, stream=None):
+        FakeImage.handovers += 1
+        return self.array.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+    def cuda(self):
+        return FakeImage(aligned(self.array))
+
+
+def as_image(source, cuda_stream=0):
+    """nvimgcodec.as_image: wraps memory that is not its own (never copies)."""
+    if hasattr(source, "__cuda_array_interface__"):
+        return FakeImage(at_address(source.__cuda_array_interface__), external=True)
+    return FakeImage(np.asarray(source), external=True)  # host memory (__array_interface__)
+
+
 class FakeDecoder:
     given: list[bytes] = []
     refuse: set[bytes] = set()
     options = None
+    calls: list[int] = []  # images per decode call
 
     def __init__(self, options=None):
         FakeDecoder.options = options
 
-    def decode(self, streams, params=None):
+    def decode(self, streams, *, images=None, params=None, cuda_stream=0):
+        """nvImageCodec's batched decode: a list of CodeStreams in, an Image or None per stream out;
+        with ``images`` (Images over external memory) it decodes into them and returns them."""
         assert params == {"apply_exif_orientation": True, "color_spec": "srgb"}
+        assert images is None or len(images) == len(streams)
+        FakeDecoder.calls.append(len(streams))
         out = []
-        for stream in streams:
+        for k, stream in enumerate(streams):
             FakeDecoder.given.append(stream.data)
             try:
                 assert stream.data not in FakeDecoder.refuse
-                img = ImageOps.exif_transpose(Image.open(io.BytesIO(stream.data))).convert("RGB")
-                out.append(aligned(np.asarray(img)))  # an array with __dlpack__, like nvimgcodec.Image
+                img = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(stream.data))).convert("RGB"))
             except Exception:  # nvImageCodec answers None for an image it cannot decode
                 out.append(None)
+                continue
+            if images is None:
+                out.append(FakeImage(aligned(img)))
+                continue
+            target = images[k]
+            assert target.external  # only Images over external memory are decoded into in place
+            if img.nbytes > target.array.nbytes:  # nvImageCodec fails the whole call (std::invalid_argument)
+                raise ValueError("Existing buffer is too small to fit new image")
+            target.array = target.array.reshape(-1)[: img.nbytes].reshape(img.shape)  # its shape, in the same memory
+            target.array[...] = img
+            out.append(target)
         return out
 
 
-FAKE = types.SimpleNamespace(Decoder=FakeDecoder, CodeStream=FakeCodeStream,
+FAKE = types.SimpleNamespace(Decoder=FakeDecoder, CodeStream=FakeCodeStream, __version__="0.9.0",
+                             as_image=as_image, as_images=lambda sources, cuda_stream=0: [as_image(s) for s in sources],
                              DecodeParams=lambda **kwargs: kwargs, ColorSpec=types.SimpleNamespace(SRGB="srgb"))
 
 
@@ -231,3 +292,72 @@ def test_a_run_that_stops_early_or_fails_in_a_stage_ends_every_stage_thread(tmp_
             got.append(batch)
     assert [len(b.entries) for b in got] == [2, 2]  # the batches before the failure came through
     assert _stage_threads() == []
+
+
+def _mixed_tree(tmp_path):
+    """Ten JPEGs of two header sizes, one EXIF-turned a quarter, one the decoder refuses."""
+    tree = write_tree(tmp_path / "i", per_class=3)  # 6 JPEGs of 48x40
+    for i in range(2):
+        (tree / "cats" / f"wide{i}.jpg").write_bytes(jpeg(class_image(2, i, size=(64, 48))))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48x40, shown 40x48: decoded (48, 40, 3) in a slot planned as (40, 48, 3)
+    (tree / "dogs" / "turned.jpg").write_bytes(jpeg(class_image(3, 7), exif=exif))
+    refused = jpeg(class_image(1, 9, size=(64, 48)))
+    (tree / "dogs" / "refused.jpg").write_bytes(refused)
+    return tree, refused
+
+
+def _one_batch(tree, refused, version):
+    """Every file in one batch through gpu_batches with a stand-in of nvImageCodec ``version``:
+    ({relpath: row}, DLPack hand-overs, decode calls, resize calls)."""
+    from featcache.extract.images.discover import discover
+
+    FakeDecoder.given, FakeDecoder.refuse, FakeDecoder.calls, FakeImage.handovers = [], {refused}, [], 0
+    listing = discover(str(tree))
+    todo = [(e, None) for e in listing.entries]
+    decoder = gpu_decode.GpuDecoder(16, 10**8, 2)
+    assert decoder.into_buffer == (version >= "0.7")
+    resizes, resize = [], decoder.ops.resize
+    decoder.ops.resize = lambda *args: resizes.append(1) or resize(*args)
+    (batch,) = gpu_decode.gpu_batches(listing, todo, 16, 10**8, len(todo), 2, decoder)
+    rows = dict(zip([e.relpath for e in batch.entries], np.asarray(batch.images)))
+    return rows, FakeImage.handovers, FakeDecoder.calls, len(resizes)
+
+
+def test_a_batch_is_one_decode_call_and_one_hand_over_per_image_size_with_the_rows_of_per_image_hand_overs(
+        tmp_path, monkeypatch):
+    tree, refused = _mixed_tree(tmp_path)
+    monkeypatch.setattr(gpu_decode, "import_nvimgcodec", lambda: FAKE)
+    rows, handovers, calls, resizes = _one_batch(tree, refused, FAKE.__version__)
+    # 10 files: 9 GPU candidates in ONE decode call; 2 header sizes -> 2 DLPack hand-overs; 3 resizes
+    # (48x40 upright, 48x40 turned, 64x48), whatever the number of images
+    assert calls == [10] and handovers == 2 and resizes == 3
+    assert len(rows) == 10  # the refused one came back from the CPU path
+
+    # nvImageCodec before 0.7 (no decoding into given memory): an Image and a hand-over per image
+    monkeypatch.setattr(gpu_decode, "import_nvimgcodec", lambda: types.SimpleNamespace(**{**vars(FAKE),
+                                                                                          "__version__": "0.6.0"}))
+    before, per_image, calls, _ = _one_batch(tree, refused, "0.6.0")
+    assert calls == [10] and per_image == 9
+    assert rows.keys() == before.keys()
+    for path in rows:  # the same pixels, whichever way they reached the backend
+        np.testing.assert_array_equal(rows[path], before[path], err_msg=path)
+    turned = decode_image((tree / "dogs" / "turned.jpg").read_bytes(), 16, "gpu-bilinear")
+    assert np.abs(rows["dogs/turned.jpg"].astype(int) - turned).max() <= 1  # EXIF-turned, picked by the gather
+    expected = decode_image(refused, 16, "gpu-bilinear")
+    np.testing.assert_array_equal(rows["dogs/refused.jpg"], expected)  # the CPU path's row, joined
+
+
+def test_a_batch_the_decoder_fails_as_a_whole_goes_to_the_cpu_path(tmp_path, monkeypatch):
+    tree, refused = _mixed_tree(tmp_path)
+    monkeypatch.setattr(gpu_decode, "import_nvimgcodec", lambda: FAKE)
+
+    def too_small(self, streams, **kwargs):  # what nvImageCodec raises for a buffer an image does not fit
+        raise ValueError("Existing buffer is too small to fit new image")
+
+    monkeypatch.setattr(FakeDecoder, "decode", too_small)
+    rows, handovers, _, resizes = _one_batch(tree, refused, FAKE.__version__)
+    assert handovers == 0 and resizes == 0 and len(rows) == 10
+    for path, row in rows.items():
+        expected = decode_image((tree / path).read_bytes(), 16, "gpu-bilinear")
+        np.testing.assert_array_equal(row, expected, err_msg=path)

@@ -95,9 +95,9 @@ def test_a_hybrid_run_gives_the_rows_and_key_of_a_gpu_run_with_both_sides_decodi
     tree = write_tree(tmp_path / "i", per_class=12)
     real_decode = FakeDecoder.decode
 
-    def slow_decode(self, streams, params=None):  # the stand-in slower than 2 processes: both sides get work
+    def slow_decode(self, streams, **kwargs):  # the stand-in slower than 2 processes: both sides get work
         time.sleep(0.3)
-        return real_decode(self, streams, params)
+        return real_decode(self, streams, **kwargs)
 
     monkeypatch.setattr(FakeDecoder, "decode", slow_decode)
     FakeDecoder.given, FakeDecoder.refuse = [], set()

@@ -1,27 +1,30 @@
 """JPEG decoding on the GPU (``--decode gpu``): nvImageCodec decodes, the Keras backend resizes.
 
 Why nvImageCodec: it decodes batches of JPEGs with nvJPEG (the GPU's hardware JPEG decoder
-where there is one, CUDA otherwise), applies EXIF orientation, and hands each image over
-through DLPack, which JAX, TensorFlow and torch all take without a copy through host memory.
-(``torchvision.io.decode_jpeg`` serves the torch backend only; DALI is a large framework of
-its own.) It has no resize, so the images are resized where they lie, by the backend, with the
-``gpu-bilinear`` filter of :mod:`.resize` (two matmuls over all the batch's images of one size,
-the weights cached on the device), into the batch the model takes: nothing goes back to the host.
+where there is one, CUDA otherwise), applies EXIF orientation, decodes into memory it is given
+(``Decoder.decode(streams, images=as_images(views))``, 0.7 and later) and exports DLPack, which
+JAX and TensorFlow take without a copy through host memory. It has no resize, so the backend
+resizes (``gpu-bilinear`` of :mod:`.resize`: two matmuls per image size, weights cached on the
+device) into the batch the model takes: nothing goes back to the host.
+
+Per batch: the files are read and hashed in a thread pool; one ``decode`` call writes every
+JPEG into one device buffer (nvImageCodec's, from a ring of three), the images of each header
+size end to end; each size's stretch goes to the backend in one DLPack hand-over and one
+resize call (images EXIF-turned a quarter are picked out of it by a gather). Per-image hand-
+overs and resize dispatches, which held ``--decode gpu`` at half the decoder's own rate, are gone.
 
 Files that are not JPEG (by their first bytes), JPEGs that are not 1- or 3-channel (CMYK),
 that are larger than ``--max-pixels``, or that nvImageCodec cannot decode go through the CPU
 path (Pillow, with the same ``gpu-bilinear`` filter), which decodes them or reports why not,
-as any run does. Their rows are uploaded and joined to the batch.
-
-A compiled resize exists per distinct image size and count in a batch (JAX compiles one small
-function for each), so a folder of a few camera sizes pays for a few compiles; one of many
-thousand sizes pays for many.
+as any run does. Their rows are uploaded and joined to the batch. A compiled resize exists per
+image size and count in a batch, so a folder of many thousand sizes pays for many compiles.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import queue
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +39,10 @@ from .resize import GPU_RESIZE, triangle_weights
 NVIMGCODEC_MISSING = ("--decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
                       "(nvidia-nvimgcodec-cu12[nvjpeg]; on CUDA 13 nvidia-nvimgcodec-cu13[nvjpeg])")
 JPEG_MAGIC = b"\xff\xd8\xff"
+READ_THREADS = 8  # file reads and hashes of the read stage (I/O and hashlib let go of the GIL)
+RING = 3  # device buffers the decode stage cycles through: one decoding, two read by resizes in flight
+ALIGN = 256  # bytes: where each size's images start in a buffer (DLPack consumers want aligned data)
+STREAM = 0  # the CUDA stream nvImageCodec decodes on; DLPack makes the backend's stream wait for it
 BACKENDS = ("jax", "tensorflow")
 
 
@@ -79,13 +86,16 @@ class _JaxOps:
         self.jnp, self.jax = jnp, jax
 
         @jax.jit
-        def resize(images, wy, wx):  # images: a list; stacked inside the compiled call, not one dispatch each
-            x = jnp.einsum("sh,nhwc->nswc", wy, jnp.stack(images).astype(jnp.float32))
+        def resize(group, take, wy, wx):
+            h, w, c = wy.shape[1], wx.shape[1], group.shape[-1]
+            x = group.reshape(-1, h * w * c)  # one row per image of the group
+            x = (x if take is None else x[take]).reshape(-1, h, w, c).astype(jnp.float32)
+            x = jnp.einsum("sh,nhwc->nswc", wy, x)
             x = jnp.einsum("tw,nswc->nstc", wx, x)
             x = jnp.broadcast_to(x, (*x.shape[:3], 3))  # grayscale: the same value in R, G and B
             return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
 
-        self._resize = resize
+        self.resize = resize
 
     def from_dlpack(self, image):
         return self.jax.dlpack.from_dlpack(image)
@@ -96,12 +106,11 @@ class _JaxOps:
     def weights(self, n_in: int, n_out: int):
         return self.jax.device_put(triangle_weights(n_in, n_out))
 
-    def resize(self, images, wy, wx):
-        """A list of n (h, w, c) uint8 images of one size -> (n, size, size, 3) uint8."""
-        return self._resize(images, wy, wx)
-
     def concatenate(self, parts):
         return parts[0] if len(parts) == 1 else self.jnp.concatenate(parts)
+
+    def ready(self, arrays) -> None:
+        self.jax.block_until_ready(arrays)
 
 
 class _TensorflowOps:
@@ -111,13 +120,16 @@ class _TensorflowOps:
         self.tf = tf
 
         @tf.function(reduce_retracing=True)
-        def resize(images, wy, wx):
-            x = tf.einsum("sh,nhwc->nswc", wy, tf.cast(images, tf.float32))
+        def resize(group, take, wy, wx):
+            h, w, c = tf.shape(wy)[1], tf.shape(wx)[1], tf.shape(group)[2]
+            x = tf.reshape(group, [-1, h * w * c])
+            x = tf.reshape(x if take is None else tf.gather(x, take), [-1, h, w, c])
+            x = tf.einsum("sh,nhwc->nswc", wy, tf.cast(x, tf.float32))
             x = tf.einsum("tw,nswc->nstc", wx, x)
             x = tf.broadcast_to(x, tf.concat([tf.shape(x)[:3], [3]], 0))  # grayscale to RGB
             return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
 
-        self._resize = resize
+        self.resize = resize
 
     def from_dlpack(self, image):
         return self.tf.experimental.dlpack.from_dlpack(image.__dlpack__())
@@ -128,12 +140,11 @@ class _TensorflowOps:
     def weights(self, n_in: int, n_out: int):
         return self.tf.constant(triangle_weights(n_in, n_out))
 
-    def resize(self, images, wy, wx):
-        """A list of n (h, w, c) uint8 images of one size -> (n, size, size, 3) uint8."""
-        return self._resize(self.tf.stack(images), wy, wx)  # one op for the list (a list argument would retrace)
-
     def concatenate(self, parts):
         return parts[0] if len(parts) == 1 else self.tf.concat(parts, 0)
+
+    def ready(self, arrays) -> None:
+        self.tf.test.experimental.sync_devices()  # TF has no wait on one tensor short of a copy to the host
 
 
 def backend_ops():
@@ -147,8 +158,27 @@ def backend_ops():
     raise FeatcacheError(f"--decode gpu hands images to Keras on JAX or TensorFlow, not {backend}")
 
 
+class _View:
+    """A stretch of device memory as nvImageCodec takes it: an object with __cuda_array_interface__."""
+
+    def __init__(self, shape: tuple, address: int):
+        self.__cuda_array_interface__ = dict(shape=shape, typestr="|u1", data=(address, False), version=3, strides=None)
+
+
+class _Slot:
+    """A device buffer of the decode stage (an nvImageCodec Image of ``capacity`` bytes), and the
+    backend arrays last computed from it: it is rewritten only once they are ready."""
+
+    image, address, capacity, pending = None, 0, 0, None
+
+
 class GpuDecoder:
-    """Decodes a batch of files into one (n, size, size, 3) uint8 device array, in the backend's type."""
+    """Decodes a batch of files into one (n, size, size, 3) uint8 device array, in the backend's type.
+
+    A batch's JPEGs are decoded in one ``Decoder.decode`` call straight into one device buffer,
+    the images of each size end to end; the backend takes each size's stretch of it through one
+    DLPack hand-over and resizes it in one call. Per image there is a CodeStream and a view
+    (a dict), nothing that crosses into the backend."""
 
     def __init__(self, size: int, max_pixels: int, workers: int):
         nv = import_nvimgcodec()
@@ -156,8 +186,13 @@ class GpuDecoder:
         # Fancy (smooth) chroma upsampling, as libjpeg does it: closer to the CPU path's pixels.
         self.decoder = nv.Decoder(options=":fancy_upsampling=1")
         self.params = nv.DecodeParams(apply_exif_orientation=True, color_spec=nv.ColorSpec.SRGB)
+        # Decoding into our buffer (Images over external memory): nvImageCodec 0.7 and later.
+        self.into_buffer = tuple(map(int, re.findall(r"\d+", getattr(nv, "__version__", "0"))[:2])) >= (0, 7)
         self.ops = backend_ops()
+        self.io = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="featcache-gpu-io")  # reads and hashes
         self.cpu = ThreadPoolExecutor(workers)  # files left to the CPU path
+        self.ring = [_Slot() for _ in range(RING)]
+        self.turn = 0
         self.on_gpu = self.on_cpu = 0  # images decoded on each side (reported by the run)
         # Host seconds spent in each step (benchmarks/gpu_extract.py prints them): where a batch waits.
         self.seconds = dict.fromkeys(("read", "parse", "decode", "resize", "cpu"), 0.0)
@@ -186,54 +221,113 @@ class GpuDecoder:
         except DecodeError as exc:
             return None, str(exc)
 
+    @staticmethod
+    def _load(path: str):
+        """A file's bytes and sha256 (in the read pool: both let go of the GIL), or why not."""
+        try:
+            data = read_bytes(path)
+        except DecodeError as exc:
+            return exc, None
+        return data, hashlib.sha256(data).hexdigest()
+
     def read(self, paths: list[str]):
         """Stage one: each file's bytes (or why not), a CodeStream for each JPEG the GPU takes,
         and each file's sha256 (None: unreadable), hashed here so a file is read once."""
         started = time.perf_counter()
-        datas = []
-        for path in paths:
-            try:
-                datas.append(read_bytes(path))
-            except DecodeError as exc:
-                datas.append(exc)
-        digests = [hashlib.sha256(d).hexdigest() if isinstance(d, bytes) else None for d in datas]
+        datas, digests = zip(*self.io.map(self._load, paths)) if paths else ((), ())
         parsed = time.perf_counter()
         streams = {i: s for i, d in enumerate(datas) if isinstance(d, bytes) and (s := self._gpu_candidate(d)) is not None}
         self.seconds["read"] += parsed - started
         self.seconds["parse"] += time.perf_counter() - parsed
-        return datas, streams, digests
+        return list(datas), streams, list(digests)
 
-    def decode_streams(self, streams: dict) -> list:
-        """Stage two: nvImageCodec decodes the streams (it lets go of the GIL meanwhile); None
-        for each image it rejects."""
+    def _slot(self, nbytes: int) -> _Slot:
+        """The next device buffer of the ring, at least ``nbytes``, once the backend is done with it."""
+        slot = self.ring[self.turn % RING]
+        self.turn += 1
+        if slot.pending is not None:
+            self.ops.ready(slot.pending)  # the resizes that read it have run: it may be rewritten
+            slot.pending = None
+        if slot.capacity < nbytes:  # nvImageCodec allocates it (a copy from the host, once per growth)
+            slot.capacity = nbytes + nbytes // 4
+            slot.image = self.nv.as_image(np.empty((slot.capacity, 1, 1), np.uint8)).cuda()
+            slot.address = slot.image.__cuda_array_interface__["data"][0]
+        return slot
+
+    def decode_streams(self, streams: dict):
+        """Stage two: nvImageCodec decodes the batch (one call; it lets go of the GIL meanwhile)
+        into one device buffer, and the backend resizes it, a DLPack hand-over and a call per
+        image size. Returns ([index into the files, per row], [device arrays of rows]); an image
+        nvImageCodec rejects is in neither (the CPU path decodes it or says why)."""
         if not streams:
-            return []
+            return [], []
+        if not self.into_buffer:
+            return self._decode_images(streams)
+        started = time.perf_counter()
+        groups: dict[tuple, list] = {}  # header (height, width) -> file indices, laid end to end
+        for i, stream in streams.items():
+            groups.setdefault((stream.height, stream.width), []).append(i)
+        offsets, total = {}, 0
+        for (h, w), members in groups.items():
+            offsets[h, w], total = total, total + -(-len(members) * h * w * 3 // ALIGN) * ALIGN
+        slot = self._slot(total)
+        views = [_View((h, w, 3), slot.address + offsets[h, w] + k * h * w * 3)
+                 for (h, w), members in groups.items() for k in range(len(members))]
+        try:
+            decoded = self.decoder.decode([streams[i] for members in groups.values() for i in members],
+                                          images=self.nv.as_images(views, STREAM), params=self.params,
+                                          cuda_stream=STREAM)
+        except Exception:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
+            decoded = [None] * len(views)
+        clock = time.perf_counter()
+        self.seconds["decode"] += clock - started
+        order, parts, at = [], [], 0
+        for (h, w), members in groups.items():
+            got, at = decoded[at : at + len(members)], at + len(members)
+            shapes = [None if image is None else tuple(image.shape) for image in got]
+            upright = [k for k, shape in enumerate(shapes) if shape == (h, w, 3)]
+            # EXIF-rotated by a quarter turn: (w, h) in a slot of the same bytes
+            turned = [k for k, shape in enumerate(shapes) if shape == (w, h, 3) and h != w]
+            if not upright and not turned:
+                continue
+            group = self.ops.from_dlpack(self.nv.as_image(_View((len(members) * h, w, 3), slot.address + offsets[h, w]),
+                                                          STREAM))
+            for take, (rows, cols) in ((upright, (h, w)), (turned, (w, h))):
+                if take:
+                    index = None if len(take) == len(members) else np.asarray(take, np.int32)
+                    parts.append(self.ops.resize(group, index, self._weights(rows), self._weights(cols)))
+                    order += [members[k] for k in take]
+        slot.pending = parts
+        self.seconds["resize"] += time.perf_counter() - clock
+        return order, parts
+
+    def _decode_images(self, streams: dict):
+        """nvImageCodec before 0.7 (no decoding into given memory): an Image per file, handed
+        over one by one and joined per size in the backend."""
         started = time.perf_counter()
         try:
             decoded = self.decoder.decode(list(streams.values()), params=self.params)
-        except Exception:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
+        except Exception:  # noqa: BLE001 (as above)
             decoded = [None] * len(streams)
-        self.seconds["decode"] += time.perf_counter() - started
-        return decoded
-
-    def assemble(self, datas: list, streams: dict, decoded: list):
-        """Stage three: the decoded images resized into one batch, with the rows the CPU path
-        decodes. Returns ([index into the files, in the order of the batch's rows], device
-        images, {index: reason})."""
         clock = time.perf_counter()
-        order, rows = [], []
-        # One resize per distinct image shape (a folder of one camera: one call a batch), not
-        # one per image: per-image dispatches held the GPU path at a fifth of the model's rate.
+        self.seconds["decode"] += clock - started
         shapes: dict[tuple, list] = {}
         for i, image in zip(list(streams), decoded):
-            if image is not None:  # None: rejected by nvImageCodec; the CPU path decodes it or says why
+            if image is not None:
                 shapes.setdefault(tuple(image.shape), []).append((i, image))
-        for shape, members in shapes.items():
-            rows.append(self.ops.resize([self.ops.from_dlpack(image) for _, image in members],
-                                        self._weights(shape[0]), self._weights(shape[1])))
+        order, parts = [], []
+        for (h, w, _), members in shapes.items():
+            group = self.ops.concatenate([self.ops.from_dlpack(image) for _, image in members])  # (n * h, w, c)
+            parts.append(self.ops.resize(group, None, self._weights(h), self._weights(w)))
             order += [i for i, _ in members]
-        now = time.perf_counter()
-        self.seconds["resize"] += now - clock
+        self.seconds["resize"] += time.perf_counter() - clock
+        return order, parts
+
+    def assemble(self, datas: list, streams: dict, decoded):
+        """Stage three: the GPU's rows joined with the rows the CPU path decodes. Returns
+        ([index into the files, in the order of the batch's rows], device images, {index: reason})."""
+        clock = time.perf_counter()
+        order, parts = list(decoded[0]), list(decoded[1])
         on_gpu = set(order)
         left = [i for i in range(len(datas)) if i not in on_gpu]
         reasons, host = {}, []
@@ -245,9 +339,9 @@ class GpuDecoder:
                 order.append(i)
         self.on_gpu += len(on_gpu)
         self.on_cpu += len(host)
-        parts = rows + ([self.ops.upload(np.stack(host))] if host else [])
+        parts += [self.ops.upload(np.stack(host))] if host else []
         images = self.ops.concatenate(parts) if parts else np.zeros((0, self.size, self.size, 3), np.uint8)
-        self.seconds["cpu"] += time.perf_counter() - now
+        self.seconds["cpu"] += time.perf_counter() - clock
         return order, images, reasons
 
     def decode(self, paths: list[str]):
@@ -256,7 +350,12 @@ class GpuDecoder:
         return self.assemble(datas, streams, self.decode_streams(streams))
 
     def close(self) -> None:
+        self.io.shutdown(wait=True, cancel_futures=True)
         self.cpu.shutdown(wait=True, cancel_futures=True)
+        pending = [slot.pending for slot in self.ring if slot.pending is not None]
+        if pending:
+            self.ops.ready(pending)  # no resize may still read a buffer when it is freed
+        self.ring = [_Slot() for _ in range(RING)]
 
 
 def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: int, decoder: GpuDecoder | None = None,
@@ -264,10 +363,9 @@ def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: i
     """Yield :class:`~.batches.Batch` es decoded on the GPU, THREAD_PREFETCH_BATCHES ahead.
 
     The decoder's three stages run in three threads, a batch apart: while batch k is being
-    assembled (DLPack hand-over and resize, which hold the GIL), k+1 is in nvImageCodec (which
-    does not) and k+2's files are being read. One thread did all three before, and its host
-    time, not the GPU, set the rate. ``chunks``: where the batches come from (shared with the
-    decoding processes in a hybrid run; the read stage takes the next one when it is free)."""
+    assembled (the CPU path's rows joined), k+1 is in nvImageCodec and the backend's resize,
+    and k+2's files are being read (by a pool). ``chunks``: where the batches come from (shared
+    with the decoding processes in a hybrid run; the read stage takes the next one when free)."""
     decoder = decoder or GpuDecoder(size, max_pixels, workers)
     chunks = chunks if chunks is not None else Chunks(todo, rows)
     out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
