@@ -160,11 +160,13 @@ def listing_attrs(listing: Listing, config: ExtractConfig, image_dir: str) -> di
     }
 
 
-def resolve_run(image_dir: str, config: ExtractConfig):
+def resolve_run(image_dir: str, config: ExtractConfig, stat_files: bool = False):
     """What every extraction run (plain or augmented) settles before it touches the store:
-    (decode, key spec, backbone, input size, listing), the decoder checked against the resize."""
+    (decode, key spec, backbone, input size, listing), the decoder checked against the resize.
+    ``stat_files``: the listing also holds each file's stat (see discover)."""
     decode = resolve_decode(config)
     spec = key_spec(config)
     check_decoder(decode, spec.resize)
-    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks, config.unlabeled)
+    listing = discover(image_dir, config.split_fractions, config.split_seed, config.follow_symlinks, config.unlabeled,
+                       stat_files)
     return decode, spec, get_backbone(config.base), spec.input_size, listing

@@ -33,18 +33,23 @@ RACY_NS = 3_000_000_000
 
 def stat_listing(listing: Listing) -> np.ndarray:
     """(n, 4) int64 stat records of the listing's files (UNKNOWN_SIZE where stat fails:
-    the file is hashed, and its read says what is wrong with it)."""
+    the file is hashed, and its read says what is wrong with it). The walk's own stats
+    (Listing.file_stats) when it took them, otherwise a stat call per file."""
     n = len(listing.entries)
     sizes, mtimes, ctimes = np.full(n, UNKNOWN_SIZE, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     inodes = np.zeros(n, np.uint64)
-    path, stat = listing.path, os.stat
-    for i, entry in enumerate(listing.entries):
-        try:
-            st = stat(path(entry))
-        except OSError:
-            continue
-        sizes[i], mtimes[i], ctimes[i], inodes[i] = st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+    taken = listing.file_stats
+    for i, st in enumerate(taken if taken is not None and len(taken) == n else map(_stat, map(listing.path, listing.entries))):
+        if st is not None:
+            sizes[i], mtimes[i], ctimes[i], inodes[i] = st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
     return np.stack([sizes, mtimes, ctimes, inodes.view(np.int64)], axis=1)
+
+
+def _stat(path: str):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def recordable(stats: np.ndarray, started_ns: int) -> np.ndarray:

@@ -49,9 +49,9 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
     times = {}
     clock = time.perf_counter()
     started_ns = time.time_ns()  # before any stat: a file modified since is racy (see filestat)
-    decode, spec, backbone, size, listing = resolve_run(image_dir, config)
+    decode, spec, backbone, size, listing = resolve_run(image_dir, config, stat_files=True)
     if shard is not None:  # class names stay those of the full listing, so labels agree across shards
-        listing.entries = select_shard(listing.entries, *check_shard(shard))
+        listing.entries, listing.file_stats = select_shard(listing.entries, *check_shard(shard)), None
     with StoreWriter(store, open_file=False) as writer:  # the lock first: a second writer fails at once
         stats = stat_listing(listing)
         clock = _lap(times, "list_seconds", clock)

@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,8 +20,7 @@ UNLABELED = -1  # the label of an image from a folder without classes (and of a 
 NO_SPLIT = ""  # the split of an unlabeled image: splits are for training, which needs labels
 
 
-@dataclass(frozen=True)
-class ImageEntry:
+class ImageEntry(NamedTuple):  # a tuple: a million of them are built per listing, at a third of a dataclass's cost
     relpath: str  # relative to the image root, "/"-separated
     label: int  # index into the listing's class_names, or UNLABELED
     split: str  # "train", "validation" or "test"; NO_SPLIT when unlabeled
@@ -34,6 +34,9 @@ class Listing:
     split_source: str  # "folders" (train/validation/test), "hash" (stable split by path) or "unlabeled"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why not used)
     warnings: list[str] = field(default_factory=list)
+    # Each entry's os.stat_result (None: stat failed) taken by the walk, when asked for
+    # (stat_files): filestat.stat_listing uses them instead of a second pass of stat calls.
+    file_stats: list | None = None
 
     def path(self, entry: ImageEntry) -> str:
         if os.sep == "/":  # relpaths are "/"-separated already: os.path.join's result, without its cost per file
@@ -67,7 +70,8 @@ def _inside(real_root: str, path: str) -> bool:
     return os.path.commonpath([real_root, target]) == real_root
 
 
-def _walk_class_folder(root: str, class_dir: str, follow_symlinks: bool, skipped: list) -> list[str]:
+def _walk_class_folder(root: str, class_dir: str, follow_symlinks: bool, skipped: list,
+                       file_stats: list | None = None) -> list[str]:
     """Image paths (relative to root) under one class folder, recursively.
 
     Symlinks inside IMAGE_DIR are followed; ones that lead out of it only with
@@ -76,7 +80,8 @@ def _walk_class_folder(root: str, class_dir: str, follow_symlinks: bool, skipped
     A walk with os.scandir, folder by folder in os.walk's order (a folder's subfolders, then its
     files, sorted; then each kept subfolder): each file costs a string concatenation and the
     file type scandir already has, with no per-file relpath, realpath or lstat (only a symlinked
-    file is resolved), which is what listing a million files costs in Python."""
+    file is resolved), which is what listing a million files costs in Python. ``file_stats``:
+    a list to append each listed file's stat to, in the order of the paths returned."""
     real_root = os.path.realpath(root)
 
     def rel(path: str) -> str:
@@ -130,6 +135,11 @@ def _walk_class_folder(root: str, class_dir: str, follow_symlinks: bool, skipped
                 skipped.append((prefix + name, leaves))
                 continue
             found.append(prefix + name)
+            if file_stats is not None:
+                try:
+                    file_stats.append(f.stat())  # follows a symlink, as reading the file does
+                except OSError:
+                    file_stats.append(None)
         stack.extend(reversed(keep))  # depth first, in sorted order
     return found
 
@@ -142,7 +152,7 @@ def _class_dirs(folder: str) -> list[str]:
 
 def discover(
     root: str, fractions=DEFAULT_FRACTIONS, split_seed: int = 0, follow_symlinks: bool = False,
-    unlabeled: bool = False,
+    unlabeled: bool = False, stat_files: bool = False,
 ) -> Listing:
     """List the images of a class-per-folder tree, sorted, with labels and splits.
 
@@ -151,6 +161,7 @@ def discover(
 
     A folder whose images sit directly in it (no subfolders), or any tree with ``unlabeled``,
     is listed without labels: every image below the root, label UNLABELED, split NO_SPLIT.
+    ``stat_files``: also stat each file as it is listed (Listing.file_stats).
     """
     if not os.path.exists(root):
         raise FeatcacheError(f"{root}: image folder does not exist")
@@ -161,7 +172,7 @@ def discover(
         raise FeatcacheError(f"split fractions {fractions} must be non-negative and sum to 1")
     top = _class_dirs(root)
     if unlabeled or not top:
-        return _discover_unlabeled(root, follow_symlinks, asked=unlabeled)
+        return _discover_unlabeled(root, follow_symlinks, asked=unlabeled, stat_files=stat_files)
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
     loose = sorted(
@@ -179,14 +190,14 @@ def discover(
         raise FeatcacheError(f"{root}: no class folders found (expected one subfolder of images per class)")
     index = {name: i for i, name in enumerate(class_names)}
 
-    entries = []
+    entries, file_stats = [], [] if stat_files else None
     for split, folder in per_split:
         for name in _class_dirs(folder):
-            rels = _walk_class_folder(root, os.path.join(folder, name), follow_symlinks, skipped)
+            rels = _walk_class_folder(root, os.path.join(folder, name), follow_symlinks, skipped, file_stats)
             splits = [split] * len(rels) if split else hash_splits(rels, fractions, split_seed)
             label = index[name]
             entries += [ImageEntry(rel, label, s) for rel, s in zip(rels, splits)]
-    entries.sort(key=lambda e: e.relpath)
+    entries, file_stats = _sorted(entries, file_stats)
 
     counts = {name: 0 for name in class_names}
     for e in entries:
@@ -198,20 +209,29 @@ def discover(
         warnings.append(f"only one class ({class_names[0]!r}): a classifier needs at least two")
     if not entries:
         raise FeatcacheError(f"{root}: no images found in the class folders ({', '.join(IMAGE_EXTENSIONS)})")
-    return Listing(root, class_names, entries, "folders" if split_mode else "hash", skipped, warnings)
+    return Listing(root, class_names, entries, "folders" if split_mode else "hash", skipped, warnings, file_stats)
 
 
-def _discover_unlabeled(root: str, follow_symlinks: bool, asked: bool) -> Listing:
+def _sorted(entries: list[ImageEntry], file_stats: list | None):
+    """``entries`` sorted by path, and ``file_stats`` (None: not taken) in the same order."""
+    if file_stats is None:
+        return sorted(entries), None  # by relpath: each path is listed once
+    order = sorted(range(len(entries)), key=entries.__getitem__)
+    return [entries[i] for i in order], [file_stats[i] for i in order]
+
+
+def _discover_unlabeled(root: str, follow_symlinks: bool, asked: bool, stat_files: bool = False) -> Listing:
     """Every image below ``root``, sorted, without labels or splits (features and paths only)."""
     skipped: list[tuple[str, str]] = []
-    relpaths = _walk_class_folder(root, root, follow_symlinks, skipped)
+    file_stats = [] if stat_files else None
+    relpaths = _walk_class_folder(root, root, follow_symlinks, skipped, file_stats)
     if not relpaths:
         raise FeatcacheError(
             f"{root}: no images found ({', '.join(IMAGE_EXTENSIONS)})" if asked else
             f"{root}: no class folders and no images found (expected one subfolder of images per class, "
             "or images to extract unlabeled)")
-    entries = [ImageEntry(rel, UNLABELED, NO_SPLIT) for rel in sorted(relpaths)]
-    return Listing(root, [], entries, "unlabeled", skipped, [])
+    entries, file_stats = _sorted([ImageEntry(rel, UNLABELED, NO_SPLIT) for rel in relpaths], file_stats)
+    return Listing(root, [], entries, "unlabeled", skipped, [], file_stats)
 
 
 # -- shards: which images belong to shard I of N (see sharding.py) ------------------------------
