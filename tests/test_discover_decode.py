@@ -25,6 +25,41 @@ def test_discover_sorted_with_class_map_and_hash_split(image_tree):
     assert all(e.split == hash_split(e.relpath) for e in listing.entries)
 
 
+@pytest.mark.parametrize("unlabeled", [False, True])
+def test_stats_taken_by_the_walk_follow_the_sorted_entries(tmp_path, unlabeled):
+    # The walk lists a folder's files before its subfolders ("a/z.jpg" before "a/b/x.jpg"),
+    # the listing is sorted by path: each entry must keep its own file's stat.
+    import os
+
+    root = tmp_path / "i"
+    for rel in ("cats/z.jpg", "cats/b/x.jpg", "cats/b/c/y.jpg", "cats/a.jpg", "dogs/m/n.jpg", "dogs/k.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        class_image(len(rel), len(rel)).save(root / rel)
+    listing = discover(str(root), unlabeled=unlabeled, stat_files=True)
+    assert [e.relpath for e in listing.entries] == sorted(e.relpath for e in listing.entries)
+    assert len(listing.file_stats) == len(listing.entries) == 6
+    for entry, st in zip(listing.entries, listing.file_stats):
+        assert st.st_ino == os.stat(listing.path(entry)).st_ino, entry.relpath
+    assert discover(str(root), unlabeled=unlabeled).file_stats is None  # only when asked for
+
+
+def _split_as_first_written(relpath, fractions, seed):
+    """hash_split as stores were written with it from the start (one path at a time)."""
+    import hashlib
+
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{relpath}".encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64
+    return "train" if u < fractions[0] else "validation" if u < fractions[0] + fractions[1] else "test"
+
+
+def test_hash_splits_keep_the_splits_stores_were_written_with():
+    from featcache.extract.images.discover import hash_splits
+
+    paths = [f"c{i % 3}/img{i}.jpg" for i in range(2000)] + ["caf\u00e9/\udcff.jpg"]
+    for fractions, seed in (((0.7, 0.15, 0.15), 0), ((0.5, 0.5, 0.0), 3), ((1.0, 0.0, 0.0), 1)):
+        assert hash_splits(paths, fractions, seed) == [_split_as_first_written(p, fractions, seed) for p in paths]
+    assert set(hash_splits(paths, (0.7, 0.15, 0.15))) == {"train", "validation", "test"}
+
+
 def test_hash_split_is_stable_when_images_are_added(tmp_path):
     root = write_tree(tmp_path / "a", per_class=30)
     before = {e.relpath: e.split for e in discover(str(root)).entries}
