@@ -265,3 +265,26 @@ def test_search_and_ensemble_take_exclude_too(planted, tmp_path):
     ens = featcache.ensemble([a["run_dir"], b["run_dir"]], out=tmp_path / "ens", exclude=exclude, no_report=True)
     assert ens["test"]["n"] == a["test"]["n"] - sum(p.startswith("test/") for p in excluded)
     assert json.loads((tmp_path / "ens" / "config.json").read_text())["excluded"]["count"] == len(excluded)
+
+
+def test_run_uses_any_refittable_head_kind_and_refuses_others_in_one_line(planted, tmp_path):
+    """--run RUN_DIR: a dense run's head and settings (epochs, units, lr) refitted on each fold
+    finds the moved labels too; a run that is not one head on cached features (an ensemble) is
+    refused in one line before the store is read."""
+    import featcache
+
+    dense = featcache.train(planted["store"], out=tmp_path / "dense", head="dense", units=32, epochs=40, lr=1e-2,
+                            optimizer="adam", checkpoint=True, early_stopping=5, no_report=True)
+    result = CliRunner().invoke(cli, ["audit", planted["store"], "--run", dense["run_dir"], "--json"])
+    assert result.exit_code == 0, result.output
+    audit = json.loads(result.output)
+    assert audit["settings"]["model"].startswith(f"the dense head of {dense['run_dir']}") and "units=32" in audit["settings"]["model"]
+    flagged = {i["path"] for i in audit["label_issues"]}
+    assert len(set(planted["moved"]) & flagged) >= 3 and len(set(planted["moved"]) & flagged) / len(flagged) >= 0.5
+    knn = featcache.train(planted["store"], out=tmp_path / "knn", head="knn", neighbors=3, no_report=True)
+    assert "the knn head" in featcache.audit(planted["store"], run=knn["run_dir"])["settings"]["model"]
+    logreg = featcache.train(planted["store"], out=tmp_path / "lr", head="logreg", C=0.5, no_report=True)
+    ens = featcache.ensemble([logreg["run_dir"], knn["run_dir"]], out=tmp_path / "ens", no_report=True)
+    result = CliRunner().invoke(cli, ["audit", planted["store"], "--run", ens["run_dir"]])
+    assert result.exit_code != 0 and "ensemble run; the audit's folds refit one head" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
