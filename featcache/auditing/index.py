@@ -11,8 +11,8 @@ measured too: its HNSW on the full 1,280 dimensions took 3x faiss' time to build
 The index is trusted only while it describes the feature set's active rows: the JSON records
 their number and a fingerprint of their content digests (in row order), which the store keeps
 anyway; ``extract`` adding rows, a changed image or a repaired row changes them, and the
-index is rebuilt. An index file that cannot be read, or holds another number of vectors or
-dimensions, is rebuilt too. Nothing is saved where the store's folder is read-only.
+index is rebuilt. An index file whose size or CRC-32 differs from the record's, that cannot
+be read, or holds another number of vectors or dimensions, is rebuilt too. Nothing is saved where the store's folder is read-only.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class Index:
 
     def vectors(self, rows) -> np.ndarray:
         """The stored unit vectors of some rows (the refine stage keeps them whole)."""
-        return np.stack([self.index.refine_index.reconstruct(int(r)) for r in rows])
+        return np.stack([self.index.reconstruct(int(r)) for r in rows])
 
     def search(self, queries: np.ndarray, k: int):
         """(cosine similarities, row positions), each (Q, k), best first; -inf / -1 where the graph
@@ -74,6 +75,15 @@ class Index:
         sims = (1.0 - distances / 2.0).astype(np.float32)
         sims[idx < 0] = -np.inf
         return sims, idx.astype(np.int64)
+
+
+def checksum(path: str) -> str:
+    """CRC-32 of a file, read in pieces (about 1 s per GB here: the price of never trusting a damaged index)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while piece := f.read(16 << 20):
+            crc = zlib.crc32(piece, crc)
+    return f"{crc:08x}"
 
 
 def _paths(store, name: str) -> tuple[str, str]:
@@ -90,14 +100,16 @@ def open_fresh(store, name: str, digests, dim: int | None = None) -> Index | Non
         with open(meta) as f:
             record = json.load(f)
         if (record.get("format") != INDEX_FORMAT or record.get("fingerprint") != fingerprint(digests)
-                or record.get("bytes") != os.path.getsize(data)):
+                or record.get("bytes") != os.path.getsize(data) or record.get("crc32") != checksum(data)):
             return None
         index = faiss.read_index(data)
     except (OSError, ValueError, RuntimeError):  # missing, unreadable or corrupt: rebuilt by the caller
         return None
-    if index.ntotal != len(digests) or (dim is not None and index.d != dim) or not hasattr(index, "refine_index"):
+    # (the downcast wrapper does not own the index: only looked at, the loaded one is kept)
+    if (index.ntotal != len(digests) or (dim is not None and index.d != dim)
+            or not isinstance(faiss.downcast_index(index), faiss.IndexRefine)):
         return None
-    return Index(faiss.downcast_index(index), built=False, saved=data)
+    return Index(index, built=False, saved=data)
 
 
 def build(store, name: str, unit: np.ndarray, digests) -> Index:
@@ -123,6 +135,7 @@ def build(store, name: str, unit: np.ndarray, digests) -> Index:
                 with open(tmp, "w") as f:
                     json.dump({"format": INDEX_FORMAT, "feature_set": name, "rows": len(unit), "dim": unit.shape[1],
                                "fingerprint": fingerprint(digests), "bytes": os.path.getsize(data),
+                               "crc32": checksum(data),
                                "factory": factory(unit.shape[1]), "faiss": faiss.__version__}, f, indent=1)
             os.replace(tmp, path)
         saved = data
