@@ -117,6 +117,7 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
         seen = {(a, b) for a, b, _ in near}
         near += [p for p in neighbours.standing_out(top_sims, top_idx, rule["floor"], rule["gap"]) if p[:2] not in seen]
     scores = neighbours.outlier_scores_of(top_sims)
+    v = stored.unit = None  # not needed past the neighbours: memory for the folds
     similarity = {(a, b): s for a, b, s in near}
     duplicate_groups = []
     for members in neighbours.groups(len(rows), exact_edges + [(a, b) for a, b, _ in near]):
