@@ -3,7 +3,7 @@
     python benchmarks/audit.py [--photos] [--speed] [--rows 100000]
         [--data ../shared/data/cats_vs_dogs_small_max256]
         [--weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_dequant_no_top.h5]
-        [--workdir /tmp/featcache-audit-bench] [--store STORE.h5] [--exact] [--skip-labels]
+        [--workdir /tmp/featcache-audit-bench] [--store STORE.h5] [--exact | --index] [--skip-labels]
 
 --photos: cats vs dogs (2,000 / 1,000 / 1,000) with planted problems: 5% of train labels moved
 to the other class, 30 near-copies (JPEG quality 70, resized, cropped by a few pixels) inside
@@ -177,8 +177,8 @@ def speed(args) -> None:
     store = os.path.join(args.workdir, "speed.h5")
     os.makedirs(args.workdir, exist_ok=True)
     shutil.rmtree(index.folder(store), ignore_errors=True)
-    if args.exact:
-        index.INDEX_MIN_ROWS = n + 1
+    if args.exact or args.index:
+        index.INDEX_MIN_ROWS = n + 1 if args.exact else 0
     base = reset_peak()  # the features in memory, nothing else of the audit's
     cpu = time.process_time()
     t = time.perf_counter()
@@ -216,7 +216,7 @@ def speed(args) -> None:
         times = []
         for i in range(50):
             t = time.perf_counter()
-            ix.search(ix.vectors([i * 997]), 6)
+            ix.search(ix.vectors([i * (n // 50)]), 6)
             times.append(time.perf_counter() - t)
         print(f"  similar: index load (CRC-checked) {load:.2f} s, one query median {np.median(times) * 1000:.2f} ms, "
               f"max {max(times) * 1000:.1f} ms", flush=True)
@@ -247,6 +247,7 @@ def main() -> None:
     p.add_argument("--store", default="/tmp/featcache-audit-bench/store.h5",
                    help="--speed: the real features to tile (default: what --photos extracted)")
     p.add_argument("--exact", action="store_true", help="--speed: the exact search whatever the size")
+    p.add_argument("--index", action="store_true", help="--speed: the index whatever the size")
     p.add_argument("--skip-labels", action="store_true")
     args = p.parse_args()
     if args.photos:

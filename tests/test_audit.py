@@ -290,7 +290,7 @@ def test_run_uses_any_refittable_head_kind_and_refuses_others_in_one_line(plante
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
-def test_the_index_finds_what_the_exact_scan_finds(tmp_path):
+def test_the_index_finds_what_the_exact_scan_finds(tmp_path, monkeypatch):
     """At 600 rows of 300 dimensions (the PCA stage on) in 30 clusters with 12 planted near twins,
     the index's pairs are the exact scan's, and each row's 5 nearest nearly all of them, with
     exact similarities (the candidates are re-ranked on the full vectors)."""
@@ -304,11 +304,8 @@ def test_the_index_finds_what_the_exact_scan_finds(tmp_path):
     digests = [f"{i:064x}" for i in range(len(v))]
     exact_pairs, (exact_sims, exact_idx) = neighbours.scan(v, 0.95)
     assert index.INDEX_MIN_ROWS > len(v)  # the default: exact at this size
-    index.INDEX_MIN_ROWS = 100  # (restored below)
-    try:
-        (pairs, (sims, idx)), how = index.scan(str(tmp_path / "s.h5"), "fs", v, digests, 0.95)
-    finally:
-        index.INDEX_MIN_ROWS = 20_000
+    monkeypatch.setattr(index, "INDEX_MIN_ROWS", 100)
+    (pairs, (sims, idx)), how = index.scan(str(tmp_path / "s.h5"), "fs", v, digests, 0.95)
     assert how["search"] == "index" and how["index_built"] and os.path.isfile(how["index"])
     assert index.factory(300).startswith("PCA128,")
     assert {(a, b) for a, b, _ in pairs} == {(a, b) for a, b, _ in exact_pairs} == {(i, 500 + i) for i in range(12)}
@@ -322,7 +319,7 @@ def exactly(call, *args, **kwargs):
     from featcache.auditing import index
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(index, "INDEX_MIN_ROWS", 20_000)
+        m.setattr(index, "INDEX_MIN_ROWS", 10**9)
         return call(*args, **kwargs)
 
 
