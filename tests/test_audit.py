@@ -273,7 +273,7 @@ def test_run_uses_any_refittable_head_kind_and_refuses_others_in_one_line(plante
     refused in one line before the store is read."""
     import featcache
 
-    dense = featcache.train(planted["store"], out=tmp_path / "dense", head="dense", units=32, epochs=40, lr=1e-2,
+    dense = featcache.train(planted["store"], out=tmp_path / "dense", head="dense", units=32, epochs=20, lr=1e-2, batch_size=64,
                             optimizer="adam", checkpoint=True, early_stopping=5, no_report=True)
     result = CliRunner().invoke(cli, ["audit", planted["store"], "--run", dense["run_dir"], "--json"])
     assert result.exit_code == 0, result.output
