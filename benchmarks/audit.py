@@ -1,9 +1,9 @@
 """featcache audit: accuracy on planted real photos, and speed at 100,000 rows (issue 22).
 
-    python benchmarks/audit.py [--photos] [--speed] [--rows 100000] [--dim 1280]
+    python benchmarks/audit.py [--photos] [--speed] [--rows 100000]
         [--data ../shared/data/cats_vs_dogs_small_max256]
         [--weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_dequant_no_top.h5]
-        [--workdir /tmp/featcache-audit-bench]
+        [--workdir /tmp/featcache-audit-bench] [--store STORE.h5] [--exact | --index] [--skip-labels]
 
 --photos: cats vs dogs (2,000 / 1,000 / 1,000) with planted problems: 5% of train labels moved
 to the other class, 30 near-copies (JPEG quality 70, resized, cropped by a few pixels) inside
@@ -13,8 +13,9 @@ label issues, duplicates and leaks, the similar-image hit rate (the original amo
 neighbours of each near-copy), and the similarities of planted copies against the closest
 distinct photos (what the near-duplicate threshold is chosen from).
 
---speed: ROWS x DIM float32 vectors (clusters with noise, a few planted twins): seconds for the
-duplicate/leak/outlier pass and for the label-issue pass, one `similar` query, and peak memory.
+--speed: ROWS vectors tiled from a real store's features with noise (see tiled()): seconds for the
+duplicate/leak/outlier pass (through the index at or above INDEX_MIN_ROWS, or --exact) and for
+the label-issue pass, the index against the exact search on a sample, `similar` queries, memory.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import argparse
 import os
 import pathlib
 import random
-import resource
 import shutil
 import sys
 import time
@@ -129,35 +129,111 @@ def photos(args) -> None:
     print(f"audit seconds {result['seconds']}")
 
 
-def speed(args) -> None:
-    from featcache.auditing import labels as label_audit, neighbours
+def memory_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
+
+def reset_peak() -> float:
+    """Start a new peak (Linux: clear_refs 5 resets VmHWM); returns the current resident MB."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return memory_mb("VmRSS")
+
+
+def tiled(args):
+    """ROWS x DIM vectors from a real store's features: each row a mix of two real rows (60-90% of
+    one, whose label it takes) times per-feature log-normal noise (sigma 0.3), 5% of labels moved
+    to another class, and 300 planted twins (a row copied with 5% noise)."""
+    from featcache.auditing.job import read_stored
+
+    real = read_stored(args.store, None, None)
     rng = np.random.default_rng(0)
-    n, d, k = args.rows, args.dim, 10
-    centres = rng.normal(size=(k, d)).astype(np.float32)
-    labels = rng.integers(0, k, n)
-    x = np.maximum(centres[labels] + 2.0 * rng.normal(size=(n, d)).astype(np.float32), 0)  # ReLU-like
-    x[1::997] = x[0::997][: len(x[1::997])] * 1.0001  # planted twins
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n = args.rows
+    i, j = rng.integers(0, len(real.features), n), rng.integers(0, len(real.features), n)
+    w = rng.uniform(0.6, 0.9, (n, 1)).astype(np.float32)
+    x = w * real.features[i] + (1 - w) * real.features[j]
+    x *= rng.lognormal(0, 0.3, x.shape).astype(np.float32)
+    labels = real.labels[i].copy()
+    k = int(labels.max()) + 1
+    moved = rng.choice(n, n // 20, replace=False)
+    labels[moved] = (labels[moved] + rng.integers(1, k, len(moved))) % k
+    twins = np.stack([rng.choice(n // 2, 300, replace=False), n // 2 + rng.choice(n // 2, 300, replace=False)], 1)
+    x[twins[:, 1]] = x[twins[:, 0]] * rng.lognormal(0, 0.05, (300, x.shape[1])).astype(np.float32)
+    return x, labels, moved, twins
+
+
+def speed(args) -> None:
+    """The audit's two passes at ROWS rows, timed apart, with the index (build, then reuse) or exact."""
+    from featcache.auditing import index, labels as label_audit, neighbours
+
+    x, labels, moved, twins = tiled(args)
+    n = len(x)
+    digests = [f"{i:064x}" for i in range(n)]
+    store = os.path.join(args.workdir, "speed.h5")
+    os.makedirs(args.workdir, exist_ok=True)
+    shutil.rmtree(index.folder(store), ignore_errors=True)
+    if args.exact or args.index:
+        index.INDEX_MIN_ROWS = n + 1 if args.exact else 0
+    base = reset_peak()  # the features in memory, nothing else of the audit's
+    cpu = time.process_time()
     t = time.perf_counter()
     v = neighbours.vectors(x)
-    pairs, (top_sims, top_idx) = neighbours.scan(v, 0.95)
+    (pairs, (top_sims, top_idx)), how = index.scan(store, "speed", v, digests, 0.95)
     pairs += neighbours.standing_out(top_sims, top_idx, 0.75, 0.08)
     groups = neighbours.groups(n, [(a, b) for a, b, _ in pairs])
     flagged = neighbours.flag_outliers(neighbours.outlier_scores_of(top_sims))
-    dup_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    proba = label_audit.out_of_fold(x, labels, 5, 0)
-    issues = label_audit.find_label_issues(labels, proba)
-    label_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    for i in range(10):
-        neighbours.knn(v, 5, queries=v[i : i + 1], exclude_self=False)
-    query_ms = (time.perf_counter() - t) / 10 * 1000
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{n} x {d}: duplicates+leaks+outliers {dup_seconds:.1f} s ({len(groups)} groups, {len(flagged)} outliers); "
-          f"label issues {label_seconds:.1f} s ({len(issues.rows)}); similar query {query_ms:.1f} ms; "
-          f"peak RSS {peak:.0f} MB ({peak - base:.0f} MB above the start; the features are {x.nbytes / 2**20:.0f} MB)")
+    dup_seconds, dup_cpu = time.perf_counter() - t, time.process_time() - cpu
+    dup_mb = memory_mb() - base
+    found = {(a, b) for a, b, _ in pairs}
+    twin_recall = np.mean([(int(a), int(b)) in found for a, b in twins])
+    print(f"{n} x {x.shape[1]} ({how['search']}): duplicates+leaks+outliers {dup_seconds:.1f} s ({dup_cpu:.1f} s CPU; "
+          f"{len(groups)} groups, {len(flagged)} outliers); planted twins found {twin_recall:.3f}; "
+          f"peak {dup_mb:.0f} MB above the features ({x.nbytes / 2**20:.0f} MB)", flush=True)
+    if how["search"] == "index":
+        t = time.perf_counter()
+        (again, _), how2 = index.scan(store, "speed", v, digests, 0.95)
+        print(f"  again with the saved index: {time.perf_counter() - t:.1f} s (built: {how2['index_built']}); "
+              f"index file {os.path.getsize(how['index']) / 2**20:.0f} MB", flush=True)
+        # recall against the exact search, on a sample of rows (exact over all 100,000 takes ~12 min)
+        sample = np.unique(np.concatenate([np.arange(0, n, n // 1000), twins.ravel()]))
+        s = v[sample] @ v.T
+        s[np.arange(len(sample)), sample] = -np.inf
+        exact_idx = np.argsort(-s, axis=1)[:, :5]
+        exact_pairs = {(min(int(r), int(c)), max(int(r), int(c))) for r, c in zip(*np.nonzero(s >= 0.95))
+                       for r, c in [(sample[r], c)]}
+        del s
+        print(f"  vs exact on {len(sample)} rows: recall@5 {np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_idx[sample], exact_idx)]):.4f}, "
+              f"pairs >= 0.95 found {np.mean([p in found for p in exact_pairs]):.4f} of {len(exact_pairs)}", flush=True)
+        ix = index.open_fresh(store, "speed", digests)
+        t = time.perf_counter()
+        ix = index.open_fresh(store, "speed", digests)
+        load = time.perf_counter() - t
+        times = []
+        for i in range(50):
+            t = time.perf_counter()
+            ix.search(ix.vectors([i * (n // 50)]), 6)
+            times.append(time.perf_counter() - t)
+        print(f"  similar: index load (CRC-checked) {load:.2f} s, one query median {np.median(times) * 1000:.2f} ms, "
+              f"max {max(times) * 1000:.1f} ms", flush=True)
+        del ix
+    del v, top_sims, top_idx  # as the audit drops the unit vectors before its folds
+    if not args.skip_labels:
+        base = reset_peak()
+        cpu = time.process_time()
+        t = time.perf_counter()
+        proba = label_audit.out_of_fold(x, labels, 5, 0)
+        issues = label_audit.find_label_issues(labels, proba)
+        label_seconds, label_cpu = time.perf_counter() - t, time.process_time() - cpu
+        label_mb = memory_mb() - base
+        tp = len(set(issues.rows.tolist()) & set(moved.tolist()))
+        print(f"  label issues {label_seconds:.1f} s ({label_cpu:.1f} s CPU): {len(issues.rows)} flagged, recall "
+              f"{tp / len(moved):.3f}, precision {tp / max(1, len(issues.rows)):.3f} of {len(moved)} moved; "
+              f"peak {label_mb:.0f} MB above the features", flush=True)
 
 
 def main() -> None:
@@ -165,10 +241,14 @@ def main() -> None:
     p.add_argument("--photos", action="store_true")
     p.add_argument("--speed", action="store_true")
     p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=1280)
     p.add_argument("--data", default=str(SHARED / "data" / "cats_vs_dogs_small_max256"))
     p.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_1.0_224_coralquant_dequant_no_top.h5"))
     p.add_argument("--workdir", default="/tmp/featcache-audit-bench")
+    p.add_argument("--store", default="/tmp/featcache-audit-bench/store.h5",
+                   help="--speed: the real features to tile (default: what --photos extracted)")
+    p.add_argument("--exact", action="store_true", help="--speed: the exact search whatever the size")
+    p.add_argument("--index", action="store_true", help="--speed: the index whatever the size")
+    p.add_argument("--skip-labels", action="store_true")
     args = p.parse_args()
     if args.photos:
         photos(args)

@@ -265,3 +265,137 @@ def test_search_and_ensemble_take_exclude_too(planted, tmp_path):
     ens = featcache.ensemble([a["run_dir"], b["run_dir"]], out=tmp_path / "ens", exclude=exclude, no_report=True)
     assert ens["test"]["n"] == a["test"]["n"] - sum(p.startswith("test/") for p in excluded)
     assert json.loads((tmp_path / "ens" / "config.json").read_text())["excluded"]["count"] == len(excluded)
+
+
+def test_run_uses_any_refittable_head_kind_and_refuses_others_in_one_line(planted, tmp_path):
+    """--run RUN_DIR: a dense run's head and settings (epochs, units, lr) refitted on each fold
+    finds the moved labels too; a run that is not one head on cached features (an ensemble) is
+    refused in one line before the store is read."""
+    import featcache
+
+    dense = featcache.train(planted["store"], out=tmp_path / "dense", head="dense", units=32, epochs=20, lr=1e-2, batch_size=64,
+                            optimizer="adam", checkpoint=True, early_stopping=5, no_report=True)
+    result = CliRunner().invoke(cli, ["audit", planted["store"], "--run", dense["run_dir"], "--json"])
+    assert result.exit_code == 0, result.output
+    audit = json.loads(result.output)
+    assert audit["settings"]["model"].startswith(f"the dense head of {dense['run_dir']}") and "units=32" in audit["settings"]["model"]
+    flagged = {i["path"] for i in audit["label_issues"]}
+    assert len(set(planted["moved"]) & flagged) >= 3 and len(set(planted["moved"]) & flagged) / len(flagged) >= 0.5
+    knn = featcache.train(planted["store"], out=tmp_path / "knn", head="knn", neighbors=3, no_report=True)
+    assert "the knn head" in featcache.audit(planted["store"], run=knn["run_dir"])["settings"]["model"]
+    logreg = featcache.train(planted["store"], out=tmp_path / "lr", head="logreg", C=0.5, no_report=True)
+    ens = featcache.ensemble([logreg["run_dir"], knn["run_dir"]], out=tmp_path / "ens", no_report=True)
+    result = CliRunner().invoke(cli, ["audit", planted["store"], "--run", ens["run_dir"]])
+    assert result.exit_code != 0 and "ensemble run; the audit's folds refit one head" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_the_index_finds_what_the_exact_scan_finds(tmp_path, monkeypatch):
+    """At 600 rows of 300 dimensions (the PCA stage on) in 30 clusters with 12 planted near twins,
+    the index's pairs are the exact scan's, and each row's 5 nearest nearly all of them, with
+    exact similarities (the candidates are re-ranked on the full vectors)."""
+    from featcache.auditing import index, neighbours
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 300))
+    x = np.maximum(centres[rng.integers(0, 30, 600)] + 0.7 * rng.normal(size=(600, 300)), 0).astype(np.float32)
+    x[500:512] = x[:12] * rng.uniform(0.97, 1.03, (12, 300)).astype(np.float32)
+    v = neighbours.vectors(x)
+    digests = [f"{i:064x}" for i in range(len(v))]
+    exact_pairs, (exact_sims, exact_idx) = neighbours.scan(v, 0.95)
+    assert index.INDEX_MIN_ROWS > len(v)  # the default: exact at this size
+    monkeypatch.setattr(index, "INDEX_MIN_ROWS", 100)
+    (pairs, (sims, idx)), how = index.scan(str(tmp_path / "s.h5"), "fs", v, digests, 0.95)
+    assert how["search"] == "index" and how["index_built"] and os.path.isfile(how["index"])
+    assert index.factory(300).startswith("PCA128,")
+    assert {(a, b) for a, b, _ in pairs} == {(a, b) for a, b, _ in exact_pairs} == {(i, 500 + i) for i in range(12)}
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx, exact_idx)]) >= 0.95
+    same = idx == exact_idx
+    assert same.mean() >= 0.9 and np.allclose(sims[same], exact_sims[same], atol=1e-5)
+
+
+def exactly(call, *args, **kwargs):
+    """``call`` with the exact search (the index threshold back at its default)."""
+    from featcache.auditing import index
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(index, "INDEX_MIN_ROWS", 10**9)
+        return call(*args, **kwargs)
+
+
+def rounded(items: list[dict]) -> list[dict]:
+    """Similarities and scores to 4 decimals (the index's come from L2 distances on unit vectors,
+    the exact search's from dot products: they differ in the 6th)."""
+    return [{k: round(v, 4) if k in ("similarity", "score") else v for k, v in item.items()} for item in items]
+
+
+@pytest.fixture
+def indexed(planted, tmp_path, monkeypatch):
+    """A copy of the planted tree and store, with the index used from 10 rows on."""
+    from featcache.auditing import index
+
+    monkeypatch.setattr(index, "INDEX_MIN_ROWS", 10)
+    images = tmp_path / "images"
+    shutil.copytree(planted["images"], images)
+    store = tmp_path / "store.h5"
+    shutil.copy(planted["store"], store)
+    return {"images": images, "store": str(store)}
+
+
+def test_audit_and_similar_through_the_index_answer_as_the_exact_search(planted, indexed):
+    import featcache
+
+    exact = exactly(featcache.audit, planted["store"])
+    assert exact["settings"]["search"] == "exact"
+    first = featcache.audit(indexed["store"])
+    assert first["settings"]["search"] == "index" and first["settings"]["index_built"]
+    assert first["settings"]["index"].startswith(indexed["store"] + ".index" + os.sep)
+    again = featcache.audit(indexed["store"])
+    assert not again["settings"]["index_built"]  # kept beside the store, and fresh
+    for result in (first, again):
+        for key in ("duplicates", "leaks", "outliers"):
+            assert rounded(result[key]) == rounded(exact[key]), key
+        assert result["leak_share"] == exact["leak_share"] and result["label_issues"] == exact["label_issues"]
+    queries = [b for _, b in planted["near"] + planted["leaks"]]
+    want = exactly(featcache.similar, planted["store"], queries, k=3)
+    got = featcache.similar(indexed["store"], queries, k=3)
+    assert want["search"] == "exact" and got["search"] == "index"
+    assert [[n["path"] for n in r["neighbors"]] for r in got["results"]] == \
+        [[n["path"] for n in r["neighbors"]] for r in want["results"]]
+
+
+def test_the_index_is_rebuilt_when_extract_adds_rows(planted, indexed):
+    import featcache
+
+    featcache.audit(indexed["store"])
+    meta = [p for p in os.listdir(indexed["store"] + ".index") if p.endswith(".json")]
+    before = json.loads(open(os.path.join(indexed["store"] + ".index", meta[0])).read())
+    new = indexed["images"] / "train" / "cats" / "added_later.jpg"
+    shutil.copy(indexed["images"] / "test" / "dogs" / "dogs03.jpg", new)
+    Image.open(new).rotate(90).save(new, quality=90)  # new bytes
+    featcache.extract_features(indexed["images"], indexed["store"], base="pixels", size=8, weights="none",
+                               progress=False)
+    found = featcache.similar(indexed["store"], ["train/cats/added_later.jpg"], k=2)
+    assert found["search"] == "index" and found["results"][0]["stored"]  # the new row is in the index
+    after = json.loads(open(os.path.join(indexed["store"] + ".index", meta[0])).read())
+    assert after["rows"] == before["rows"] + 1 and after["fingerprint"] != before["fingerprint"]
+    assert not featcache.audit(indexed["store"])["settings"]["index_built"]  # similar's rebuild is reused
+
+
+def test_a_corrupt_or_stale_index_is_rebuilt_not_trusted(planted, indexed):
+    import featcache
+
+    built = featcache.audit(indexed["store"])["settings"]["index"]
+    exact = exactly(featcache.audit, planted["store"])
+    meta = built[: -len(".faiss")] + ".json"
+    record = json.loads(open(meta).read())
+    with open(meta, "w") as f:  # stale: made for other rows
+        json.dump({**record, "fingerprint": f"{record['rows']}:{'0' * 32}"}, f)
+    result = featcache.audit(indexed["store"])
+    assert result["settings"]["index_built"] and rounded(result["duplicates"]) == rounded(exact["duplicates"])
+    with open(built, "r+b") as f:  # damaged in the middle (the vectors), same size, a fresh record
+        f.seek(os.path.getsize(built) // 2)
+        f.write(b"\x7f" * 64)
+    result = featcache.audit(indexed["store"])
+    assert result["settings"]["index_built"] and rounded(result["outliers"]) == rounded(exact["outliers"])
+    assert not featcache.audit(indexed["store"])["settings"]["index_built"]

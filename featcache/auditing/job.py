@@ -16,7 +16,8 @@ import numpy as np
 
 from ..classify.runs.run_dir import write_json
 from ..errors import FeatcacheError
-from . import labels as label_audit, neighbours
+from . import index as nearest, labels as label_audit, neighbours
+from .folds import run_model
 
 # Near duplicates, per base family (measured by benchmarks/audit.py on cats vs dogs with planted
 # near-copies: JPEG quality 70, resized to 70-90%, cropped by a few pixels). Two images are near
@@ -62,13 +63,14 @@ class StoredRows:
     digests: list[str]
     splits: np.ndarray  # (N,) object: "train", "validation", "test" or "" (unlabelled)
     labels: np.ndarray | None  # (N,) int64 class indices, None when unlabelled
-    features: np.ndarray  # (N, D) float32 vectors (see read_vectors)
-    unit: np.ndarray  # (N, D) their unit-length copies
+    features: np.ndarray | None  # (N, D) float32 vectors (see read_vectors)
+    unit: np.ndarray | None  # (N, D) their unit-length copies
     image_root: str
 
 
-def read_stored(store: str, feature_set: str | None, base: str | None) -> StoredRows:
-    """One feature set of ``store`` (by name, or the only one of ``base``), read whole."""
+def read_stored(store: str, feature_set: str | None, base: str | None, vectors: bool = True) -> StoredRows:
+    """One feature set of ``store`` (by name, or the only one of ``base``), read whole (without
+    its features when ``vectors`` is False: ``features`` and ``unit`` are then None)."""
     from ..cache.store import open_store
 
     if not os.path.isfile(store):
@@ -76,7 +78,7 @@ def read_stored(store: str, feature_set: str | None, base: str | None) -> Stored
     with open_store(store) as s:
         fs = s.select(feature_set, base)
         rows = fs.rows()
-        x, v = read_vectors(fs, rows)
+        x, v = read_vectors(fs, rows) if vectors else (None, None)
         return StoredRows(
             fs.name, fs.spec.backbone, fs.class_names, fs.column("paths")[rows].astype(str).tolist(),
             fs.column("digests")[rows].astype(str).tolist(),
@@ -85,26 +87,14 @@ def read_stored(store: str, feature_set: str | None, base: str | None) -> Stored
             str(fs.attrs.get("image_root", "")))
 
 
-def _run_model(run_dir: str | None):
-    """The classifier factory of the out-of-fold step: a run's logreg settings, or the default."""
-    if run_dir is None:
-        return None, f"logistic regression (standardized features, C={label_audit.DEFAULT_C})"
-    from ..classify.runs.run_dir import read_config, run_kind
-
-    config = read_config(run_dir)
-    if run_kind(config) != "head" or config["head"] != "logreg":
-        raise FeatcacheError(f"--run {run_dir}: the audit's folds can use a logreg run's settings; this is a "
-                             f"{config['head']} {run_kind(config)} run")
-    settings = config["settings"]
-    c, max_iter, seed = float(settings["C"]), int(settings["max_iter"]), int(settings.get("seed", 0))
-    return (lambda: label_audit.default_model(c, max_iter, seed)), f"the logreg settings of {run_dir} (C={c})"
-
-
 def audit(store: str, feature_set: str | None = None, base: str | None = None, out: str | None = None,
           folds: int = label_audit.DEFAULT_FOLDS, run_dir: str | None = None, threshold: float | None = None,
           seed: int = 0) -> dict:
     started = time.perf_counter()
-    make_model, model_text = _run_model(run_dir)
+    if run_dir is None:
+        models, model_text = (lambda k: None), f"logistic regression (standardized features, C={label_audit.DEFAULT_C})"
+    else:
+        models, model_text = run_model(run_dir)
     if out is not None:
         if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
             raise FeatcacheError(f"{out}: exists and is not an empty folder; choose a new --out")
@@ -121,11 +111,13 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
     for i, d in enumerate(digests):
         by_digest.setdefault(d, []).append(i)
     exact_edges = [(g[0], j) for g in by_digest.values() if len(g) > 1 for j in g[1:]]
-    near, (top_sims, top_idx) = neighbours.scan(v, rule["threshold"])  # one pass: duplicates and outliers
+    # one pass: duplicates and outliers (exact, or from the index kept beside the store when large)
+    (near, (top_sims, top_idx)), search = nearest.scan(store, name, v, digests, rule["threshold"])
     if rule["floor"] is not None:
         seen = {(a, b) for a, b, _ in near}
         near += [p for p in neighbours.standing_out(top_sims, top_idx, rule["floor"], rule["gap"]) if p[:2] not in seen]
     scores = neighbours.outlier_scores_of(top_sims)
+    v = stored.unit = None  # not needed past the neighbours: memory for the folds
     similarity = {(a, b): s for a, b, s in near}
     duplicate_groups = []
     for members in neighbours.groups(len(rows), exact_edges + [(a, b) for a, b, _ in near]):
@@ -153,7 +145,7 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
     if not labelled:
         notes.append("the store is unlabelled: label issues need labels (duplicates and outliers only)")
     else:
-        proba = label_audit.out_of_fold(x, given, folds, seed, make_model)
+        proba = label_audit.out_of_fold(x, given, folds, seed, models(len(class_names)))
         found = label_audit.find_label_issues(given, proba)
         issues = [{"row": int(r), "path": paths[r], "split": splits[r], "given": class_names[given[r]],
                    "suggested": class_names[s], "score": round(float(found.quality[r]), 6)}
@@ -178,7 +170,7 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
         "store": store, "feature_set": name, "rows": int(len(rows)), "labelled": bool(labelled),
         "class_names": class_names,
         "settings": {"folds": folds if labelled else None, "model": model_text if labelled else None,
-                     "near_duplicates": rule, "outlier_neighbours": neighbours.OUTLIER_NEIGHBOURS,
+                     "near_duplicates": rule, **search, "outlier_neighbours": neighbours.OUTLIER_NEIGHBOURS,
                      "outlier_z": neighbours.OUTLIER_Z, "seed": seed},
         "label_issues": issues,
         "duplicates": [{k: g[k] for k in ("paths", "splits", "similarity", "exact")} for g in duplicate_groups],

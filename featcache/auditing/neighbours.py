@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK_ROWS = 2048  # query rows per matrix product: BLOCK_ROWS x N similarities at a time
+BLOCK_ROWS = 2048  # query rows per matrix product: at most BLOCK_ROWS x N similarities at a time,
+BLOCK_BYTES = 128 << 20  # and at most this many bytes of them (with their int64 partition: 3x)
 OUTLIER_NEIGHBOURS = 5
 # Robust z-score (median and MAD of the outlier scores) above which a row is flagged.
 OUTLIER_Z = 3.5
@@ -22,6 +23,11 @@ def vectors(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def block_rows(n: int) -> int:
+    """Query rows per block against ``n`` stored rows: memory stays flat however large n grows."""
+    return int(max(1, min(BLOCK_ROWS, BLOCK_BYTES // (4 * max(n, 1)))))
+
+
 def knn(v: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: bool = True):
     """(similarities, indices), each (Q, k), best first, of ``queries`` (default: every row of
     ``v`` against the others) among the rows of ``v``."""
@@ -29,8 +35,9 @@ def knn(v: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: 
     k = min(k, len(v) - (1 if exclude_self and queries is None else 0))
     sims = np.empty((len(q), k), np.float32)
     idx = np.empty((len(q), k), np.int64)
-    for start in range(0, len(q), BLOCK_ROWS):
-        s = q[start : start + BLOCK_ROWS] @ v.T
+    step = block_rows(len(v))
+    for start in range(0, len(q), step):
+        s = q[start : start + step] @ v.T
         if exclude_self and queries is None:
             s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf
         part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(s), 1))
@@ -49,14 +56,15 @@ def scan(v: np.ndarray, threshold: float, k: int = OUTLIER_NEIGHBOURS):
     pairs = []
     top_sims = np.zeros((n, k), np.float32)
     top_idx = np.zeros((n, k), np.int64)
-    for start in range(0, n, BLOCK_ROWS):
-        s = v[start : start + BLOCK_ROWS] @ v.T
+    step = block_rows(n)
+    for start in range(0, n, step):
+        s = v[start : start + step] @ v.T
         rows, cols = np.nonzero(s >= threshold)
         pairs += [(start + r, c, float(s[r, c])) for r, c in zip(rows.tolist(), cols.tolist()) if start + r < c]
         if n < 2:
             break
         s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        part = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
         sims = np.take_along_axis(s, part, axis=1)
         order = np.argsort(-sims, axis=1, kind="stable")
         top_idx[start : start + len(s)] = np.take_along_axis(part, order, axis=1)

@@ -2,9 +2,10 @@
 feature set's cached features. A query is a stored image (its relative path) or any image
 file, which is decoded and run through the feature set's own base, size and settings first.
 
-Search is exact (one matrix product per query block over every stored vector; on 2 cores
-about 100,000 x 1,280 rows take tens of milliseconds per query once loaded, see
-benchmarks/audit.py); no approximate index is kept yet.
+Search is exact below index.INDEX_MIN_ROWS rows (one matrix product per query over every stored
+vector); at or above it, through the approximate index kept beside the store (see
+:mod:`.index`): while that index is fresh, the features are not read at all (a stored query's
+vector comes from the index), so a query costs about a millisecond on 100,000 rows.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 import numpy as np
 
 from ..errors import FeatcacheError
-from . import neighbours
+from . import index as nearest, neighbours
 from .job import read_stored
 
 DEFAULT_K = 5
@@ -53,7 +54,14 @@ def similar(store: str, queries: list[str], k: int = DEFAULT_K, feature_set: str
         raise FeatcacheError(f"-k {k}: must be at least 1")
     if not queries:
         raise FeatcacheError("no query given (a stored image's relative path, or an image file)")
-    stored = read_stored(store, feature_set, base)
+    stored = read_stored(store, feature_set, base, vectors=False)
+    index = None
+    if len(stored.paths) >= nearest.INDEX_MIN_ROWS:
+        index = nearest.open_fresh(store, stored.name, stored.digests)
+    if index is None:  # exact search, or an index to build: the features are needed
+        stored = read_stored(store, stored.name, None)
+        if len(stored.paths) >= nearest.INDEX_MIN_ROWS:
+            index = nearest.build(store, stored.name, stored.unit, stored.digests)
     paths, splits, labels, names, v = stored.paths, stored.splits, stored.labels, stored.class_names, stored.unit
     where = {p: i for i, p in enumerate(paths)}
     files = [q for q in queries if q not in where]
@@ -66,11 +74,18 @@ def similar(store: str, queries: list[str], k: int = DEFAULT_K, feature_set: str
     results = []
     for q in queries:
         stored = q in where
-        qv = v[where[q]][None] if stored else extracted[q][None]
-        sims, idx = neighbours.knn(v, k + (1 if stored else 0), queries=qv, exclude_self=False)
-        hits = [(float(sv), int(i)) for sv, i in zip(sims[0], idx[0]) if not (stored and i == where[q])][:k]
+        if stored:
+            qv = index.vectors([where[q]]) if index is not None else v[where[q]][None]
+        else:
+            qv = extracted[q][None]
+        if index is not None:
+            sims, idx = index.search(qv, k + (1 if stored else 0))
+        else:
+            sims, idx = neighbours.knn(v, k + (1 if stored else 0), queries=qv, exclude_self=False)
+        hits = [(float(sv), int(i)) for sv, i in zip(sims[0], idx[0]) if i >= 0 and not (stored and i == where[q])][:k]
         results.append({"query": q, "stored": stored, "neighbors": [
             {"path": paths[i], "split": str(splits[i]) or None, "label": names[int(labels[i])] if labels is not None else None,
              "similarity": round(sv, 6)} for sv, i in hits]})
     return {"store": store, "feature_set": name, "k": k, "results": results,
+            "search": "index" if index is not None else "exact",
             "seconds": round(time.perf_counter() - started, 3)}
