@@ -93,7 +93,7 @@ def photos(args) -> None:
     pure = sum(any(pair <= g for pair in planted) for g in groups)
     print(f"duplicates: {len(groups)} groups, recall {found / len(planted):.3f} of {len(planted)} planted pairs, "
           f"precision {pure / max(len(groups), 1):.3f}")
-    leak_pairs = [frozenset(pair) for pair in leaks] + [frozenset(p) for p in exact if False]
+    leak_pairs = [frozenset(pair) for pair in leaks]
     leak_groups = [frozenset(d["paths"]) for d in result["leaks"]]
     found = sum(any(pair <= g for g in leak_groups) for pair in leak_pairs)
     pure = sum(any(pair <= g for pair in leak_pairs) for g in leak_groups)
@@ -184,12 +184,13 @@ def speed(args) -> None:
     t = time.perf_counter()
     v = neighbours.vectors(x)
     (pairs, (top_sims, top_idx)), how = index.scan(store, "speed", v, digests, 0.95)
-    pairs += neighbours.standing_out(top_sims, top_idx, 0.75, 0.08)
-    groups = neighbours.groups(n, [(a, b) for a, b, _ in pairs])
+    pairs = neighbours.unique_pairs(*(np.concatenate(p) for p in zip(pairs, neighbours.standing_out(
+        top_sims, top_idx, 0.75, 0.08))))
+    groups, _ = neighbours.groups(n, pairs[0], pairs[1])
     flagged = neighbours.flag_outliers(neighbours.outlier_scores_of(top_sims))
     dup_seconds, dup_cpu = time.perf_counter() - t, time.process_time() - cpu
     dup_mb = memory_mb() - base
-    found = {(a, b) for a, b, _ in pairs}
+    found = set(zip(pairs[0].tolist(), pairs[1].tolist()))
     twin_recall = np.mean([(int(a), int(b)) in found for a, b in twins])
     print(f"{n} x {x.shape[1]} ({how['search']}): duplicates+leaks+outliers {dup_seconds:.1f} s ({dup_cpu:.1f} s CPU; "
           f"{len(groups)} groups, {len(flagged)} outliers); planted twins found {twin_recall:.3f}; "

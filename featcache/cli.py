@@ -660,7 +660,7 @@ def finetune(paths, out, no_report, as_json, **options):
 @click.option("--out", type=click.Path(file_okay=False), metavar="DIR",
               help="New folder: audit.html, audit.json, CSV files and exclude.txt (for train --exclude).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Folds of the out-of-fold probabilities.")
-@click.option("--run", type=click.Path(), help="Use this logreg run's settings for the folds [default: logistic regression, C=0.01].")
+@click.option("--run", type=click.Path(), help="Refit this run's head kind and settings (dense, logreg or knn) on each fold [default: logistic regression, C=0.01].")
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Cosine similarity from which two images are near duplicates [default: per base family].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds.")
 @click.option("--fail-on-leaks", is_flag=True, help="Exit 1 when an image of validation or test has a twin in train.")

@@ -210,15 +210,35 @@ def test_fewer_rows_than_folds_and_a_damaged_store_are_one_line(planted, tmp_pat
     assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
 
 
+def pair_set(pairs) -> set[tuple[int, int]]:
+    """The (a, b) of a scan's (a, b, similarity) arrays."""
+    return set(zip(pairs[0].tolist(), pairs[1].tolist()))
+
+
+def test_look_alikes_make_one_group_without_a_pair_per_two_of_them():
+    """3,000 nearly equal vectors: one group, pairs O(N) (each row's nearest), not N^2 / 2."""
+    from featcache.auditing import neighbours
+
+    v = neighbours.vectors(1 + 0.001 * np.random.default_rng(1).normal(size=(3000, 8)))
+    pairs, _ = neighbours.scan(v, 0.99)
+    assert len(pairs[0]) <= 3000 * neighbours.PAIR_NEIGHBOURS
+    members, labels = neighbours.groups(3000, pairs[0], pairs[1])
+    assert len(members) == 1 and sorted(members[0].tolist()) == list(range(3000)) and len(set(labels)) == 1
+
+
 def test_scan_finds_the_pairs_and_scores_of_a_brute_force_pass():
     from featcache.auditing import neighbours
 
     v = neighbours.vectors(np.random.default_rng(0).normal(size=(300, 16)))
-    pairs, (top_sims, top_idx) = neighbours.scan(v, 0.6)
+    pairs, (top_sims, top_idx) = neighbours.scan(v, 0.4)
     s = v @ v.T
-    expected = {(i, j) for i in range(300) for j in range(i + 1, 300) if s[i, j] >= 0.6}
-    assert {(a, b) for a, b, _ in pairs} == expected
     np.fill_diagonal(s, -np.inf)
+    nearest = np.argsort(-s, axis=1)[:, : neighbours.PAIR_NEIGHBOURS]  # pairs are looked for among these
+    expected = {(min(i, j), max(i, j)) for i in range(300) for j in nearest[i].tolist() if s[i, j] >= 0.4}
+    every = {(i, j) for i in range(300) for j in range(i + 1, 300) if s[i, j] >= 0.4}
+    assert 100 < len(expected) < len(every)  # the cap on pairs per row is in play
+    assert pair_set(pairs) == expected
+    assert np.allclose(pairs[2], [s[a, b] for a, b in zip(pairs[0], pairs[1])], atol=1e-5)
     np.testing.assert_allclose(top_sims, -np.sort(-s, axis=1)[:, :5], rtol=1e-5)
     assert (top_idx[:, 0] == s.argmax(axis=1)).all()
 
@@ -230,7 +250,7 @@ def test_a_copy_stands_out_among_its_originals_neighbours():
     top_sims = np.array([[0.90, 0.70], [0.90, 0.72], [0.80, 0.79], [0.80, 0.78]], np.float32)
     top_idx = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])
     found = neighbours.standing_out(top_sims, top_idx, floor=0.75, gap=0.08)
-    assert [(a, b) for a, b, _ in found] == [(0, 1)]  # (2, 3) are mutual but do not stand out
+    assert pair_set(found) == {(0, 1)}  # (2, 3) are mutual but do not stand out
 
 
 def test_the_knn_head_stands_beside_dense_and_logreg(planted, tmp_path):
@@ -308,7 +328,7 @@ def test_the_index_finds_what_the_exact_scan_finds(tmp_path, monkeypatch):
     (pairs, (sims, idx)), how = index.scan(str(tmp_path / "s.h5"), "fs", v, digests, 0.95)
     assert how["search"] == "index" and how["index_built"] and os.path.isfile(how["index"])
     assert index.factory(300).startswith("PCA128,")
-    assert {(a, b) for a, b, _ in pairs} == {(a, b) for a, b, _ in exact_pairs} == {(i, 500 + i) for i in range(12)}
+    assert pair_set(pairs) == pair_set(exact_pairs) == {(i, 500 + i) for i in range(12)}
     assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(idx, exact_idx)]) >= 0.95
     same = idx == exact_idx
     assert same.mean() >= 0.9 and np.allclose(sims[same], exact_sims[same], atol=1e-5)

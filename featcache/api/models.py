@@ -81,7 +81,7 @@ def audit(store: str | os.PathLike, *, feature_set: str | None = None, base: str
           threshold: float | None = None, seed: int = 0) -> dict:
     """Audit one feature set of ``store`` from its cached features (``featcache audit``): label
     issues (confident learning on ``folds``-fold out-of-fold probabilities of a logistic regression,
-    or of the logreg settings of the run ``run``), exact and near duplicates (cosine similarity of
+    or of the head kind and settings of the run ``run``: dense, logreg or knn), exact and near duplicates (cosine similarity of
     the avg-pooled features >= ``threshold``; default per base family), leaks (duplicate groups
     across train and validation/test), outliers (k-nearest-neighbour distance) and per-class
     counts. With ``out``: audit.json, CSV files, exclude.txt and audit.html in that new folder.

@@ -34,7 +34,6 @@ HNSW_LINKS = 32
 EF_SEARCH = 48  # candidates the graph search keeps
 K_FACTOR = 4  # candidates re-ranked exactly per neighbour asked for
 INDEX_FORMAT = 1
-PAIR_NEIGHBOURS = 10  # a row's near duplicates are looked for among its 10 nearest (groups chain further)
 
 
 def folder(store: str | os.PathLike) -> str:
@@ -172,15 +171,10 @@ def neighbour_lists(index: Index, unit: np.ndarray, k: int, batch: int = 8192):
 def scan(store, name: str, unit: np.ndarray, digests, threshold: float, k: int = neighbours.OUTLIER_NEIGHBOURS):
     """What :func:`.neighbours.scan` answers (pairs at or above ``threshold``, every row's k nearest
     others), exact below INDEX_MIN_ROWS and from the saved (or newly built) index at or above it,
-    where pairs are looked for among each row's PAIR_NEIGHBOURS nearest; and how it was searched."""
+    pairs looked for among each row's PAIR_NEIGHBOURS nearest either way; and how it was searched."""
     if len(unit) < INDEX_MIN_ROWS:
         return neighbours.scan(unit, threshold, k), {"search": "exact"}
     index = load_or_build(store, name, unit, digests)
-    sims, idx = neighbour_lists(index, unit, max(k, PAIR_NEIGHBOURS))
-    rows, cols = np.nonzero((sims >= threshold) & (idx >= 0))
-    pairs = {}
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        j = int(idx[r, c])
-        pairs.setdefault((min(r, j), max(r, j)), float(sims[r, c]))
+    sims, idx = neighbour_lists(index, unit, max(k, neighbours.PAIR_NEIGHBOURS))
     how = {"search": "index", "index": index.saved, "index_built": index.built}
-    return ([(a, b, s) for (a, b), s in sorted(pairs.items())], (sims[:, :k], idx[:, :k])), how
+    return (neighbours.pairs_among(sims, idx, threshold), (sims[:, :k], idx[:, :k])), how

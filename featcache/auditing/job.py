@@ -110,25 +110,27 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
     by_digest: dict[str, list[int]] = {}
     for i, d in enumerate(digests):
         by_digest.setdefault(d, []).append(i)
-    exact_edges = [(g[0], j) for g in by_digest.values() if len(g) > 1 for j in g[1:]]
+    twins = [(g[0], j) for g in by_digest.values() if len(g) > 1 for j in g[1:]]
     # one pass: duplicates and outliers (exact, or from the index kept beside the store when large)
     (near, (top_sims, top_idx)), search = nearest.scan(store, name, v, digests, rule["threshold"])
     if rule["floor"] is not None:
-        seen = {(a, b) for a, b, _ in near}
-        near += [p for p in neighbours.standing_out(top_sims, top_idx, rule["floor"], rule["gap"]) if p[:2] not in seen]
+        near = neighbours.unique_pairs(*(np.concatenate(parts) for parts in zip(
+            near, neighbours.standing_out(top_sims, top_idx, rule["floor"], rule["gap"]))))
     scores = neighbours.outlier_scores_of(top_sims)
     v = stored.unit = None  # not needed past the neighbours: memory for the folds
-    similarity = {(a, b): s for a, b, s in near}
+    twin_a, twin_b = (np.array(side, np.int64) for side in zip(*twins)) if twins else (np.zeros(0, np.int64),) * 2
+    members_of, component = neighbours.groups(len(rows), np.concatenate([twin_a, near[0]]),
+                                              np.concatenate([twin_b, near[1]]))
+    # A group's similarity: the least of its near-duplicate links (1.0: byte-identical only).
+    least = np.ones(len(component), np.float32)
+    np.minimum.at(least, component[near[0]], near[2])
     duplicate_groups = []
-    for members in neighbours.groups(len(rows), exact_edges + [(a, b) for a, b, _ in near]):
-        members = sorted(members, key=lambda i: (splits[i] != "train", paths[i]))  # the kept one first
-        exact = len({digests[i] for i in members}) == 1
-        sims = [similarity.get((min(a, b), max(a, b)), 1.0 if digests[a] == digests[b] else None)
-                for a in members for b in members if a < b]
-        sims = [s for s in sims if s is not None]
+    for members in members_of:
+        members = sorted(members.tolist(), key=lambda i: (splits[i] != "train", paths[i]))  # the kept one first
         duplicate_groups.append({"rows": members, "paths": [paths[i] for i in members],
-                                 "splits": [splits[i] for i in members], "exact": exact,
-                                 "similarity": round(float(min(sims)) if sims else 1.0, 6)})
+                                 "splits": [splits[i] for i in members],
+                                 "exact": len({digests[i] for i in members}) == 1,
+                                 "similarity": round(float(least[component[members[0]]]), 6)})
     duplicate_groups.sort(key=lambda g: (-g["similarity"], g["paths"]))
 
     # leaks: groups that join the training split with validation or test

@@ -11,6 +11,10 @@ import numpy as np
 BLOCK_ROWS = 2048  # query rows per matrix product: at most BLOCK_ROWS x N similarities at a time,
 BLOCK_BYTES = 128 << 20  # and at most this many bytes of them (with their int64 partition: 3x)
 OUTLIER_NEIGHBOURS = 5
+# A row's near duplicates are looked for among its 10 nearest (groups chain further): pairs stay
+# O(N) when features crowd together (10,000 look-alikes held 50 million pairs, 17 GB, when every
+# pair above the threshold was kept).
+PAIR_NEIGHBOURS = 10
 # Robust z-score (median and MAD of the outlier scores) above which a row is flagged.
 OUTLIER_Z = 3.5
 
@@ -49,42 +53,47 @@ def knn(v: np.ndarray, k: int, queries: np.ndarray | None = None, exclude_self: 
 
 
 def scan(v: np.ndarray, threshold: float, k: int = OUTLIER_NEIGHBOURS):
-    """One pass over all pairs: (every pair i < j at or above ``threshold``, the k nearest other
-    rows of every row as (similarities, indices), each (N, k), best first)."""
-    n = len(v)
-    k = max(1, min(k, n - 1))
-    pairs = []
-    top_sims = np.zeros((n, k), np.float32)
-    top_idx = np.zeros((n, k), np.int64)
-    step = block_rows(n)
-    for start in range(0, n, step):
-        s = v[start : start + step] @ v.T
-        rows, cols = np.nonzero(s >= threshold)
-        pairs += [(start + r, c, float(s[r, c])) for r, c in zip(rows.tolist(), cols.tolist()) if start + r < c]
-        if n < 2:
-            break
-        s[np.arange(len(s)), np.arange(start, start + len(s))] = -np.inf
-        part = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
-        sims = np.take_along_axis(s, part, axis=1)
-        order = np.argsort(-sims, axis=1, kind="stable")
-        top_idx[start : start + len(s)] = np.take_along_axis(part, order, axis=1)
-        top_sims[start : start + len(s)] = np.take_along_axis(sims, order, axis=1)
-    return pairs, (top_sims, top_idx)
+    """One exact pass: (the pairs at or above ``threshold`` among each row's PAIR_NEIGHBOURS
+    nearest, as :func:`pairs_among`; the k nearest other rows of every row as (similarities,
+    indices), each (N, k), best first)."""
+    sims, idx = knn(v, max(k, PAIR_NEIGHBOURS)) if len(v) > 1 else (np.zeros((len(v), 0), np.float32),
+                                                                      np.zeros((len(v), 0), np.int64))
+    return pairs_among(sims, idx, threshold), (sims[:, :k], idx[:, :k])
 
 
-def standing_out(top_sims: np.ndarray, top_idx: np.ndarray, floor: float, gap: float) -> list[tuple[int, int, float]]:
-    """Pairs of mutual nearest neighbours whose similarity reaches ``floor`` and exceeds the next
-    best similarity of either by ``gap``: a copy stands out from its original's other neighbours
-    even when resizing and re-encoding moved it further than two distinct photos can be."""
+def pairs_among(sims: np.ndarray, idx: np.ndarray, threshold: float):
+    """(a, b, similarity) arrays of the pairs a < b at or above ``threshold`` among each row's
+    nearest (``idx`` -1: none found), each pair once, sorted by (a, b)."""
+    rows, cols = np.nonzero((sims >= threshold) & (idx >= 0))
+    return unique_pairs(rows, idx[rows, cols], sims[rows, cols])
+
+
+def unique_pairs(i: np.ndarray, j: np.ndarray, s: np.ndarray):
+    """(a, b, similarity) with a = min(i, j) < b = max(i, j), each pair once (its first
+    similarity), sorted by (a, b)."""
+    a, b = np.minimum(i, j).astype(np.int64), np.maximum(i, j).astype(np.int64)
+    keep = a != b
+    a, b, s = a[keep], b[keep], np.asarray(s, np.float32)[keep]
+    if not len(a):
+        return a, b, s
+    _, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)
+    return a[first], b[first], s[first]
+
+
+def standing_out(top_sims: np.ndarray, top_idx: np.ndarray, floor: float, gap: float):
+    """(a, b, similarity) arrays of mutual nearest neighbours whose similarity reaches ``floor``
+    and exceeds the next best similarity of either by ``gap``: a copy stands out from its
+    original's other neighbours even when resizing and re-encoding moved it further than two
+    distinct photos can be."""
     if top_sims.shape[1] < 2:
-        return []
+        return unique_pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     nn, s1, s2 = top_idx[:, 0], top_sims[:, 0], top_sims[:, 1]
-    out = []
-    for i in np.flatnonzero((nn[nn] == np.arange(len(nn))) & (np.arange(len(nn)) < nn) & (s1 >= floor)).tolist():
-        j = int(nn[i])
-        if s1[i] - max(s2[i], s2[j]) >= gap:
-            out.append((i, j, float(s1[i])))
-    return out
+    i = np.arange(len(nn))
+    mutual = (nn >= 0) & (nn[np.maximum(nn, 0)] == i) & (i < nn) & (s1 >= floor)
+    i = i[mutual]
+    j = nn[i]
+    clear = s1[i] - np.maximum(s2[i], s2[j]) >= gap
+    return unique_pairs(i[clear], j[clear], s1[i][clear])
 
 
 def outlier_scores_of(top_sims: np.ndarray) -> np.ndarray:
@@ -92,24 +101,18 @@ def outlier_scores_of(top_sims: np.ndarray) -> np.ndarray:
     return 1.0 - top_sims.mean(axis=1).astype(np.float64)
 
 
-def groups(n: int, edges) -> list[list[int]]:
-    """Connected groups (of two or more) of the graph on n nodes with ``edges`` (union-find)."""
-    parent = list(range(n))
+def groups(n: int, a: np.ndarray, b: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """(connected groups of two or more nodes, each node's component label) of the graph on
+    n nodes with edges a[k]-b[k] (scipy's connected components: no Python loop per edge)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members: dict[int, list[int]] = {}
-    for i in range(n):
-        members.setdefault(find(i), []).append(i)
-    return [m for m in members.values() if len(m) > 1]
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    order = np.argsort(labels, kind="stable")
+    sizes = np.bincount(labels)
+    split = np.split(order, np.cumsum(sizes)[:-1])
+    return [members for members in split if len(members) > 1], labels
 
 
 def flag_outliers(scores: np.ndarray, z: float = OUTLIER_Z) -> np.ndarray:
