@@ -91,10 +91,11 @@ def plan(existing, hashed, matched=()):
     if not hashed:  # an unchanged re-run: no look-up table over the stored rows
         return keep, [], []
     stored_row, digest_row = {}, {}
-    if existing is not None:
-        for i, (p, d) in enumerate(zip(existing.paths.tolist(), existing.digests.tolist())):
-            stored_row[(p, d)] = i
-            digest_row.setdefault(d, i)
+    if existing is not None:  # built by dict() from zips: no Python loop per stored row
+        paths, digests = existing.paths.tolist(), existing.digests.tolist()
+        rows = range(len(digests))
+        stored_row = dict(zip(zip(paths, digests), rows))  # the last row of a (path, digest) pair
+        digest_row = dict(zip(reversed(digests), reversed(rows)))  # the first row of a digest
     copy, todo = [], []
     for entry, digest in hashed:
         row = stored_row.get((store_path_text(entry.relpath), digest))
