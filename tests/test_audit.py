@@ -293,9 +293,9 @@ def test_run_uses_any_refittable_head_kind_and_refuses_others_in_one_line(plante
     refused in one line before the store is read."""
     import featcache
 
-    dense = featcache.train(planted["store"], out=tmp_path / "dense", head="dense", units=32, epochs=20, lr=1e-2, batch_size=64,
+    dense = featcache.train(planted["store"], out=tmp_path / "dense", head="dense", units=32, epochs=8, lr=1e-2, batch_size=64,
                             optimizer="adam", checkpoint=True, early_stopping=5, no_report=True)
-    result = CliRunner().invoke(cli, ["audit", planted["store"], "--run", dense["run_dir"], "--json"])
+    result = CliRunner().invoke(cli, ["audit", planted["store"], "--run", dense["run_dir"], "--folds", "3", "--json"])
     assert result.exit_code == 0, result.output
     audit = json.loads(result.output)
     assert audit["settings"]["model"].startswith(f"the dense head of {dense['run_dir']}") and "units=32" in audit["settings"]["model"]
