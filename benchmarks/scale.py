@@ -130,7 +130,7 @@ def commands(store: pathlib.Path, tree: pathlib.Path, work: pathlib.Path) -> Non
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    query = discover(str(tree)).entries[0].relpath
+    query = discover(str(tree)).entries[1].relpath  # still in place after move_tenth (it moves every 10th from the first)
     copy = work / "copy.h5"
     shutil.copyfile(store, copy)
     fc = [sys.executable, "-m", "featcache"]
@@ -141,15 +141,15 @@ def commands(store: pathlib.Path, tree: pathlib.Path, work: pathlib.Path) -> Non
         ("train logreg", [*fc, "train", str(store), "--head", "logreg", "--out", str(work / "logreg"), "--no-report"]),
         ("train dense, streamed", [*fc, "train", str(store), "--head", "dense", "--epochs", "2", "--batch-size", "1024",
                                    "--memory-budget", "256", "--out", str(work / "dense"), "--no-report"]),
-        ("compare logreg,dense", [*fc, "compare", str(store), "--heads", "logreg,dense", "--epochs", "1",
-                                  "--batch-size", "1024", "--memory-budget", "256"]),
-        ("search 2 trials", [*fc, "search", str(store), "--heads", "logreg", "--trials", "2", "--out",
-                             str(work / "search")]),
         ("export --head-only", [*fc, "export", str(work / "dense"), str(work / "head.keras"), "--head-only",
                                 "--no-evaluate"]),
         ("predict --features", [*fc, "predict", str(work / "head.keras"), "--features", str(store), "--json"]),
         ("audit", [*fc, "audit", str(store), "--out", str(work / "audit"), "--json"]),
         ("similar", [*fc, "similar", str(store), query, "-k", "5", "--json"]),
+        ("compare logreg,dense", [*fc, "compare", str(store), "--heads", "logreg,dense", "--epochs", "1",
+                                  "--batch-size", "1024", "--memory-budget", "256"]),
+        ("search 2 trials", [*fc, "search", str(store), "--heads", "logreg", "--trials", "2", "--out",
+                             str(work / "search")]),
     ]
     for what, args in steps:
         seconds, rss, code, last = child(args)

@@ -27,8 +27,10 @@ def bad_values(column: str, values: np.ndarray, n_classes: int) -> np.ndarray | 
     if column == "digests":
         if values.dtype.itemsize != 64:
             return np.ones(len(values), bool)
-        codes = np.frombuffer(values.tobytes(), np.uint8).reshape(len(values), 64)
-        return ~_IS_HEX[codes].all(axis=1)
+        codes = np.frombuffer(values.tobytes(), np.uint8)
+        if _IS_HEX[np.flatnonzero(np.bincount(codes, minlength=256))].all():  # one counting pass
+            return np.zeros(len(values), bool)
+        return ~_IS_HEX[codes.reshape(len(values), 64)].all(axis=1)
     if column == "splits":
         return ~np.isin(values, _SPLIT_VALUES)
     if column == "active":

@@ -136,9 +136,11 @@ class FeatureSet:
         with self.guard("datasets"):
             return name in self.group
 
-    def column(self, name: str) -> np.ndarray:
+    def column(self, name: str, raw: bool = False) -> np.ndarray:
         """A whole row column (labels, paths, digests, splits, active, or another per-row
-        dataset such as views) up to the committed rows; StoreDamaged if it cannot be right."""
+        dataset such as views) up to the committed rows; StoreDamaged if it cannot be right.
+        ``raw``: digests and splits as stored (bytes), not converted to str (a million digests
+        take 2 s to convert)."""
         if name == PATHS:
             with self.guard(f"{PATHS} column"):
                 return text.read(self.group, PATHS, self.n_committed, self._read)
@@ -154,7 +156,7 @@ class FeatureSet:
             raise StoreDamaged(self.path, f"{name} column{rows}", damage.reason(exc), self.name) from None
         n_classes = len(self.class_names) if name == "labels" else 0
         check_column(name, values, n_classes, self.path, self.name)
-        if name in ("digests", "splits"):
+        if name in ("digests", "splits") and not raw:
             return values.astype(str)
         return values
 
@@ -228,15 +230,17 @@ class FeatureSet:
             paths, reasons = (text.read(self.group, c, self.n_failures, self._read) for c in FAILURE_COLUMNS)
         return list(zip(paths.tolist(), reasons.tolist()))
 
-    def check_appendable(self) -> None:
+    def check_appendable(self, read: dict | None = None) -> None:
         """Read what appending to this feature set reads or rewrites, so that a writer never
         writes into damage: every row column (read whole and checked), the chunk index of every
         per-row dataset and its last, partly filled chunk (an append rewrites it). Cheap: the
-        features are not read beyond that chunk; the failures are emptied by each run, not read."""
+        features are not read beyond that chunk; the failures are emptied by each run, not read.
+        ``read``: a dict that receives the columns read (raw, see column), for a caller that needs them."""
         with self.guard("datasets"):
             extras = extra_row_columns(self.group)
+        read = {} if read is None else read
         for name in (*ROW_COLUMNS, PATHS, *extras):
-            self.column(name)
+            read[name] = self.column(name, raw=True)
         self.rows()
         data, ends = text.names(PATHS)
         boundaries = {name: self.n_committed for name in ("features", *ROW_COLUMNS, *extras, ends)}

@@ -116,8 +116,9 @@ class StoreWriter:
             fs = store.find(spec)
             if fs is None:
                 return None
-            fs.check_appendable()
-            return PreparedSet(fs.name, fs.n_committed, fs.column(PATHS), fs.column("digests"), read_stats(fs))
+            read: dict = {}
+            fs.check_appendable(read)  # reads and checks every row column: kept, not read twice
+            return PreparedSet(fs.name, fs.n_committed, read[PATHS], read["digests"].astype(str), read_stats(fs))
 
     def check_rows(self, spec: KeySpec, rows) -> None:
         """Read the feature ``rows`` of ``spec`` that the caller will copy (StoreDamaged if damaged)."""

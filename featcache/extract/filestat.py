@@ -21,6 +21,7 @@ the records and reads every file.
 from __future__ import annotations
 
 import os
+from operator import attrgetter
 
 import numpy as np
 
@@ -97,8 +98,9 @@ class FileStats:
 
     def __init__(self, listing: Listing, stats: np.ndarray):
         assert stats.shape == (len(listing.entries), len(STAT_COLUMNS))
-        self.index = {e.relpath: i for i, e in enumerate(listing.entries)}
+        self.index = dict(zip(map(attrgetter("relpath"), listing.entries), range(len(listing.entries))))
         self.stats = stats
 
     def of(self, entries) -> np.ndarray:
-        return self.stats[[self.index[e.relpath] for e in entries]].reshape(-1, len(STAT_COLUMNS))
+        rows = np.fromiter(map(self.index.__getitem__, map(attrgetter("relpath"), entries)), np.int64, len(entries))
+        return self.stats[rows].reshape(-1, len(STAT_COLUMNS))
