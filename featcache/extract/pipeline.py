@@ -75,6 +75,7 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
                                  pad_rows=min(config.batch_size, len(todo)) or None)
         with SIGNALS.critical():  # set-up: a signal waits until the store is consistent again
             writer.open()
+            existing = None  # the peeked columns, freed before they are read again (a million rows: 400 MB)
             existing = writer.existing(spec)  # the rows peeked at (the lock is held), in-flight tail cut
             if existing is None:
                 writer.create(spec, model.output_shape, config.dtype, config.batch_size)
