@@ -215,6 +215,26 @@ def pair_set(pairs) -> set[tuple[int, int]]:
     return set(zip(pairs[0].tolist(), pairs[1].tolist()))
 
 
+def test_the_page_shows_a_few_members_of_a_large_group_and_counts_the_rest(tmp_path):
+    from conftest import class_image
+    from featcache.auditing import page
+
+    root = tmp_path / "images"
+    root.mkdir()
+    paths = [f"img{i:03d}.png" for i in range(40)]
+    for i, p in enumerate(paths):
+        class_image(0, i).save(root / p)
+    group = {"paths": paths, "splits": ["train"] * 40, "similarity": 0.999, "exact": False}
+    result = {"feature_set": "fs", "store": "s.h5", "rows": 40, "labelled": True, "label_issues": [],
+              "duplicates": [group], "leaks": [], "outliers": [], "per_class": [], "confused_pairs": [], "notes": [],
+              "settings": {"near_duplicates": {"threshold": 0.95}},
+              "leak_share": {"with_a_twin_in_train": 0, "held_out_images": 0}}
+    page.write_page(str(tmp_path / "audit.html"), result, str(root))
+    html = (tmp_path / "audit.html").read_text()
+    assert html.count('<figure class="card') == page.MAX_SHOWN_PER_GROUP
+    assert f"40 images ({40 - page.MAX_SHOWN_PER_GROUP} more in the CSV files)" in html
+
+
 def test_look_alikes_make_one_group_without_a_pair_per_two_of_them():
     """3,000 nearly equal vectors: one group, pairs O(N) (each row's nearest), not N^2 / 2."""
     from featcache.auditing import neighbours

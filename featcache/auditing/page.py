@@ -8,6 +8,7 @@ from ..classify.report.page import esc, img, notes_html, num, page, table, write
 
 THUMB = 128
 MAX_SHOWN = 60  # cards per section; the CSV files hold every row
+MAX_SHOWN_PER_GROUP = 12  # members of one duplicate group (a million look-alikes can be one group)
 
 
 def _card(image_root: str, path: str, caption: str, cls: str = "wrong") -> str:
@@ -49,9 +50,12 @@ def write_page(path: str, result: dict, image_root: str) -> int:
             continue
         blocks = []
         for g in groups:
+            shown = list(zip(g["paths"], g["splits"]))[:MAX_SHOWN_PER_GROUP]
             cards = [_card(image_root, p, f'{esc(s)}{" (exact)" if g.get("exact") else ""}', "right" if i == 0 else "wrong")
-                     for i, (p, s) in enumerate(zip(g["paths"], g["splits"]))]
-            blocks.append(f'<h3>similarity {g["similarity"]:.4f}</h3><div class=gallery>{"".join(cards)}</div>')
+                     for i, (p, s) in enumerate(shown)]
+            more = len(g["paths"]) - len(shown)
+            blocks.append(f'<h3>similarity {g["similarity"]:.4f}, {len(g["paths"])} images'
+                          f'{f" ({more} more in the CSV files)" if more else ""}</h3><div class=gallery>{"".join(cards)}</div>')
         sections.append(f"<section><h2>{title}</h2>{''.join(blocks)}</section>")
     if result["outliers"]:
         cards = [_card(image_root, o["path"], f'score <span class="p">{o["score"]:.3f}</span>')
