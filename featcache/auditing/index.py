@@ -161,10 +161,9 @@ def neighbour_lists(index: Index, unit: np.ndarray, k: int, batch: int = 8192):
         own = np.arange(start, start + len(idx))[:, None]
         keep = idx != own
         keep[keep.sum(axis=1) > k, -1] = False  # self not found: drop the last candidate instead
-        for r in range(len(idx)):
-            got = idx[r][keep[r]][:k]
-            top_idx[start + r, : len(got)] = got
-            top_sims[start + r, : len(got)] = sims[r][keep[r]][:k]
+        # Every row now keeps exactly k of its k + 1 (self, or the last): one gather, in row order.
+        top_idx[start : start + len(idx)] = idx[keep].reshape(len(idx), k)
+        top_sims[start : start + len(idx)] = sims[keep].reshape(len(idx), k)
     return top_sims, top_idx
 
 
