@@ -73,18 +73,23 @@ def stored_stats(store) -> dict:
         return {p: tuple(int(c[i]) for c in columns) for i, p in enumerate(fs.column("paths")[rows])}
 
 
-@pytest.fixture
-def reads(monkeypatch):
-    """The paths whose bytes a run reads to hash them."""
+def counting_reads(monkeypatch, module, name: str) -> list[str]:
+    """The paths ``module.name(path)`` is called with from here on (relative to the cwd)."""
     seen = []
-    real = plan.file_digest
+    real = getattr(module, name)
 
     def counting(path):
         seen.append(os.path.relpath(path))
         return real(path)
 
-    monkeypatch.setattr(plan, "file_digest", counting)
+    monkeypatch.setattr(module, name, counting)
     return seen
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The paths whose bytes a run reads to hash them."""
+    return counting_reads(monkeypatch, plan, "file_digest")
 
 
 def rel(tree, *paths):
@@ -306,15 +311,7 @@ def decoder_reads(monkeypatch):
     """The paths whose bytes the decoders read (in this process: the threads decoder)."""
     from featcache.extract.images import decode
 
-    seen = []
-    real = decode.read_bytes
-
-    def counting(path):
-        seen.append(os.path.relpath(path))
-        return real(path)
-
-    monkeypatch.setattr(decode, "read_bytes", counting)
-    return seen
+    return counting_reads(monkeypatch, decode, "read_bytes")
 
 
 def twin_tree(root):
