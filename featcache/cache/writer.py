@@ -42,11 +42,13 @@ class PreparedSet:
     stats: np.ndarray | None = None  # (rows, 4) int64 in STAT_COLUMNS order; None: a store without them
 
 
-def read_stats(fs: FeatureSet) -> np.ndarray | None:
-    """The stat records of a feature set's committed rows, or None if it has no stat columns."""
+def read_stats(fs: FeatureSet, read: dict | None = None) -> np.ndarray | None:
+    """The stat records of a feature set's committed rows, or None if it has no stat columns.
+    ``read``: columns already read and checked (FeatureSet.check_appendable), not read again."""
     if not all(fs.has_column(name) for name in STAT_COLUMNS):
         return None
-    return np.stack([fs.column(name).astype(np.uint64 if dtype == "uint64" else np.int64).view(np.int64)
+    read = read or {}
+    return np.stack([(read[name] if name in read else fs.column(name)).astype(np.uint64 if dtype == "uint64" else np.int64).view(np.int64)
                      for name, dtype in STAT_COLUMNS.items()], axis=1).reshape(fs.n_committed, len(STAT_COLUMNS))
 
 
@@ -118,7 +120,7 @@ class StoreWriter:
                 return None
             read: dict = {}
             fs.check_appendable(read)  # reads and checks every row column: kept, not read twice
-            return PreparedSet(fs.name, fs.n_committed, read[PATHS], read["digests"].astype(str), read_stats(fs))
+            return PreparedSet(fs.name, fs.n_committed, read[PATHS], read["digests"].astype(str), read_stats(fs, read))
 
     def check_rows(self, spec: KeySpec, rows) -> None:
         """Read the feature ``rows`` of ``spec`` that the caller will copy (StoreDamaged if damaged)."""

@@ -25,7 +25,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from ..cache.layout import STAT_COLUMNS, UNKNOWN_SIZE, store_path_text, unknown_stats
+from ..cache.layout import STAT_COLUMNS, UNKNOWN_SIZE, store_path_text
 from .images.discover import Listing
 
 # Coarser than any timestamp granularity in use (FAT: 2 s, ext3/HFS+: 1 s), and than a little clock skew.
