@@ -39,7 +39,10 @@ from .resize import GPU_RESIZE, triangle_weights
 NVIMGCODEC_MISSING = ("--decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
                       "(nvidia-nvimgcodec-cu12[nvjpeg]; on CUDA 13 nvidia-nvimgcodec-cu13[nvjpeg])")
 JPEG_MAGIC = b"\xff\xd8\xff"
-READ_THREADS = 8  # file reads and hashes of the read stage (I/O and hashlib let go of the GIL)
+# File reads and hashes of the read stage. Few: each read and hash lets go of the GIL and takes it
+# back, and on the H200 machine 8 threads read + hashed 4,100 files/s, 2 threads 11,400, 16 threads
+# 2,500 (34 KB JPEGs from page cache); with 2, the GPU path ran 1.5x faster than with 8.
+READ_THREADS = 2
 RING = 3  # device buffers the decode stage cycles through: one decoding, two read by resizes in flight
 ALIGN = 256  # bytes: where each size's images start in a buffer (DLPack consumers want aligned data)
 STREAM = 0  # the CUDA stream nvImageCodec decodes on; DLPack makes the backend's stream wait for it
@@ -194,6 +197,8 @@ class GpuDecoder:
         self.ring = [_Slot() for _ in range(RING)]
         self.turn = 0
         self.on_gpu = self.on_cpu = 0  # images decoded on each side (reported by the run)
+        # batches nvImageCodec failed as a whole (the CPU path took them), and the last reason why
+        self.failed_batches, self.last_failure = 0, None
         # Host seconds spent in each step (benchmarks/gpu_extract.py prints them): where a batch waits.
         self.seconds = dict.fromkeys(("read", "parse", "decode", "resize", "cpu"), 0.0)
 
@@ -277,8 +282,9 @@ class GpuDecoder:
             decoded = self.decoder.decode([streams[i] for members in groups.values() for i in members],
                                           images=self.nv.as_images(views, STREAM), params=self.params,
                                           cuda_stream=STREAM)
-        except Exception:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
+        except Exception as exc:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
             decoded = [None] * len(views)
+            self.failed_batches, self.last_failure = self.failed_batches + 1, f"{exc.__class__.__name__}: {exc}"
         clock = time.perf_counter()
         self.seconds["decode"] += clock - started
         order, parts, at = [], [], 0
@@ -307,8 +313,9 @@ class GpuDecoder:
         started = time.perf_counter()
         try:
             decoded = self.decoder.decode(list(streams.values()), params=self.params)
-        except Exception:  # noqa: BLE001 (as above)
+        except Exception as exc:  # noqa: BLE001 (as above)
             decoded = [None] * len(streams)
+            self.failed_batches, self.last_failure = self.failed_batches + 1, f"{exc.__class__.__name__}: {exc}"
         clock = time.perf_counter()
         self.seconds["decode"] += clock - started
         shapes: dict[tuple, list] = {}
