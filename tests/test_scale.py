@@ -357,6 +357,50 @@ def test_a_cold_run_reads_each_file_once_and_extracts_twins_once(tmp_path, reads
         np.testing.assert_array_equal(rows[path][3], features, err_msg=path)
 
 
+def test_a_cold_run_decodes_each_content_once(tmp_path, monkeypatch):
+    """Twins are claimed by the decoder that hashes them first: the others skip the decode."""
+    from featcache.extract.images import decode
+
+    decoded, real = [], decode.decode_image
+    monkeypatch.setattr(decode, "decode_image", lambda data, *a, **k: decoded.append(data) or real(data, *a, **k))
+    tree = twin_tree(tmp_path / "i")
+    result = extract(str(tree), str(tmp_path / "s.h5"), ExtractConfig(**PIXELS))
+    assert (result["extracted"], result["copied"], result["failed"]) == (8, 4, 1)
+    assert len(decoded) == len(set(decoded)) == 9  # 8 images and the empty file (whose decode fails), once each
+
+
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_twins_of_a_broken_image_fail_as_it_does(tmp_path, decode):
+    tree = bmp_tree(tmp_path / "i", per_class=2)
+    (tree / "cats/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
+    shutil.copy(tree / "cats/broken.jpg", tree / "dogs/broken-twin.jpg")
+    shutil.copy(tree / "cats/broken.jpg", tree / "dogs/zz-broken-twin.jpg")
+    result = extract(str(tree), str(tmp_path / "s.h5"), ExtractConfig(**PIXELS, decode=decode, decode_workers=2))
+    assert (result["extracted"], result["failed"]) == (4, 3)
+    reasons = {f["path"]: f["reason"] for f in result["failures"]}
+    assert sorted(reasons) == ["cats/broken.jpg", "dogs/broken-twin.jpg", "dogs/zz-broken-twin.jpg"]
+    assert len(set(reasons.values())) == 1 and "broken" not in next(iter(reasons.values()))
+    with open_store(tmp_path / "s.h5") as s:
+        assert dict(s.select().failures()) == reasons  # the store records the twins' failures too
+
+
+def test_shared_claims_across_processes_and_a_full_table(tmp_path):
+    from featcache.extract.images.claims import LocalClaims, SharedClaims
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(200)]
+    shared = SharedClaims.create(len(digests))
+    try:
+        other = SharedClaims.attach(shared.handle())  # as a decoding process sees it
+        assert [shared.claim(d) for d in digests[:100]] == [True] * 100
+        assert [other.claim(d) for d in digests] == [False] * 100 + [True] * 100
+        assert [shared.claim(d) for d in digests] == [False] * 200
+        other.close()
+    finally:
+        shared.close()
+    local = LocalClaims()
+    assert [local.claim(d) for d in digests[:3] * 2] == [True] * 3 + [False] * 3
+
+
 def test_decoding_processes_hash_what_they_decode(tmp_path, reads):
     tree = twin_tree(tmp_path / "i")
     threads, processes = tmp_path / "t.h5", tmp_path / "p.h5"

@@ -160,8 +160,16 @@ class StoreWriter:
 
     @_writes
     def existing(self, spec: KeySpec) -> PreparedSet | None:
-        """Rows already committed for ``spec``, with the in-flight tail of a killed run cut off
-        (and the chunks it tore rewritten)."""
+        """Rows already committed for ``spec`` (:meth:`prepare`), with their paths, digests and stats."""
+        rows = self.prepare(spec)
+        if rows is None:
+            return None
+        fs = FeatureSet(self.group, by_writer=True)
+        return PreparedSet(fs.name, rows, fs.column(PATHS), fs.column("digests"), read_stats(fs))
+
+    def prepare(self, spec: KeySpec) -> int | None:
+        """``spec``'s feature set made ready to append to: the in-flight tail of a killed run cut
+        off (and the chunks it tore rewritten). Returns its committed rows; None: no such set."""
         name = feature_set_key(spec)
         root = require_root(self.file)
         if name not in root:
@@ -185,8 +193,7 @@ class StoreWriter:
         # a run killed in set_listing_attrs may have left the attribute and the counter apart
         group[COMMITTED][2] = int(group.attrs.get("listing_generation", 0))
         self.group = group
-        fs = FeatureSet(group, by_writer=True)
-        return PreparedSet(name, rows, fs.column(PATHS), fs.column("digests"), read_stats(fs))
+        return rows
 
     @_writes
     def add_stat_columns(self) -> None:

@@ -8,9 +8,11 @@ the batches in flight; on SIGINT/SIGTERM the batches already through the model a
 before the run stops.
 
 A batch's digests are those of the bytes its decoders read (a cold run hashes nowhere else, see
-:mod:`.plan`). A row whose digest an earlier row of the run already has (a byte-identical twin)
-is dropped before the model runs and returned in ``LoopResult.twins``: the caller copies the
-features of the first one (a bulk copy), so twins are extracted once.
+:mod:`.plan`). Byte-identical twins are extracted once: the decoders skip the decode of bytes
+another file of the run claimed (:mod:`.images.claims`), and a row whose digest an earlier row
+of the run already has is dropped before the model runs. Both are returned in
+``LoopResult.twins``: the caller copies the features of the first one (a bulk copy), or its
+failure (``LoopResult.failed_digests``).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class LoopResult:
     new_rows: dict[str, int] = field(default_factory=dict)  # digest -> row
     write_seconds: float = 0.0  # appending and committing (in the writer thread, overlapped with the model)
     twins: list = field(default_factory=list)  # (entry, digest) dropped: an earlier row had these bytes
+    failed_digests: dict = field(default_factory=dict)  # digest -> reason its file failed (for its twins)
 
     @property
     def images_per_second(self) -> float:
@@ -143,6 +146,8 @@ def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=la
     try:
         try:
             for batch in batches:
+                result.twins += batch.twins
+                result.failed_digests.update(batch.failed_digests)
                 batch = drop_twins(batch, seen, result.twins)
                 handle = model.dispatch(batch.images) if len(batch.entries) else None
                 done, in_flight = in_flight, (batch, handle)

@@ -75,25 +75,28 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
                                  pad_rows=min(config.batch_size, len(todo)) or None)
         with SIGNALS.critical():  # set-up: a signal waits until the store is consistent again
             writer.open()
-            existing = None  # the peeked columns, freed before they are read again (a million rows: 400 MB)
-            existing = writer.existing(spec)  # the rows peeked at (the lock is held), in-flight tail cut
-            if existing is None:
+            peeked = None if existing is None else existing.rows
+            existing = None  # the peeked columns, no longer needed (a million rows: 400 MB)
+            stored = writer.prepare(spec)  # the rows peeked at (the lock is held), in-flight tail cut
+            if stored != peeked:  # the plan's row numbers are the peek's: never expected with the lock held
+                raise FeatcacheError(f"{store}: {stored} committed rows where {peeked} were read; run extract again")
+            if stored is None:
                 writer.create(spec, model.output_shape, config.dtype, config.batch_size)
             else:
                 writer.add_stat_columns()  # a store written before them gains them (rows "unknown")
             writer.set_listing_attrs(listing.class_names, config.seed, listing_attrs(listing, config, image_dir))
             writer.start_appending()
 
-            if existing is not None and existing.rows:
+            if stored:
                 # Every stored row: listed ones take their entry's label and split, the rest go inactive.
                 kept = np.array(sorted(keep), np.int64)
                 entries = [keep[r] for r in kept.tolist()]
-                labels, splits = np.full(existing.rows, -1, "int32"), np.full(existing.rows, b"", "S10")
-                active = np.zeros(existing.rows, "uint8")
+                labels, splits = np.full(stored, -1, "int32"), np.full(stored, b"", "S10")
+                active = np.zeros(stored, "uint8")
                 labels[kept] = [e.label for e in entries]
                 splits[kept] = [e.split for e in entries]
                 active[kept] = 1
-                writer.update_rows(np.arange(existing.rows), labels=labels, splits=splits, active=active,
+                writer.update_rows(np.arange(stored), labels=labels, splits=splits, active=active,
                                    stat_rows=kept, stats=file_stats.of(entries))
             writer.add_failures(failures)
             writer.commit()
@@ -109,6 +112,12 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
         twins = [(e, d, known_rows[d]) for e, d, row in copy + [(e, d, None) for e, d in loop.twins]
                  if row is None and d in known_rows]
         copy_rows(writer, twins, file_stats)
+        twin_failures = twins_failed(loop, known_rows)
+        if twin_failures:
+            with SIGNALS.critical():
+                writer.add_failures(twin_failures)
+                writer.commit()
+            failures += twin_failures
         _lap(times, "copy_seconds", clock)
         feature_shape = writer.group["features"].shape[1:]
         n_rows = int(writer.group["active"][:].sum())
@@ -118,6 +127,14 @@ def extract(image_dir: str, store: str, config: ExtractConfig | None = None,
                           seconds, times["list_seconds"] + times["hash_seconds"], loop)
     summary.update(decode=decode, files_read=files_read, copied=len(stored_copies) + len(twins), **run_times(times, loop, seconds, listing))
     return summary
+
+
+def twins_failed(loop: LoopResult, known_rows: dict) -> list[tuple[str, str]]:
+    """(path, reason) of the twins a decoder skipped whose bytes did not make a row: their
+    claimer's failure (the same bytes fail the same way), or, where the claimer's bytes only
+    shared the claims' key prefix, a line that says to run again."""
+    return [(e.relpath, loop.failed_digests.get(d, "not extracted: its sha256 began as another file's; run extract again"))
+            for e, d in loop.twins if d not in known_rows]
 
 
 def _lap(times: dict, name: str, since: float) -> float:

@@ -7,6 +7,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .claims import TWIN
+
 THREAD_PREFETCH_BATCHES = 2  # decoded batches waiting for the model: enough to hide decode, memory stays flat
 
 
@@ -19,16 +21,27 @@ class Batch:
     images: object  # (n, size, size, 3) uint8: numpy, or a device array (GPU decoding)
     failed: list[tuple[str, str]]
     release: Callable[[], None] = field(default=lambda: None)  # the images' buffer may be reused
+    twins: list = field(default_factory=list)  # (entry, digest) not decoded: another file claimed the bytes
+    failed_digests: dict = field(default_factory=dict)  # digest -> reason of the failures (their twins' too)
 
 
 def collect(batch_pairs, results, images_of, digests=None) -> Batch:
-    """A Batch from (entry, digest) pairs and per-image failure reasons (None: decoded).
-    ``digests``: per pair, the sha256 of the bytes the decoder read (the pair's digest is None
-    in a cold run, see plan); the pair's own digest where not given."""
-    good = [i for i, reason in enumerate(results) if reason is None]
-    failed = [(batch_pairs[i][0].relpath, reason) for i, reason in enumerate(results) if reason is not None]
+    """A Batch from (entry, digest) pairs and per-image failure reasons (None: decoded; TWIN:
+    not decoded, see :mod:`.claims`). ``digests``: per pair, the sha256 of the bytes the decoder
+    read (the pair's digest is None in a cold run, see plan); the pair's own digest where not given."""
     digests = digests or [d for _, d in batch_pairs]
-    return Batch([batch_pairs[i][0] for i in good], [digests[i] for i in good], images_of(good), failed)
+    good, failed, twins, failed_digests = [], [], [], {}
+    for i, reason in enumerate(results):
+        if reason is None:
+            good.append(i)
+        elif reason == TWIN:
+            twins.append((batch_pairs[i][0], digests[i]))
+        else:
+            failed.append((batch_pairs[i][0].relpath, reason))
+            if digests[i] is not None:
+                failed_digests[digests[i]] = reason
+    return Batch([batch_pairs[i][0] for i in good], [digests[i] for i in good], images_of(good), failed,
+                 twins=twins, failed_digests=failed_digests)
 
 
 def drain(out: queue.Queue, stop: threading.Event, thread: threading.Thread):

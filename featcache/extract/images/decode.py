@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .claims import TWIN
 from .resize import DRAFT_SUFFIX, GPU_RESIZE, check_resize, resize_array  # noqa: F401 (check_resize re-exported)
 
 RESAMPLING = {
@@ -177,14 +178,19 @@ def thumbnail_image(data: bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS
     return _decode(data, max_pixels, side, shrink)
 
 
-def decode_file_hashed(path: str, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS):
+def decode_file_hashed(path: str, size: int, resize: str = "bilinear", max_pixels: int = DEFAULT_MAX_PIXELS,
+                       claims=None):
     """``(image, None, sha256)``, ``(None, reason, sha256)`` or, unreadable, ``(None, reason,
-    None)``: :func:`decode_file` that hashes the bytes it decodes (one read per file)."""
+    None)``: :func:`decode_file` that hashes the bytes it decodes (one read per file).
+    ``claims`` (:mod:`.claims`): bytes another file of the run has claimed are not decoded,
+    ``(None, TWIN, sha256)``."""
     try:
         data = read_bytes(path)
     except DecodeError as exc:
         return None, str(exc), None
     digest = hashlib.sha256(data).hexdigest()
+    if claims is not None and not claims.claim(digest):
+        return None, TWIN, digest
     try:
         return decode_image(data, size, resize, max_pixels), None, digest
     except DecodeError as exc:

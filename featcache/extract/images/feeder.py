@@ -27,6 +27,7 @@ import numpy as np
 
 from ...errors import FeatcacheError
 from .batches import THREAD_PREFETCH_BATCHES, Chunks, collect, drain
+from .claims import LocalClaims, SharedClaims
 from .decode import decode_file_hashed
 
 MODEL_HELD_SLOTS = 2  # ring slots the model may hold: the batch being dispatched and the one being fetched
@@ -90,7 +91,8 @@ def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
     """Decode file by file in threads, THREAD_PREFETCH_BATCHES batches ahead, in a producer thread."""
     out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
     stop = threading.Event()
-    decode = functools.partial(decode_file_hashed, size=size, resize=resize, max_pixels=max_pixels)
+    decode = functools.partial(decode_file_hashed, size=size, resize=resize, max_pixels=max_pixels,
+                               claims=LocalClaims())
 
     def emit(pairs, decoded):
         decoded = list(decoded)
@@ -127,16 +129,19 @@ def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
 # -- processes writing into a shared-memory ring ------------------------------------------------
 
 _RING: tuple | None = None  # in a decoding process: (SharedMemory, ndarray view of the ring)
+_CLAIMS: SharedClaims | None = None  # in a decoding process: the run's claimed contents (twins)
 
 
-def _attach_ring(name: str, shape: tuple[int, ...]) -> None:
-    """Process initializer: leave Ctrl-C to the main process, map the ring, end with the main process."""
-    global _RING
+def _attach_ring(name: str, shape: tuple[int, ...], claims: tuple) -> None:
+    """Process initializer: leave Ctrl-C to the main process, map the ring and the claims, end
+    with the main process."""
+    global _RING, _CLAIMS
     from multiprocessing import shared_memory
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     shm = shared_memory.SharedMemory(name=name)
     _RING = (shm, np.ndarray(shape, np.uint8, shm.buf))
+    _CLAIMS = SharedClaims.attach(claims)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
@@ -154,7 +159,7 @@ def _decode_into_ring(slot: int, start: int, paths: list[str], size: int, resize
     ring = _RING[1][slot]
     results = []
     for i, path in enumerate(paths):
-        image, reason, digest = decode_file_hashed(path, size, resize, max_pixels)
+        image, reason, digest = decode_file_hashed(path, size, resize, max_pixels, _CLAIMS)
         if image is not None:
             ring[start + i] = image
         results.append((reason, digest))
@@ -181,8 +186,10 @@ def process_batches(listing, todo, size, resize, max_pixels, rows, workers, chun
     shape = (slots, rows, size, size, 3)
     shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
     ring = np.ndarray(shape, np.uint8, shm.buf)
+    claims = SharedClaims.create(len(todo))
     # spawn: forking a process that runs TF/JAX threads is unsafe
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _attach_ring, (shm.name, shape))
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _attach_ring,
+                               (shm.name, shape, claims.handle()))
     free = deque(range(slots))
     pending: deque = deque()  # (slot, pairs, futures) in the order the chunks were taken
     # Releases come from the consumer's thread; in a hybrid run this generator runs in another.
@@ -253,6 +260,7 @@ def process_batches(listing, todo, size, resize, max_pixels, rows, workers, chun
             for f in futures:
                 f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        claims.close()
         del ring
         try:
             shm.close()

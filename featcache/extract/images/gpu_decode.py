@@ -392,6 +392,7 @@ def gpu_batches(listing, todo, size: int, max_pixels: int, rows: int, workers: i
                 ok = collect([pairs[i] for i in order], [None] * len(order), lambda good: images,
                              [digests[i] for i in order])
                 ok.failed = [(pairs[i][0].relpath, reason) for i, reason in sorted(reasons.items())]
+                ok.failed_digests = {digests[i]: reason for i, reason in reasons.items() if digests[i] is not None}
                 out.put(ok)
         except BaseException as exc:  # surface decoder crashes in the main thread
             out.put(exc)
