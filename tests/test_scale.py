@@ -369,6 +369,26 @@ def test_a_cold_run_decodes_each_content_once(tmp_path, monkeypatch):
     assert len(decoded) == len(set(decoded)) == 9  # 8 images and the empty file (whose decode fails), once each
 
 
+def test_progress_counts_twins(tmp_path, monkeypatch):
+    import tqdm
+
+    steps = []
+
+    class Bar:
+        def __init__(self, total, **options):
+            steps.append(total)
+
+        def update(self, n):
+            steps.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    extract(str(twin_tree(tmp_path / "i")), str(tmp_path / "s.h5"), ExtractConfig(**{**PIXELS, "progress": True}))
+    assert steps[0] == sum(steps[1:]) == 13  # 8 extracted, 4 twins, 1 failure
+
+
 @pytest.mark.parametrize("decode", ["threads", "processes"])
 def test_twins_of_a_broken_image_fail_as_it_does(tmp_path, decode):
     tree = bmp_tree(tmp_path / "i", per_class=2)

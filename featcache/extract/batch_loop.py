@@ -146,9 +146,12 @@ def run_batches(writer, batches, model, dtype: str, failures: list, on_commit=la
     try:
         try:
             for batch in batches:
+                twins_before = len(result.twins)
                 result.twins += batch.twins
                 result.failed_digests.update(batch.failed_digests)
                 batch = drop_twins(batch, seen, result.twins)
+                if len(result.twins) > twins_before:  # done here: copied at the end (progress counts them now)
+                    on_commit(len(result.twins) - twins_before)
                 handle = model.dispatch(batch.images) if len(batch.entries) else None
                 done, in_flight = in_flight, (batch, handle)
                 if done is not None:
