@@ -7,7 +7,6 @@ The pieces: :mod:`.config` (options, ``auto`` values, the key), :mod:`.plan` (wh
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 
