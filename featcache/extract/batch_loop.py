@@ -74,6 +74,8 @@ class _Appender:
                     self.error = exc
 
     def _write(self, entries, digests, features, failed) -> None:
+        if not entries and not failed:  # a batch of twins only: nothing to commit (a flush saved)
+            return
         writer = self.writer
         started = time.perf_counter()
         if entries:

@@ -34,7 +34,8 @@ import numpy as np
 from ...errors import FeatcacheError
 from .decode import DecodeError, decode_image, read_bytes
 from .batches import THREAD_PREFETCH_BATCHES, Chunks, collect, drain
-from .resize import GPU_RESIZE, triangle_weights
+from .device_ops import BACKEND_OPS, backend_ops
+from .resize import GPU_RESIZE
 
 NVIMGCODEC_MISSING = ("--decode gpu needs NVIDIA nvImageCodec: pip install 'featcache[gpu-decode]' "
                       "(nvidia-nvimgcodec-cu12[nvjpeg]; on CUDA 13 nvidia-nvimgcodec-cu13[nvjpeg])")
@@ -46,7 +47,6 @@ READ_THREADS = 2
 RING = 3  # device buffers the decode stage cycles through: one decoding, two read by resizes in flight
 ALIGN = 256  # bytes: where each size's images start in a buffer (DLPack consumers want aligned data)
 STREAM = 0  # the CUDA stream nvImageCodec decodes on; DLPack makes the backend's stream wait for it
-BACKENDS = ("jax", "tensorflow")
 
 
 def import_nvimgcodec():
@@ -73,92 +73,12 @@ def check_gpu_decoding(decode: str = "gpu") -> None:
     import keras
 
     backend = keras.backend.backend()
-    if backend not in BACKENDS:
+    if backend not in BACKEND_OPS:
         raise FeatcacheError(f"--decode {decode} hands images to Keras on JAX or TensorFlow, not {backend}; "
                              "set KERAS_BACKEND=jax (or tensorflow), or use --decode processes")
     if not gpu_visible():
         raise FeatcacheError(f"--decode {decode}: no CUDA GPU is visible to Keras ({backend}); "
                              "use --decode processes (or threads)")
-
-
-class _JaxOps:
-    def __init__(self):
-        import jax
-        import jax.numpy as jnp
-
-        self.jnp, self.jax = jnp, jax
-
-        @jax.jit
-        def resize(group, take, wy, wx):
-            h, w, c = wy.shape[1], wx.shape[1], group.shape[-1]
-            x = group.reshape(-1, h * w * c)  # one row per image of the group
-            x = (x if take is None else x[take]).reshape(-1, h, w, c).astype(jnp.float32)
-            x = jnp.einsum("sh,nhwc->nswc", wy, x)
-            x = jnp.einsum("tw,nswc->nstc", wx, x)
-            x = jnp.broadcast_to(x, (*x.shape[:3], 3))  # grayscale: the same value in R, G and B
-            return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
-
-        self.resize = resize
-
-    def from_dlpack(self, image):
-        return self.jax.dlpack.from_dlpack(image)
-
-    def upload(self, array: np.ndarray):
-        return self.jax.device_put(array)
-
-    def weights(self, n_in: int, n_out: int):
-        return self.jax.device_put(triangle_weights(n_in, n_out))
-
-    def concatenate(self, parts):
-        return parts[0] if len(parts) == 1 else self.jnp.concatenate(parts)
-
-    def ready(self, arrays) -> None:
-        self.jax.block_until_ready(arrays)
-
-
-class _TensorflowOps:
-    def __init__(self):
-        import tensorflow as tf
-
-        self.tf = tf
-
-        @tf.function(reduce_retracing=True)
-        def resize(group, take, wy, wx):
-            h, w, c = tf.shape(wy)[1], tf.shape(wx)[1], tf.shape(group)[2]
-            x = tf.reshape(group, [-1, h * w * c])
-            x = tf.reshape(x if take is None else tf.gather(x, take), [-1, h, w, c])
-            x = tf.einsum("sh,nhwc->nswc", wy, tf.cast(x, tf.float32))
-            x = tf.einsum("tw,nswc->nstc", wx, x)
-            x = tf.broadcast_to(x, tf.concat([tf.shape(x)[:3], [3]], 0))  # grayscale to RGB
-            return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
-
-        self.resize = resize
-
-    def from_dlpack(self, image):
-        return self.tf.experimental.dlpack.from_dlpack(image.__dlpack__())
-
-    def upload(self, array: np.ndarray):
-        return self.tf.constant(array)
-
-    def weights(self, n_in: int, n_out: int):
-        return self.tf.constant(triangle_weights(n_in, n_out))
-
-    def concatenate(self, parts):
-        return parts[0] if len(parts) == 1 else self.tf.concat(parts, 0)
-
-    def ready(self, arrays) -> None:
-        self.tf.test.experimental.sync_devices()  # TF has no wait on one tensor short of a copy to the host
-
-
-def backend_ops():
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        return _JaxOps()
-    if backend == "tensorflow":
-        return _TensorflowOps()
-    raise FeatcacheError(f"--decode gpu hands images to Keras on JAX or TensorFlow, not {backend}")
 
 
 class _View:
