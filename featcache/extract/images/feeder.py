@@ -35,6 +35,7 @@ MODEL_HELD_SLOTS = 2  # ring slots the model may hold: the batch being dispatche
 # nvImageCodec's calls, the hand-over and resize dispatch); the rest run decoding processes.
 HYBRID_HOST_CORES = 4
 MAX_CHUNK = 64  # images per process task: large enough that messages are rare, small enough to balance
+THREAD_CHUNK = 16  # images per thread task: a task per file cost ~50 us of pool overhead under the GIL
 
 
 class DecoderDied(FeatcacheError):
@@ -93,9 +94,13 @@ def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
     stop = threading.Event()
     decode = functools.partial(decode_file_hashed, size=size, resize=resize, max_pixels=max_pixels,
                                claims=LocalClaims())
+    chunk = max(1, min(THREAD_CHUNK, rows // max(1, workers)))
+
+    def decode_chunk(paths):
+        return [decode(path) for path in paths]
 
     def emit(pairs, decoded):
-        decoded = list(decoded)
+        decoded = [result for results in decoded for result in results]
         images = [image for image, _, _ in decoded]
 
         def stack(good):
@@ -112,7 +117,8 @@ def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
                 if stop.is_set():
                     return
                 pairs = todo[start : start + rows]
-                pending.append((pairs, pool.map(decode, [listing.path(e) for e, _ in pairs])))
+                paths = [listing.path(e) for e, _ in pairs]
+                pending.append((pairs, pool.map(decode_chunk, [paths[i : i + chunk] for i in range(0, len(paths), chunk)])))
                 if len(pending) > THREAD_PREFETCH_BATCHES:
                     emit(*pending.popleft())
             while pending and not stop.is_set():
