@@ -22,6 +22,7 @@ featcache/extract/filestat.py). Examples:
   python benchmarks/scale.py --images 10000 100000
   python benchmarks/scale.py --images 1000000 --commands
   python benchmarks/scale.py --images 10000 --twins --photos 10000
+  python benchmarks/scale.py --images 2000 --twins --base mobilenet_v2 --size 96   # twins with a model's cost
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ def twins(base: pathlib.Path, n: int) -> None:
         shutil.copytree(class_dir, two / class_dir.name / "again", copy_function=os.link)
     results = []
     for tree in (one, two):
-        store = base / f"twins-store-{tree.name}.h5"
+        store = base / f"twins-store-{tree.name}-{OPTIONS['base']}.h5"
         store.unlink(missing_ok=True)
         results.append(run(tree, store))
         print(line(f"cold {tree.name}", results[-1]))
@@ -249,8 +250,11 @@ def main() -> None:
     parser.add_argument("--commands", action="store_true", help="the other commands on the largest store")
     parser.add_argument("--twins", action="store_true", help="a tree of byte-identical pairs (smallest size)")
     parser.add_argument("--photos", type=int, default=0, help="a cold run over this many real-size photos")
+    parser.add_argument("--base", default=OPTIONS["base"], help="the extraction base [default: pixels: no model cost]")
+    parser.add_argument("--size", type=int, default=OPTIONS["size"])
     parser.add_argument("--one", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    OPTIONS.update(base=args.base, size=args.size)
     base = pathlib.Path(args.tree_dir)
     if args.one:  # a single size in this process (its peak RSS is that size's)
         one_size(args.images[0], base, args.commands)
@@ -258,6 +262,7 @@ def main() -> None:
     sizes = sorted(args.images)
     for n in sizes:
         subprocess.run([sys.executable, __file__, "--images", str(n), "--tree-dir", str(base), "--one",
+                        "--base", args.base, "--size", str(args.size),
                         *(["--commands"] if args.commands and n == sizes[-1] else [])], check=True)
     if args.twins and sizes:
         twins(base, sizes[0])
