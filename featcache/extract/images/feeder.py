@@ -35,7 +35,7 @@ MODEL_HELD_SLOTS = 2  # ring slots the model may hold: the batch being dispatche
 # nvImageCodec's calls, the hand-over and resize dispatch); the rest run decoding processes.
 HYBRID_HOST_CORES = 4
 MAX_CHUNK = 64  # images per process task: large enough that messages are rare, small enough to balance
-THREAD_CHUNK = 16  # images per thread task: a task per file cost ~50 us of pool overhead under the GIL
+THREAD_CHUNK = 64  # images per thread task at most (a batch split among the threads): a task per file cost ~50 us under the GIL
 
 
 class DecoderDied(FeatcacheError):
