@@ -94,7 +94,7 @@ def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
     stop = threading.Event()
     decode = functools.partial(decode_file_hashed, size=size, resize=resize, max_pixels=max_pixels,
                                claims=LocalClaims())
-    chunk = max(1, min(THREAD_CHUNK, rows // max(1, workers)))
+    chunk = max(1, min(THREAD_CHUNK, rows // (4 * max(1, workers))))  # 4+ tasks a thread per batch: balanced
 
     def decode_chunk(paths):
         return [decode(path) for path in paths]
