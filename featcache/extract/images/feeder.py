@@ -89,7 +89,7 @@ def hybrid_batches(listing, todo, size: int, max_pixels: int, rows: int, workers
 
 
 def _thread_batches(listing, todo, size, resize, max_pixels, rows, workers):
-    """Decode file by file in threads, THREAD_PREFETCH_BATCHES batches ahead, in a producer thread."""
+    """Decode in threads (a few files a task), THREAD_PREFETCH_BATCHES batches ahead, in a producer thread."""
     out: queue.Queue = queue.Queue(maxsize=THREAD_PREFETCH_BATCHES)
     stop = threading.Event()
     decode = functools.partial(decode_file_hashed, size=size, resize=resize, max_pixels=max_pixels,
