@@ -179,6 +179,12 @@ class GpuDecoder:
             slot.address = slot.image.__cuda_array_interface__["data"][0]
         return slot
 
+    def _failed_whole(self, exc: Exception, n: int) -> list:
+        """A batch nvImageCodec failed as a whole: counted, its reason kept, and ``n`` Nones (the
+        CPU path decodes its files or says why)."""
+        self.failed_batches, self.last_failure = self.failed_batches + 1, f"{exc.__class__.__name__}: {exc}"
+        return [None] * n
+
     def decode_streams(self, streams: dict):
         """Stage two: nvImageCodec decodes the batch (one call; it lets go of the GIL meanwhile)
         into one device buffer, and the backend resizes it, a DLPack hand-over and a call per
@@ -203,8 +209,7 @@ class GpuDecoder:
                                           images=self.nv.as_images(views, STREAM), params=self.params,
                                           cuda_stream=STREAM)
         except Exception as exc:  # noqa: BLE001 (a batch the library fails as a whole: the CPU path takes it)
-            decoded = [None] * len(views)
-            self.failed_batches, self.last_failure = self.failed_batches + 1, f"{exc.__class__.__name__}: {exc}"
+            decoded = self._failed_whole(exc, len(views))
         clock = time.perf_counter()
         self.seconds["decode"] += clock - started
         order, parts, at = [], [], 0
@@ -234,8 +239,7 @@ class GpuDecoder:
         try:
             decoded = self.decoder.decode(list(streams.values()), params=self.params)
         except Exception as exc:  # noqa: BLE001 (as above)
-            decoded = [None] * len(streams)
-            self.failed_batches, self.last_failure = self.failed_batches + 1, f"{exc.__class__.__name__}: {exc}"
+            decoded = self._failed_whole(exc, len(streams))
         clock = time.perf_counter()
         self.seconds["decode"] += clock - started
         shapes: dict[tuple, list] = {}
