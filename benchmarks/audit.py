@@ -4,14 +4,20 @@
         [--data ../shared/data/cats_vs_dogs_small_max256]
         [--weights ../shared/weights/mobilenet_v2_1.0_224_coralquant_dequant_no_top.h5]
         [--workdir /tmp/featcache-audit-bench] [--store STORE.h5] [--exact | --index] [--skip-labels]
+        [--replant 17]
 
 --photos: cats vs dogs (2,000 / 1,000 / 1,000) with planted problems: 5% of train labels moved
 to the other class, 30 near-copies (JPEG quality 70, resized, cropped by a few pixels) inside
 train, 30 validation/test images copied into train the same way (leaks), 10 byte-for-byte
 copies; MobileNetV2@160 features (real weights, avg-pooled); prints recall and precision of
 label issues, duplicates and leaks, the similar-image hit rate (the original among the 5
-neighbours of each near-copy), and the similarities of planted copies against the closest
-distinct photos (what the near-duplicate threshold is chosen from).
+neighbours of each near-copy), the similarities of planted copies against the closest
+distinct photos (what the near-duplicate threshold is chosen from), and the test accuracy of a
+logreg and a dense head trained before and after --exclude of the audit's exclude.txt.
+
+--replant N: the label pass, one round against two, on the --photos store with its moved labels
+put back and 100 train labels moved again at random, N times (seeds 100 on), besides the
+benchmark's own planting: how much of the difference is the planting's luck.
 
 --speed: ROWS vectors tiled from a real store's features with noise (see tiled()): seconds for the
 duplicate/leak/outlier pass (through the index at or above INDEX_MIN_ROWS, or --exact) and for
@@ -127,6 +133,66 @@ def photos(args) -> None:
     print(f"near-copy similarity: min {copy_sims[0]:.4f}, 5th percentile {np.percentile(copy_sims, 5):.4f}; "
           f"closest distinct photos: max {distinct.max():.4f}, 99.9th percentile {np.percentile(distinct, 99.9):.4f}")
     print(f"audit seconds {result['seconds']}")
+    before_and_after(store, work / "audit" / "exclude.txt", work)
+
+
+def before_and_after(store, exclude, work) -> None:
+    """Test accuracy of a head trained on every row, and of one trained with audit's exclude.txt
+    left out: on each run's own test rows (--exclude drops flagged test images too) and on the
+    test rows both keep (a head-only export of each run scored on the cached rows)."""
+    import featcache
+
+    dropped = {line for line in pathlib.Path(exclude).read_text().splitlines() if line and not line.startswith("#")}
+    for head in ("logreg", "dense"):
+        scored = {}
+        for name, excluding in (("before", None), ("after", exclude)):
+            run = featcache.train(store, out=work / f"run-{head}-{name}", head=head, no_report=True, exclude=excluding)
+            exported = featcache.export(run["run_dir"], work / f"head-{head}-{name}.keras", head_only=True)
+            rows = featcache.predict(exported["out"], features=store)["predictions"]
+            scored[name] = {r["path"]: r["predicted"] == r["path"].split("/")[1] for r in rows if r["split"] == "test"}
+            print(f"{head} {name}: trained on {run['train']['n']} rows, test accuracy {run['test']['accuracy']:.4f} "
+                  f"on its {run['test']['n']} test rows", flush=True)
+        common = [p for p in scored["before"] if p not in dropped]
+        print(f"{head} on the {len(common)} test rows both keep: before {np.mean([scored['before'][p] for p in common]):.4f}, "
+              f"after {np.mean([scored['after'][p] for p in common]):.4f}", flush=True)
+
+
+def read_unplanted(store):
+    """The --photos store read whole, and its true labels: the moved ones put back (cats vs dogs:
+    a moved label is the other class), so rows made from it have no wrong label but the ones a
+    benchmark plants itself; and which rows were moved."""
+    from featcache.auditing.job import read_stored
+
+    real = read_stored(store, None, None)
+    moved = np.array([p.rsplit("/", 1)[-1].startswith("moved_") for p in real.paths])
+    assert not moved.any() or len(real.class_names) == 2, "moved labels are put back for two classes only"
+    return real, np.where(moved, 1 - real.labels, real.labels), moved
+
+
+def replant(args) -> None:
+    from featcache.auditing import labels as label_audit, neighbours
+
+    real, truth, moved = read_unplanted(args.store)
+    x, n = real.features, len(truth)
+    train = np.flatnonzero(real.splits == "train")
+    _, (_, top_idx) = neighbours.scan(real.unit, 0.95, k=label_audit.VOTE_NEIGHBOURS)
+    plantings = [moved]
+    for seed in range(100, 100 + args.replant):
+        m = np.zeros(n, bool)
+        m[np.random.default_rng(seed).choice(train, int(moved.sum()), replace=False)] = True
+        plantings.append(m)
+    scores = {"one round": [], "two rounds": []}
+    for i, m in enumerate(plantings):
+        labels = np.where(m, 1 - truth, truth)
+        for name, rows in (("one round", label_audit.find_label_issues(labels, label_audit.out_of_fold(x, labels, seed=i)).rows),
+                           ("two rounds", label_audit.audit_labels(x, labels, top_idx, seed=i)[0].rows)):
+            tp = int(m[rows].sum())
+            scores[name].append((tp / m.sum(), tp / max(len(rows), 1)))
+    for name, r in scores.items():
+        a = np.array(r)
+        print(f"{name}: the benchmark's planting recall {a[0, 0]:.3f} at precision {a[0, 1]:.3f}; over {len(a)} plantings "
+              f"{a[:, 0].mean():.3f} at {a[:, 1].mean():.3f} (lowest recall {a[:, 0].min():.2f}, lowest precision "
+              f"{a[:, 1].min():.2f}; recall >= 0.90 in {int(np.sum(a[:, 0] >= 0.9))})", flush=True)
 
 
 def memory_mb(field: str = "VmHWM") -> float:
@@ -147,18 +213,16 @@ def reset_peak() -> float:
 
 def tiled(args):
     """ROWS x DIM vectors from a real store's features: each row a mix of two real rows (60-90% of
-    one, whose label it takes) times per-feature log-normal noise (sigma 0.3), 5% of labels moved
-    to another class, and 300 planted twins (a row copied with 5% noise)."""
-    from featcache.auditing.job import read_stored
-
-    real = read_stored(args.store, None, None)
+    one, whose true label it takes) times per-feature log-normal noise (sigma 0.3), 5% of labels
+    moved to another class, and 300 planted twins (a row copied with 5% noise)."""
+    real, truth, _ = read_unplanted(args.store)
     rng = np.random.default_rng(0)
     n = args.rows
     i, j = rng.integers(0, len(real.features), n), rng.integers(0, len(real.features), n)
     w = rng.uniform(0.6, 0.9, (n, 1)).astype(np.float32)
     x = w * real.features[i] + (1 - w) * real.features[j]
     x *= rng.lognormal(0, 0.3, x.shape).astype(np.float32)
-    labels = real.labels[i].copy()
+    labels = truth[i]  # a copy (fancy indexing)
     k = int(labels.max()) + 1
     moved = rng.choice(n, n // 20, replace=False)
     labels[moved] = (labels[moved] + rng.integers(1, k, len(moved))) % k
@@ -183,11 +247,12 @@ def speed(args) -> None:
     cpu = time.process_time()
     t = time.perf_counter()
     v = neighbours.vectors(x)
-    (pairs, (top_sims, top_idx)), how = index.scan(store, "speed", v, digests, 0.95)
+    k = max(neighbours.OUTLIER_NEIGHBOURS, label_audit.VOTE_NEIGHBOURS)  # as the audit asks
+    (pairs, (top_sims, top_idx)), how = index.scan(store, "speed", v, digests, 0.95, k=k)
     pairs = neighbours.unique_pairs(*(np.concatenate(p) for p in zip(pairs, neighbours.standing_out(
         top_sims, top_idx, 0.75, 0.08))))
     groups, _ = neighbours.groups(n, pairs[0], pairs[1])
-    flagged = neighbours.flag_outliers(neighbours.outlier_scores_of(top_sims))
+    flagged = neighbours.flag_outliers(neighbours.outlier_scores_of(top_sims[:, : neighbours.OUTLIER_NEIGHBOURS]))
     dup_seconds, dup_cpu = time.perf_counter() - t, time.process_time() - cpu
     dup_mb = memory_mb() - base
     found = set(zip(pairs[0].tolist(), pairs[1].tolist()))
@@ -197,7 +262,7 @@ def speed(args) -> None:
           f"peak {dup_mb:.0f} MB above the features ({x.nbytes / 2**20:.0f} MB)", flush=True)
     if how["search"] == "index":
         t = time.perf_counter()
-        (again, _), how2 = index.scan(store, "speed", v, digests, 0.95)
+        (again, _), how2 = index.scan(store, "speed", v, digests, 0.95, k=k)
         print(f"  again with the saved index: {time.perf_counter() - t:.1f} s (built: {how2['index_built']}); "
               f"index file {os.path.getsize(how['index']) / 2**20:.0f} MB", flush=True)
         # recall against the exact search, on a sample of rows (exact over all 100,000 takes ~12 min)
@@ -208,7 +273,7 @@ def speed(args) -> None:
         exact_pairs = {(min(int(r), int(c)), max(int(r), int(c))) for r, c in zip(*np.nonzero(s >= 0.95))
                        for r, c in [(sample[r], c)]}
         del s
-        print(f"  vs exact on {len(sample)} rows: recall@5 {np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_idx[sample], exact_idx)]):.4f}, "
+        print(f"  vs exact on {len(sample)} rows: recall@5 {np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top_idx[sample, :5], exact_idx)]):.4f}, "
               f"pairs >= 0.95 found {np.mean([p in found for p in exact_pairs]):.4f} of {len(exact_pairs)}", flush=True)
         ix = index.open_fresh(store, "speed", digests)
         t = time.perf_counter()
@@ -222,13 +287,12 @@ def speed(args) -> None:
         print(f"  similar: index load (CRC-checked) {load:.2f} s, one query median {np.median(times) * 1000:.2f} ms, "
               f"max {max(times) * 1000:.1f} ms", flush=True)
         del ix
-    del v, top_sims, top_idx  # as the audit drops the unit vectors before its folds
+    del v, top_sims  # as the audit drops the unit vectors before its folds (keeping the neighbours' positions)
     if not args.skip_labels:
         base = reset_peak()
         cpu = time.process_time()
         t = time.perf_counter()
-        proba = label_audit.out_of_fold(x, labels, 5, 0)
-        issues = label_audit.find_label_issues(labels, proba)
+        issues, _ = label_audit.audit_labels(x, labels, top_idx, 5, 0)
         label_seconds, label_cpu = time.perf_counter() - t, time.process_time() - cpu
         label_mb = memory_mb() - base
         tp = len(set(issues.rows.tolist()) & set(moved.tolist()))
@@ -250,9 +314,12 @@ def main() -> None:
     p.add_argument("--exact", action="store_true", help="--speed: the exact search whatever the size")
     p.add_argument("--index", action="store_true", help="--speed: the index whatever the size")
     p.add_argument("--skip-labels", action="store_true")
+    p.add_argument("--replant", type=int, default=0, help="N random re-plantings of the moved labels (see above)")
     args = p.parse_args()
     if args.photos:
         photos(args)
+    if args.replant:
+        replant(args)
     if args.speed:
         speed(args)
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from featcache.auditing.labels import confident_joint, find_label_issues
+from featcache.auditing.labels import audit_labels, confident_joint, find_label_issues, neighbour_votes, out_of_fold
 from featcache.cli import cli
 from featcache.errors import FeatcacheError
 
@@ -85,6 +85,49 @@ def test_confident_learning_on_a_worked_example():
     found = find_label_issues(labels, proba)
     assert found.rows.tolist() == [2] and found.suggested.tolist() == [1]
     assert found.quality[2] == pytest.approx(0.2)
+
+
+def test_neighbour_votes_count_the_labels_of_the_found_neighbours():
+    labels = np.array([0, 1, 1, 2])
+    neighbours = np.array([[1, 2, 3], [2, -1, -1], [-1, -1, -1], [0, 0, 1]])
+    np.testing.assert_allclose(neighbour_votes(labels, neighbours, 3), [
+        [0, 2 / 3, 1 / 3], [0, 1, 0], [1 / 3, 1 / 3, 1 / 3], [2 / 3, 1 / 3, 0]])
+
+
+class RecordingModel:
+    """A classifier that remembers the rows it was fitted on (by their first feature) and
+    answers the class shares it saw."""
+
+    fitted: list = []
+
+    def fit(self, x, y):
+        RecordingModel.fitted.append(set(x[:, 0].astype(int).tolist()))
+        self.classes_ = np.unique(y)
+        self.share = np.bincount(y)[self.classes_] / len(y)
+        return self
+
+    def predict_proba(self, x):
+        return np.tile(self.share, (len(x), 1))
+
+
+def test_the_second_round_trains_without_the_first_rounds_suspects():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 20)
+    x = np.column_stack([np.arange(40), rng.normal(size=40)])
+    left_out = np.zeros(40, bool)
+    left_out[[3, 25]] = True
+    RecordingModel.fitted = []
+    proba = out_of_fold(x, labels, 5, 0, RecordingModel, left_out=left_out)
+    assert len(RecordingModel.fitted) == 5 and all(not ({3, 25} & rows) for rows in RecordingModel.fitted)
+    assert np.all(proba.sum(axis=1) > 0)  # the left-out rows are scored all the same
+    # audit_labels: rows whose 10 neighbours all carry the other label are the first round's suspects
+    neighbours = np.array([np.flatnonzero(labels != labels[i])[:10] if i in (7, 31) else
+                           np.flatnonzero((labels == labels[i]) & (np.arange(40) != i))[:10] for i in range(40)])
+    RecordingModel.fitted = []
+    audit_labels(x, labels, neighbours, 5, 0, RecordingModel)
+    first, second = RecordingModel.fitted[:5], RecordingModel.fitted[5:]
+    assert len(second) == 5 and set().union(*first) == set(range(40))
+    assert set(range(40)) - set().union(*second) == {7, 31}
 
 
 def test_the_audit_finds_what_was_planted(planted, tmp_path):

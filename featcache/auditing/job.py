@@ -111,12 +111,13 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
     for i, d in enumerate(digests):
         by_digest.setdefault(d, []).append(i)
     twins = [(g[0], j) for g in by_digest.values() if len(g) > 1 for j in g[1:]]
-    # one pass: duplicates and outliers (exact, or from the index kept beside the store when large)
-    (near, (top_sims, top_idx)), search = nearest.scan(store, name, v, digests, rule["threshold"])
+    # one pass: duplicates, outliers and the label votes (exact, or from the index kept beside the store when large)
+    (near, (top_sims, top_idx)), search = nearest.scan(
+        store, name, v, digests, rule["threshold"], k=max(neighbours.OUTLIER_NEIGHBOURS, label_audit.VOTE_NEIGHBOURS))
     if rule["floor"] is not None:
         near = neighbours.unique_pairs(*(np.concatenate(parts) for parts in zip(
             near, neighbours.standing_out(top_sims, top_idx, rule["floor"], rule["gap"]))))
-    scores = neighbours.outlier_scores_of(top_sims)
+    scores = neighbours.outlier_scores_of(top_sims[:, : neighbours.OUTLIER_NEIGHBOURS])
     v = stored.unit = None  # not needed past the neighbours: memory for the folds
     twin_a, twin_b = (np.array(side, np.int64) for side in zip(*twins)) if twins else (np.zeros(0, np.int64),) * 2
     members_of, component = neighbours.groups(len(rows), np.concatenate([twin_a, near[0]]),
@@ -147,8 +148,7 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
     if not labelled:
         notes.append("the store is unlabelled: label issues need labels (duplicates and outliers only)")
     else:
-        proba = label_audit.out_of_fold(x, given, folds, seed, models(len(class_names)))
-        found = label_audit.find_label_issues(given, proba)
+        found, proba = label_audit.audit_labels(x, given, top_idx, folds, seed, models(len(class_names)))
         issues = [{"row": int(r), "path": paths[r], "split": splits[r], "given": class_names[given[r]],
                    "suggested": class_names[s], "score": round(float(found.quality[r]), 6)}
                   for r, s in zip(found.rows, found.suggested)]
@@ -171,7 +171,7 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
     result = {
         "store": store, "feature_set": name, "rows": int(len(rows)), "labelled": bool(labelled),
         "class_names": class_names,
-        "settings": {"folds": folds if labelled else None, "model": model_text if labelled else None,
+        "settings": {"folds": folds if labelled else None, "model": f"{model_text}, {label_audit.ROUNDS_TEXT}" if labelled else None,
                      "near_duplicates": rule, **search, "outlier_neighbours": neighbours.OUTLIER_NEIGHBOURS,
                      "outlier_z": neighbours.OUTLIER_Z, "seed": seed},
         "label_issues": issues,
