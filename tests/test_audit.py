@@ -120,6 +120,10 @@ def test_the_second_round_trains_without_the_first_rounds_suspects():
     proba = out_of_fold(x, labels, 5, 0, RecordingModel, left_out=left_out)
     assert len(RecordingModel.fitted) == 5 and all(not ({3, 25} & rows) for rows in RecordingModel.fitted)
     assert np.all(proba.sum(axis=1) > 0)  # the left-out rows are scored all the same
+    # a fold that would be left one class to learn keeps its suspects (logistic regression needs two)
+    everything_of_class_1 = labels == 1
+    proba = out_of_fold(x, labels, 5, 0, left_out=everything_of_class_1)
+    assert proba.shape == (40, 2) and np.allclose(proba.sum(axis=1), 1)
     # audit_labels: rows whose 10 neighbours all carry the other label are the first round's suspects
     neighbours = np.array([np.flatnonzero(labels != labels[i])[:10] if i in (7, 31) else
                            np.flatnonzero((labels == labels[i]) & (np.arange(40) != i))[:10] for i in range(40)])

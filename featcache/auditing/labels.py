@@ -138,7 +138,9 @@ def out_of_fold(x: np.ndarray, labels: np.ndarray, folds: int = DEFAULT_FOLDS, s
                                random_state=seed)
     for train, test in splitter.split(x, labels):
         if left_out is not None:
-            train = train[~left_out[train]]
+            kept = train[~left_out[train]]
+            # a fold keeps them when leaving them out would leave it a single class to learn
+            train = kept if len(np.unique(labels[kept])) > 1 else train
         model = make_model()
         model.fit(x[train], labels[train])
         p = np.zeros((len(test), k))
