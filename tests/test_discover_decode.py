@@ -6,7 +6,8 @@ from PIL import Image
 
 from conftest import class_image, write_tree
 from featcache.errors import FeatcacheError
-from featcache.extract.images.decode import DecodeError, decode_image, file_digest
+from featcache.extract.images import decode as decode_module
+from featcache.extract.images.decode import DecodeError, decode_image, file_digest, read_bytes
 from featcache.extract.images.discover import discover, hash_split
 
 
@@ -130,3 +131,20 @@ def test_file_digest_is_content_hash(tmp_path):
     b.write_bytes(b"same bytes")
     assert file_digest(str(a)) == file_digest(str(b))
     assert len(file_digest(str(a))) == 64
+
+
+def test_read_bytes_reads_to_the_end_whatever_fstat_said(tmp_path, monkeypatch):
+    data = np.random.default_rng(0).integers(0, 256, (3 << 20) + 17, dtype=np.uint8).tobytes()
+    (tmp_path / "big.jpg").write_bytes(data)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert read_bytes(str(tmp_path / "big.jpg")) == data and read_bytes(str(tmp_path / "empty.jpg")) == b""
+    real_fstat = decode_module.os.fstat
+
+    class Shrunk:  # the size at open, before the file grew
+        def __init__(self, info):
+            self.st_mode, self.st_size = info.st_mode, 100
+
+    monkeypatch.setattr(decode_module.os, "fstat", lambda fd: Shrunk(real_fstat(fd)))
+    assert read_bytes(str(tmp_path / "big.jpg")) == data
+    with pytest.raises(DecodeError, match="not a regular file"):
+        read_bytes(str(tmp_path))

@@ -45,28 +45,39 @@ def _os_reason(exc: OSError) -> str:
     return f"cannot read file ({exc.strerror or exc})"
 
 
-def _open_regular(path: str):
-    """Open a regular file for reading; a FIFO, socket or device would block or never end."""
+def _open_regular(path: str) -> tuple[int, int]:
+    """(a descriptor open for reading, the size fstat gives) of a regular file; a FIFO, socket or
+    device would block or never end."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise DecodeError("not a regular file (a pipe, socket, device or folder)")
-    return os.fdopen(fd, "rb")
+    return fd, info.st_size
 
 
 def file_digest(path: str) -> str:
     """sha256 of a file's bytes, hex. Raises DecodeError with the reason if unreadable."""
     try:
-        with _open_regular(path) as f:
+        with os.fdopen(_open_regular(path)[0], "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as exc:
         raise DecodeError(_os_reason(exc)) from None
 
 
 def read_bytes(path: str) -> bytes:
+    """A file's bytes, read with plain os.read calls: no file object, whose set-up cost twice
+    the read of a small image (24-31 us against 10-11 us for a 3 KB JPEG)."""
     try:
-        with _open_regular(path) as f:
-            return f.read()
+        fd, size = _open_regular(path)
+        try:
+            chunks, want = [], size + 1  # a byte more than fstat said: a file that grew is read to its end
+            while chunk := os.read(fd, want):
+                chunks.append(chunk)
+                want = 1 << 20
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise DecodeError(_os_reason(exc)) from None
 
