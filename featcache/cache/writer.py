@@ -39,7 +39,7 @@ class PreparedSet:
     rows: int
     paths: np.ndarray
     digests: np.ndarray
-    stats: np.ndarray | None = None  # (rows, 4) int64 in STAT_COLUMNS order; None: a store without them
+    stats: np.ndarray | None = None  # (rows, 4) int64 in STAT_COLUMNS order; None: not read, or a store without them
 
 
 def read_stats(fs: FeatureSet, read: dict | None = None) -> np.ndarray | None:
@@ -160,12 +160,13 @@ class StoreWriter:
 
     @_writes
     def existing(self, spec: KeySpec) -> PreparedSet | None:
-        """Rows already committed for ``spec`` (:meth:`prepare`), with their paths, digests and stats."""
+        """Rows already committed for ``spec`` (:meth:`prepare`), with their paths and digests; not
+        their stats (its caller, cached augmentation, reads and hashes every file anyway)."""
         rows = self.prepare(spec)
         if rows is None:
             return None
         fs = FeatureSet(self.group, by_writer=True)
-        return PreparedSet(fs.name, rows, fs.column(PATHS), fs.column("digests"), read_stats(fs))
+        return PreparedSet(fs.name, rows, fs.column(PATHS), fs.column("digests"))
 
     def prepare(self, spec: KeySpec) -> int | None:
         """``spec``'s feature set made ready to append to: the in-flight tail of a killed run cut
