@@ -174,6 +174,7 @@ def test_the_audit_finds_what_was_planted(planted, tmp_path):
         assert (out / name).is_file(), name
     page = (out / "audit.html").read_text()
     assert "data:image/jpeg;base64" in page and "moved_" in page and "<script" not in page
+    assert "near duplicates: cosine similarity &gt;= 0.995</p>" in page  # the pixels rule, in words
     excluded = [l for l in (out / "exclude.txt").read_text().splitlines() if l and not l.startswith("#")]
     assert found <= set(excluded)
     assert "train/birds/birds12_twin.jpg" in excluded and "train/birds/birds12.jpg" not in excluded  # one kept

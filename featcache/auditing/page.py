@@ -18,11 +18,20 @@ def _card(image_root: str, path: str, caption: str, cls: str = "wrong") -> str:
             f'<div class="path">{esc(path)}</div></figcaption></figure>')
 
 
+def rule_text(rule: dict) -> str:
+    """The near-duplicate rule in words (see job.near_duplicate_rule)."""
+    text = f"cosine similarity >= {rule['threshold']:g}"
+    if rule.get("floor") is not None:
+        text += (f", or mutual nearest neighbours >= {rule['floor']:g} that stand out by {rule['gap']:g} "
+                 "from the next best")
+    return text
+
+
 def write_page(path: str, result: dict, image_root: str) -> int:
     started = time.perf_counter()
     sections = [f"<h1>Audit of {esc(result['feature_set'])}</h1>",
                 f'<p class="sub">{num(result["rows"])} rows of {esc(result["store"])}; near duplicates: '
-                f'{esc(result["settings"]["near_duplicates"])}</p>', notes_html(result["notes"])]
+                f'{esc(rule_text(result["settings"]["near_duplicates"]))}</p>', notes_html(result["notes"])]
     share = result["leak_share"]
     summary = [["label issues", num(len(result["label_issues"])) if result["labelled"] else "– (unlabelled)"],
                ["duplicate groups", num(len(result["duplicates"]))],
