@@ -142,7 +142,9 @@ def before_and_after(store, exclude, work) -> None:
     test rows both keep (a head-only export of each run scored on the cached rows)."""
     import featcache
 
-    dropped = {line for line in pathlib.Path(exclude).read_text().splitlines() if line and not line.startswith("#")}
+    from featcache.cache.exclude import read_exclude
+
+    dropped = set(read_exclude(str(exclude)))
     for head in ("logreg", "dense"):
         scored = {}
         for name, excluding in (("before", None), ("after", exclude)):
@@ -234,6 +236,7 @@ def tiled(args):
 def speed(args) -> None:
     """The audit's two passes at ROWS rows, timed apart, with the index (build, then reuse) or exact."""
     from featcache.auditing import index, labels as label_audit, neighbours
+    from featcache.auditing.job import SCAN_NEIGHBOURS
 
     x, labels, moved, twins = tiled(args)
     n = len(x)
@@ -247,8 +250,7 @@ def speed(args) -> None:
     cpu = time.process_time()
     t = time.perf_counter()
     v = neighbours.vectors(x)
-    k = max(neighbours.OUTLIER_NEIGHBOURS, label_audit.VOTE_NEIGHBOURS)  # as the audit asks
-    (pairs, (top_sims, top_idx)), how = index.scan(store, "speed", v, digests, 0.95, k=k)
+    (pairs, (top_sims, top_idx)), how = index.scan(store, "speed", v, digests, 0.95, k=SCAN_NEIGHBOURS)
     pairs = neighbours.unique_pairs(*(np.concatenate(p) for p in zip(pairs, neighbours.standing_out(
         top_sims, top_idx, 0.75, 0.08))))
     groups, _ = neighbours.groups(n, pairs[0], pairs[1])
@@ -262,7 +264,7 @@ def speed(args) -> None:
           f"peak {dup_mb:.0f} MB above the features ({x.nbytes / 2**20:.0f} MB)", flush=True)
     if how["search"] == "index":
         t = time.perf_counter()
-        (again, _), how2 = index.scan(store, "speed", v, digests, 0.95, k=k)
+        (again, _), how2 = index.scan(store, "speed", v, digests, 0.95, k=SCAN_NEIGHBOURS)
         print(f"  again with the saved index: {time.perf_counter() - t:.1f} s (built: {how2['index_built']}); "
               f"index file {os.path.getsize(how['index']) / 2**20:.0f} MB", flush=True)
         # recall against the exact search, on a sample of rows (exact over all 100,000 takes ~12 min)

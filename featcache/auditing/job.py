@@ -30,6 +30,8 @@ NEAR_DUPLICATE = {"pixels": {"threshold": 0.995, "floor": None, "gap": None}}
 NEAR_DUPLICATE_DEFAULT = {"threshold": 0.95, "floor": 0.75, "gap": 0.08}
 READ_ROWS = 8192  # rows read and pooled at a time
 MAX_CONFUSED_PAIRS = 10
+# Neighbours kept per row by the one scan: the outlier scores' and the label votes'.
+SCAN_NEIGHBOURS = max(neighbours.OUTLIER_NEIGHBOURS, label_audit.VOTE_NEIGHBOURS)
 
 
 def near_duplicate_rule(backbone: str, threshold: float | None = None) -> dict:
@@ -112,8 +114,7 @@ def audit(store: str, feature_set: str | None = None, base: str | None = None, o
         by_digest.setdefault(d, []).append(i)
     twins = [(g[0], j) for g in by_digest.values() if len(g) > 1 for j in g[1:]]
     # one pass: duplicates, outliers and the label votes (exact, or from the index kept beside the store when large)
-    (near, (top_sims, top_idx)), search = nearest.scan(
-        store, name, v, digests, rule["threshold"], k=max(neighbours.OUTLIER_NEIGHBOURS, label_audit.VOTE_NEIGHBOURS))
+    (near, (top_sims, top_idx)), search = nearest.scan(store, name, v, digests, rule["threshold"], k=SCAN_NEIGHBOURS)
     if rule["floor"] is not None:
         near = neighbours.unique_pairs(*(np.concatenate(parts) for parts in zip(
             near, neighbours.standing_out(top_sims, top_idx, rule["floor"], rule["gap"]))))
